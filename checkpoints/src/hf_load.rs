@@ -1,0 +1,173 @@
+//! Loading a Hugging Face model folder: `config.json` plus one `model.safetensors` or shards
+//! listed in `model.safetensors.index.json`. Per-expert tensors are stacked on load.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Tensor, TensorData};
+use moeru_models::params::{param_from_data, ParamSource};
+use moeru_models::{Qwen3Config, Qwen3Model};
+
+use crate::error::CheckpointError;
+use crate::tensor_file::TensorFile;
+
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub const SINGLE_FILE: &str = "model.safetensors";
+
+/// Loads `config.json` and the weights of `dir` onto `device`.
+pub fn load_hf_model(dir: &Path, device: &Device) -> Result<Qwen3Model, CheckpointError> {
+    let config = Qwen3Config::from_dir(dir)?;
+    let mut folder = HfFolder::open(dir)?;
+    let model = Qwen3Model::new(config.clone(), &mut folder, device)?;
+    folder.finish(config.tie_word_embeddings)?;
+    Ok(model)
+}
+
+/// The weight files of a folder, with every tensor name mapped to its file.
+pub struct HfFolder {
+    dir: PathBuf,
+    files: Vec<TensorFile>,
+    /// Tensor name → (file index, shape).
+    tensors: BTreeMap<String, (usize, Vec<usize>)>,
+    used: BTreeSet<String>,
+}
+
+impl HfFolder {
+    pub fn open(dir: &Path) -> Result<Self, CheckpointError> {
+        let index = dir.join(INDEX_FILE);
+        let single = dir.join(SINGLE_FILE);
+        let names: Vec<String> = if index.exists() {
+            shard_names(&index)?
+        } else if single.exists() {
+            vec![SINGLE_FILE.to_string()]
+        } else {
+            return Err(CheckpointError::NoWeights { dir: dir.into() });
+        };
+        let mut files = Vec::new();
+        let mut tensors = BTreeMap::new();
+        for name in names {
+            let path = dir.join(&name);
+            if !path.exists() {
+                return Err(CheckpointError::MissingShard { index, shard: name });
+            }
+            let file = TensorFile::open(&path)?;
+            for (tensor, shape) in file.shapes() {
+                tensors.insert(tensor, (files.len(), shape));
+            }
+            files.push(file);
+        }
+        Ok(Self {
+            dir: dir.into(),
+            files,
+            tensors,
+            used: BTreeSet::new(),
+        })
+    }
+
+    /// Every tensor name in the folder.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// Reads one stored tensor as f32, checking its shape.
+    pub fn read(&mut self, name: &str, expected: &[usize]) -> Result<Vec<f32>, CheckpointError> {
+        let Some((file, shape)) = self.tensors.get(name) else {
+            return Err(CheckpointError::MissingTensor {
+                dir: self.dir.clone(),
+                name: name.into(),
+                expected: expected.to_vec(),
+            });
+        };
+        let file = &self.files[*file];
+        if shape != expected {
+            return Err(CheckpointError::ShapeMismatch {
+                file: file.path.clone(),
+                name: name.into(),
+                found: shape.clone(),
+                expected: expected.to_vec(),
+            });
+        }
+        let (values, _) = file.f32(name)?;
+        self.used.insert(name.to_string());
+        Ok(values)
+    }
+
+    /// Stacks `{prefix}.{e}.{suffix}` for every expert, each `per_expert`-shaped.
+    fn stack_experts(
+        &mut self,
+        prefix: &str,
+        suffixes: &[&str],
+        experts: usize,
+        per_expert: &[usize],
+    ) -> Result<Vec<f32>, CheckpointError> {
+        let mut out = Vec::new();
+        for e in 0..experts {
+            for suffix in suffixes {
+                out.extend(self.read(&format!("{prefix}.{e}.{suffix}"), per_expert)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Fails on any tensor that no parameter asked for.
+    pub fn finish(&self, tied: bool) -> Result<(), CheckpointError> {
+        for (name, (file, shape)) in &self.tensors {
+            // transformers ignores these too: a tied head saved anyway, and RoPE buffers.
+            let ignorable =
+                (tied && name == "lm_head.weight") || name.ends_with("rotary_emb.inv_freq");
+            if !self.used.contains(name) && !ignorable {
+                return Err(CheckpointError::UnexpectedTensor {
+                    file: self.files[*file].path.clone(),
+                    name: name.clone(),
+                    shape: shape.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ParamSource for HfFolder {
+    type Error = CheckpointError;
+
+    fn tensor<const D: usize>(
+        &mut self,
+        name: &str,
+        shape: [usize; D],
+        device: &Device,
+    ) -> Result<Tensor<D>, CheckpointError> {
+        // transformers keeps experts fused in memory but per expert on disk: accept both.
+        let values = if self.tensors.contains_key(name) {
+            self.read(name, &shape)?
+        } else if let (Some(prefix), 3) = (name.strip_suffix(".gate_up_proj"), D) {
+            let [e, two_i, h] = [shape[0], shape[1], shape[2]];
+            self.stack_experts(
+                prefix,
+                &["gate_proj.weight", "up_proj.weight"],
+                e,
+                &[two_i / 2, h],
+            )?
+        } else if let (Some(prefix), 3) = (name.strip_suffix(".down_proj"), D) {
+            self.stack_experts(prefix, &["down_proj.weight"], shape[0], &shape[1..])?
+        } else {
+            self.read(name, &shape)?
+        };
+        Ok(param_from_data(TensorData::new(values, shape), device))
+    }
+}
+
+fn shard_names(index: &Path) -> Result<Vec<String>, CheckpointError> {
+    let text = std::fs::read_to_string(index).map_err(|e| CheckpointError::io(index, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| CheckpointError::io(index, format!("invalid JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| CheckpointError::io(index, "missing object `weight_map`"))?;
+    let files: BTreeSet<String> = map
+        .values()
+        .map(|v| v.as_str().map(str::to_string))
+        .collect::<Option<_>>()
+        .ok_or_else(|| CheckpointError::io(index, "`weight_map` values must be file names"))?;
+    Ok(files.into_iter().collect())
+}

@@ -1,0 +1,162 @@
+//! Reading and writing safetensors files of f32 / i64 tensors.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::tensor::Metadata;
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+
+use crate::error::CheckpointError;
+
+/// A memory-mapped safetensors file.
+pub struct TensorFile {
+    pub path: PathBuf,
+    map: Mmap,
+    /// Parsed once: start of the data section and every tensor's offsets.
+    data_start: usize,
+    metadata: Metadata,
+}
+
+impl TensorFile {
+    pub fn open(path: &Path) -> Result<Self, CheckpointError> {
+        let file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
+        // SAFETY: the file is opened read-only and only read through `SafeTensors`, which
+        // bounds-checks every access; moeru never writes to a file it has mapped.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| CheckpointError::io(path, e))?;
+        let corrupt = |e: safetensors::SafeTensorError| CheckpointError::Corrupt {
+            file: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        // Full validation (offsets, sizes, file length) once; later reads use the offsets.
+        SafeTensors::deserialize(&map).map_err(corrupt)?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(corrupt)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            map,
+            data_start: 8 + header_len,
+            metadata,
+        })
+    }
+
+    /// Tensor names with their shapes.
+    pub fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.metadata
+            .tensors()
+            .into_iter()
+            .map(|(n, info)| (n, info.shape.clone()))
+            .collect()
+    }
+
+    fn view(&self, name: &str) -> Result<TensorView<'_>, CheckpointError> {
+        let corrupt = |reason: String| CheckpointError::Corrupt {
+            file: self.path.clone(),
+            reason,
+        };
+        let info = self
+            .metadata
+            .info(name)
+            .ok_or_else(|| corrupt(format!("no tensor `{name}`")))?;
+        let (start, end) = info.data_offsets;
+        let data = &self.map[self.data_start + start..self.data_start + end];
+        TensorView::new(info.dtype, info.shape.clone(), data).map_err(|e| corrupt(e.to_string()))
+    }
+
+    /// The tensor `name` converted to f32 (from F32, BF16 or F16), with its shape.
+    pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), CheckpointError> {
+        let view = self.view(name)?;
+        Ok((
+            to_f32(&view).ok_or_else(|| self.dtype_error(name, &view))?,
+            view.shape().to_vec(),
+        ))
+    }
+
+    /// The tensor `name` as i64 (from I64 or I32), with its shape.
+    pub fn i64(&self, name: &str) -> Result<(Vec<i64>, Vec<usize>), CheckpointError> {
+        let view = self.view(name)?;
+        let values = match view.dtype() {
+            Dtype::I64 => le_chunks::<8>(view.data())
+                .map(i64::from_le_bytes)
+                .collect(),
+            Dtype::I32 => le_chunks::<4>(view.data())
+                .map(|b| i32::from_le_bytes(b) as i64)
+                .collect(),
+            other => {
+                return Err(CheckpointError::UnsupportedDtype {
+                    file: self.path.clone(),
+                    name: name.into(),
+                    dtype: format!("{other:?} (token ids must be I64 or I32)"),
+                })
+            }
+        };
+        Ok((values, view.shape().to_vec()))
+    }
+
+    fn dtype_error(&self, name: &str, view: &TensorView) -> CheckpointError {
+        CheckpointError::UnsupportedDtype {
+            file: self.path.clone(),
+            name: name.into(),
+            dtype: format!("{:?}", view.dtype()),
+        }
+    }
+}
+
+fn le_chunks<const N: usize>(data: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
+    data.chunks_exact(N)
+        .map(|c| c.try_into().expect("chunks_exact yields N bytes"))
+}
+
+fn to_f32(view: &TensorView) -> Option<Vec<f32>> {
+    let data = view.data();
+    Some(match view.dtype() {
+        Dtype::F32 => le_chunks::<4>(data).map(f32::from_le_bytes).collect(),
+        Dtype::BF16 => le_chunks::<2>(data)
+            .map(|b| half::bf16::from_le_bytes(b).to_f32())
+            .collect(),
+        Dtype::F16 => le_chunks::<2>(data)
+            .map(|b| half::f16::from_le_bytes(b).to_f32())
+            .collect(),
+        _ => return None,
+    })
+}
+
+/// An owned tensor to be written: little-endian bytes plus dtype and shape.
+pub struct OwnedTensor {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl OwnedTensor {
+    pub fn f32(values: &[f32], shape: Vec<usize>) -> Self {
+        Self {
+            dtype: Dtype::F32,
+            shape,
+            bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+    pub fn i64(values: &[i64], shape: Vec<usize>) -> Self {
+        Self {
+            dtype: Dtype::I64,
+            shape,
+            bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+    fn view(&self) -> TensorView<'_> {
+        TensorView::new(self.dtype, self.shape.clone(), &self.bytes)
+            .expect("OwnedTensor bytes match its shape")
+    }
+}
+
+/// Writes `tensors` to `path` with transformers' `{"format": "pt"}` metadata.
+pub fn write_tensors(
+    path: &Path,
+    tensors: &[(String, OwnedTensor)],
+) -> Result<(), CheckpointError> {
+    let views = tensors.iter().map(|(n, t)| (n.as_str(), t.view()));
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(meta), path)
+        .map_err(|e| CheckpointError::io(path, e))
+}

@@ -1,0 +1,119 @@
+//! Grouped-query self-attention with QK-norm, as Qwen3Attention.
+
+use burn::tensor::{activation::softmax, Device, Tensor};
+
+use crate::config::Qwen3Config;
+use crate::layers::{linear, rms_norm};
+use crate::params::{ParamSource, ParamVisitor, Params};
+use crate::rope::apply_rope;
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    prefix: String,
+    q_proj: Tensor<2>,
+    k_proj: Tensor<2>,
+    v_proj: Tensor<2>,
+    o_proj: Tensor<2>,
+    /// q, k, v, o biases when `attention_bias` is set.
+    biases: Option<[Tensor<1>; 4]>,
+    q_norm: Tensor<1>,
+    k_norm: Tensor<1>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    eps: f64,
+}
+
+/// Per-forward inputs shared by all layers.
+pub struct AttentionContext {
+    pub cos: Tensor<3>,
+    pub sin: Tensor<3>,
+    /// Additive mask `[batch, 1, 1, seq, seq]`: 0 where allowed, f32::MIN where blocked.
+    pub bias: Tensor<5>,
+}
+
+impl Attention {
+    pub fn new<S: ParamSource>(
+        c: &Qwen3Config,
+        prefix: &str,
+        src: &mut S,
+        device: &Device,
+    ) -> Result<Self, S::Error> {
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        let p = |n: &str| format!("{prefix}.{n}");
+        let biases = if c.attention_bias {
+            Some([
+                src.tensor(&p("q_proj.bias"), [q], device)?,
+                src.tensor(&p("k_proj.bias"), [kv], device)?,
+                src.tensor(&p("v_proj.bias"), [kv], device)?,
+                src.tensor(&p("o_proj.bias"), [h], device)?,
+            ])
+        } else {
+            None
+        };
+        Ok(Self {
+            q_proj: src.tensor(&p("q_proj.weight"), [q, h], device)?,
+            k_proj: src.tensor(&p("k_proj.weight"), [kv, h], device)?,
+            v_proj: src.tensor(&p("v_proj.weight"), [kv, h], device)?,
+            o_proj: src.tensor(&p("o_proj.weight"), [h, q], device)?,
+            biases,
+            q_norm: src.tensor(&p("q_norm.weight"), [hd], device)?,
+            k_norm: src.tensor(&p("k_norm.weight"), [hd], device)?,
+            prefix: prefix.to_string(),
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: hd,
+            eps: c.rms_norm_eps,
+        })
+    }
+
+    /// `x [batch, seq, hidden]` → `[batch, seq, hidden]`.
+    pub fn forward(&self, x: Tensor<3>, ctx: &AttentionContext) -> Tensor<3> {
+        let [b, s, _] = x.dims();
+        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let bias = |i: usize| self.biases.as_ref().map(|bs| &bs[i]);
+        let heads = |w: &Tensor<2>, i: usize, n: usize| {
+            linear(x.clone(), w, bias(i))
+                .reshape([b, s, n, hd])
+                .swap_dims(1, 2)
+        };
+        // QK-norm normalises each head over head_dim before the rotation.
+        let q = rms_norm(heads(&self.q_proj, 0, nh), &self.q_norm, self.eps);
+        let k = rms_norm(heads(&self.k_proj, 1, nkv), &self.k_norm, self.eps);
+        let v = heads(&self.v_proj, 2, nkv);
+        let q = apply_rope(q, &ctx.cos, &ctx.sin);
+        let k = apply_rope(k, &ctx.cos, &ctx.sin);
+
+        // Query heads g·rep..(g+1)·rep share kv head g; grouping them avoids repeating k and v.
+        let rep = nh / nkv;
+        let q = q.reshape([b, nkv, rep * s, hd]);
+        let scores = q.matmul(k.swap_dims(2, 3)) * (hd as f64).powf(-0.5);
+        let scores = scores.reshape([b, nkv, rep, s, s]) + ctx.bias.clone();
+        let probs = softmax(scores, 4).reshape([b, nkv, rep * s, s]);
+        let out = probs
+            .matmul(v)
+            .reshape([b, nh, s, hd])
+            .swap_dims(1, 2)
+            .reshape([b, s, nh * hd]);
+        linear(out, &self.o_proj, bias(3))
+    }
+}
+
+impl Params for Attention {
+    fn visit_params<V: ParamVisitor>(&mut self, v: &mut V) {
+        let p = &self.prefix;
+        v.visit(&format!("{p}.q_proj.weight"), &mut self.q_proj);
+        v.visit(&format!("{p}.k_proj.weight"), &mut self.k_proj);
+        v.visit(&format!("{p}.v_proj.weight"), &mut self.v_proj);
+        v.visit(&format!("{p}.o_proj.weight"), &mut self.o_proj);
+        if let Some([qb, kb, vb, ob]) = &mut self.biases {
+            v.visit(&format!("{p}.q_proj.bias"), qb);
+            v.visit(&format!("{p}.k_proj.bias"), kb);
+            v.visit(&format!("{p}.v_proj.bias"), vb);
+            v.visit(&format!("{p}.o_proj.bias"), ob);
+        }
+        v.visit(&format!("{p}.q_norm.weight"), &mut self.q_norm);
+        v.visit(&format!("{p}.k_norm.weight"), &mut self.k_norm);
+    }
+}

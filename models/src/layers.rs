@@ -1,0 +1,30 @@
+//! The stateless building blocks: linear maps in the `[out, in]` layout, RMSNorm, SwiGLU.
+
+use burn::tensor::{activation::silu, Tensor};
+
+/// `x · Wᵀ (+ b)` for `x [.., in]` and `w [out, in]` (transformers' `nn.Linear` layout).
+pub fn linear<const D: usize>(x: Tensor<D>, w: &Tensor<2>, bias: Option<&Tensor<1>>) -> Tensor<D> {
+    let dims = x.dims();
+    let rows: usize = dims[..D - 1].iter().product();
+    let [out, inp] = w.dims();
+    let y = x.reshape([rows, inp]).matmul(w.clone().transpose());
+    let y = match bias {
+        Some(b) => y + b.clone().unsqueeze::<2>(),
+        None => y,
+    };
+    let mut shape = dims;
+    shape[D - 1] = out;
+    y.reshape(shape)
+}
+
+/// RMSNorm over the last dimension: `w · x / sqrt(mean(x²) + eps)`, as Qwen3RMSNorm.
+pub fn rms_norm<const D: usize>(x: Tensor<D>, w: &Tensor<1>, eps: f64) -> Tensor<D> {
+    let variance = x.clone().square().mean_dim(D - 1);
+    let x = x * variance.add_scalar(eps).sqrt().recip();
+    x * w.clone().unsqueeze::<D>()
+}
+
+/// `down(silu(gate) ⊙ up)` given the gate and up projections already computed.
+pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
+    silu(gate) * up
+}

@@ -1,0 +1,22 @@
+//! Qwen3 and Qwen3-MoE, written as single-device code on burn.
+//!
+//! Numerics follow transformers 5.x exactly (see docs/ARCHITECTURE.md): rotate-half RoPE with
+//! explicit position ids, QK-norm, grouped-query attention, f32 router softmax, and the
+//! transformers load-balancing loss. Nothing here communicates; parallelism wraps these types.
+
+pub mod attention;
+pub mod batch;
+pub mod config;
+pub mod decoder;
+pub mod init;
+pub mod layers;
+pub mod loss;
+pub mod model;
+pub mod moe;
+pub mod params;
+pub mod rope;
+
+pub use batch::Batch;
+pub use config::{ConfigError, MoeConfig, Qwen3Config};
+pub use model::{ForwardOutput, Qwen3Model};
+pub use params::{ParamSource, ParamVisitor, Params};

@@ -1,0 +1,131 @@
+//! Qwen3ForCausalLM / Qwen3MoeForCausalLM: embeddings, decoder layers, final norm, LM head.
+
+use burn::tensor::{Device, Tensor};
+
+use crate::attention::AttentionContext;
+use crate::batch::Batch;
+use crate::config::Qwen3Config;
+use crate::decoder::DecoderLayer;
+use crate::layers::{linear, rms_norm};
+use crate::loss::{causal_lm_loss, next_token_targets};
+use crate::moe::{load_balancing_loss, RouterStats};
+use crate::params::{ParamSource, ParamVisitor, Params};
+use crate::rope::{inverse_frequencies, rope_tables};
+
+#[derive(Debug, Clone)]
+pub struct Qwen3Model {
+    pub config: Qwen3Config,
+    embed_tokens: Tensor<2>,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor<1>,
+    /// `None` when the LM head is tied to the embeddings.
+    lm_head: Option<Tensor<2>>,
+    inv_freq: Vec<f32>,
+}
+
+/// What a forward pass returns besides logits, which are computed on demand.
+#[derive(Debug, Clone)]
+pub struct ForwardOutput {
+    /// Final-norm hidden states `[batch, seq, hidden]`.
+    pub hidden: Tensor<3>,
+    /// transformers' load-balancing loss (unscaled), for MoE models.
+    pub aux_loss: Option<Tensor<1>>,
+    /// Router statistics of each MoE layer, in layer order.
+    pub router: Vec<(usize, RouterStats)>,
+}
+
+impl Qwen3Model {
+    /// Builds the model, asking `src` for every parameter by its Hugging Face name.
+    pub fn new<S: ParamSource>(
+        config: Qwen3Config,
+        src: &mut S,
+        device: &Device,
+    ) -> Result<Self, S::Error> {
+        let (v, h) = (config.vocab_size, config.hidden_size);
+        let embed_tokens = src.tensor("model.embed_tokens.weight", [v, h], device)?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DecoderLayer::new(&config, i, src, device))
+            .collect::<Result<Vec<_>, _>>()?;
+        let norm = src.tensor("model.norm.weight", [h], device)?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(src.tensor("lm_head.weight", [v, h], device)?)
+        };
+        let inv_freq = inverse_frequencies(config.head_dim, config.rope_theta);
+        Ok(Self {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.embed_tokens.device()
+    }
+
+    /// Runs the decoder stack over `batch`.
+    pub fn forward(&self, batch: &Batch) -> ForwardOutput {
+        let [b, s] = batch.dims();
+        let device = self.device();
+        let ids = batch.input_ids.clone().reshape([b * s]);
+        let mut x =
+            self.embed_tokens
+                .clone()
+                .select(0, ids)
+                .reshape([b, s, self.config.hidden_size]);
+        let (cos, sin) = rope_tables(&batch.position_ids, &self.inv_freq, &device);
+        let bias = Tensor::<3>::zeros([b, s, s], &device)
+            .mask_fill(batch.attention_block_mask(), f32::MIN)
+            .reshape([b, 1, 1, s, s]);
+        let ctx = AttentionContext { cos, sin, bias };
+        let mut router = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (next, stats) = layer.forward(x, &ctx);
+            x = next;
+            if let Some(stats) = stats {
+                router.push((i, stats));
+            }
+        }
+        let hidden = rms_norm(x, &self.norm, self.config.rms_norm_eps);
+        let stats: Vec<RouterStats> = router.iter().map(|(_, s)| s.clone()).collect();
+        ForwardOutput {
+            hidden,
+            aux_loss: load_balancing_loss(&stats),
+            router,
+        }
+    }
+
+    /// The LM head weight `[vocab, hidden]` (the embedding matrix when tied).
+    pub fn lm_head_weight(&self) -> &Tensor<2> {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Full logits `[batch, seq, vocab]`; training uses the chunked loss instead.
+    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        linear(hidden, self.lm_head_weight(), None)
+    }
+
+    /// Mean next-token cross-entropy with labels = input ids, as transformers returns for
+    /// `labels=input_ids` (one document per row).
+    pub fn lm_loss(&self, batch: &Batch, hidden: Tensor<3>) -> Tensor<1> {
+        let (targets, mask) = next_token_targets(&batch.input_ids);
+        causal_lm_loss(hidden, self.lm_head_weight(), targets, mask)
+    }
+}
+
+impl Params for Qwen3Model {
+    fn visit_params<V: ParamVisitor>(&mut self, v: &mut V) {
+        v.visit("model.embed_tokens.weight", &mut self.embed_tokens);
+        for layer in &mut self.layers {
+            layer.visit_params(v);
+        }
+        v.visit("model.norm.weight", &mut self.norm);
+        if let Some(head) = &mut self.lm_head {
+            v.visit("lm_head.weight", head);
+        }
+    }
+}

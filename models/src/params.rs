@@ -1,0 +1,69 @@
+//! How a model gets its parameters and how callers walk them.
+//!
+//! Parameters carry their Hugging Face in-memory names (transformers 5.x `named_parameters()`):
+//! `model.layers.3.self_attn.q_proj.weight`, and for MoE layers the stacked expert tensors
+//! `model.layers.3.mlp.experts.gate_up_proj` `[E, 2·I, H]` and `…experts.down_proj` `[E, H, I]`.
+//! Linear weights keep the `[out, in]` layout; the checkpoint crate maps to and from files.
+
+use burn::tensor::{Device, Tensor, TensorData};
+
+/// Supplies the value of each parameter while a model is being built.
+pub trait ParamSource {
+    type Error;
+    /// The tensor named `name`, which must have exactly `shape`.
+    fn tensor<const D: usize>(
+        &mut self,
+        name: &str,
+        shape: [usize; D],
+        device: &Device,
+    ) -> Result<Tensor<D>, Self::Error>;
+}
+
+/// Visits every parameter of a model, by name, in a fixed order.
+pub trait ParamVisitor {
+    fn visit<const D: usize>(&mut self, name: &str, param: &mut Tensor<D>);
+}
+
+/// Implemented by every module that owns parameters.
+pub trait Params {
+    fn visit_params<V: ParamVisitor>(&mut self, visitor: &mut V);
+}
+
+/// Builds a tensor on `device`, tracked for gradients when the device is an autodiff device.
+pub fn param_from_data<const D: usize>(data: TensorData, device: &Device) -> Tensor<D> {
+    let t = Tensor::<D>::from_data(data, device);
+    if device.is_autodiff() {
+        t.require_grad()
+    } else {
+        t
+    }
+}
+
+/// Every parameter's name and shape, in visiting order.
+pub fn param_shapes<M: Params>(model: &mut M) -> Vec<(String, Vec<usize>)> {
+    struct Shapes(Vec<(String, Vec<usize>)>);
+    impl ParamVisitor for Shapes {
+        fn visit<const D: usize>(&mut self, name: &str, param: &mut Tensor<D>) {
+            self.0.push((name.to_string(), param.dims().to_vec()));
+        }
+    }
+    let mut v = Shapes(Vec::new());
+    model.visit_params(&mut v);
+    v.0
+}
+
+/// Total number of scalar parameters.
+pub fn param_count<M: Params>(model: &mut M) -> usize {
+    param_shapes(model)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum()
+}
+
+/// A float tensor's values on the host, as f32.
+pub fn to_f32_vec<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+    tensor
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .expect("a float tensor converts to f32")
+}

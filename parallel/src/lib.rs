@@ -1,0 +1,1 @@
+//! Communicators, device mesh and sharded layers: arrives with issue #5 (distributed runtime).

@@ -1,0 +1,95 @@
+//! Shared helpers: the committed reference fixtures and numeric comparisons.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use moeru_checkpoints::TensorFile;
+
+pub const REFERENCE_MODELS: &[&str] = &[
+    "qwen3-dense-tied",
+    "qwen3-dense-kv1-bf16",
+    "qwen3-moe-mixed",
+    "qwen3-moe-norm-sharded",
+];
+
+pub fn reference_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("reference")
+}
+
+pub fn model_dir(name: &str) -> PathBuf {
+    reference_dir().join("models").join(name)
+}
+
+/// The transformers outputs for reference model `name`.
+pub fn outputs(name: &str) -> TensorFile {
+    let path = reference_dir()
+        .join("outputs")
+        .join(format!("{name}.safetensors"));
+    TensorFile::open(&path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub fn f32s(file: &TensorFile, name: &str) -> (Vec<f32>, Vec<usize>) {
+    file.f32(name).unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub fn i64s(file: &TensorFile, name: &str) -> (Vec<i64>, Vec<usize>) {
+    file.i64(name).unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// ‖a − b‖ / ‖b‖ (0 when both are zero).
+pub fn relative_error(a: &[f32], reference: &[f32]) -> f64 {
+    assert_eq!(a.len(), reference.len(), "length mismatch");
+    let diff: f64 = a
+        .iter()
+        .zip(reference)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let norm: f64 = reference
+        .iter()
+        .map(|y| (*y as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    if norm == 0.0 {
+        diff
+    } else {
+        diff / norm
+    }
+}
+
+pub use moeru_models::params::to_f32_vec;
+
+/// Copies a model folder (flat) into a fresh temporary directory.
+pub fn copy_model(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(model_dir(name)).expect("model folder") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).expect("copy");
+    }
+    tmp
+}
+
+/// Every tensor of a Hugging Face folder as f32, by name.
+pub fn folder_tensors(
+    dir: &std::path::Path,
+) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).expect("folder") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            let file = TensorFile::open(&path).unwrap_or_else(|e| panic!("{e}"));
+            for (name, shape) in file.shapes() {
+                out.insert(name.clone(), (shape, f32s(&file, &name).0));
+            }
+        }
+    }
+    out
+}
