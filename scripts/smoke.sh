@@ -1,21 +1,13 @@
 #!/usr/bin/env bash
-# The smoke job: run a committed tiny Qwen3-MoE on the CPU and print its loss.
-# (Until the trainer lands, the smoke job is a forward pass; see README.)
+# The smoke job: train the tiny Qwen3-MoE of recipes/smoke-tiny-moe.yaml from scratch on the
+# CPU (60 steps), into a fresh run folder under runs/, then show its first and last loss.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
-cargo run --quiet -p moeru -- forward \
-  --model tests/reference/models/qwen3-moe-mixed \
-  --input tests/reference/outputs/qwen3-moe-mixed.safetensors \
-  --out "$out/forward.safetensors"
-python3 - "$out/forward.safetensors" <<'PY'
-import json, struct, sys
-# Read the `loss` tensor without third-party packages: safetensors is a JSON header + bytes.
-data = open(sys.argv[1], "rb").read()
-n = struct.unpack("<Q", data[:8])[0]
-header = json.loads(data[8:8 + n])
-start, end = header["loss"]["data_offsets"]
-loss = struct.unpack("<f", data[8 + n + start:8 + n + end])[0]
-print(f"smoke: tiny Qwen3-MoE forward ok, loss {loss:.6f}")
+run="runs/smoke-$(date +%Y%m%d-%H%M%S)"
+cargo run --quiet -p moeru -- train recipes/smoke-tiny-moe.yaml \
+  --set "checkpoint.dir=$run" --set "logging.dir=$run/logs" "$@"
+python3 - "$run/logs/metrics.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"loss"' in l]
+print(f"smoke: {len(rows)} steps, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
 PY

@@ -1,11 +1,16 @@
-//! Model weights on disk: Hugging Face folders in and out (this issue), moeru checkpoints later.
+//! Model weights on disk: Hugging Face folders in and out, and moeru training checkpoints.
 
 pub mod error;
 pub mod hf_export;
 pub mod hf_load;
+pub mod run_checkpoint;
 pub mod tensor_file;
 
 pub use error::CheckpointError;
 pub use hf_export::{export_hf, hf_tensors};
 pub use hf_load::{load_hf_model, HfFolder};
+pub use run_checkpoint::{
+    latest_valid_checkpoint, save_checkpoint, verify_checkpoint, CheckpointContents,
+    LatestCheckpoint, Manifest,
+};
 pub use tensor_file::{write_tensors, OwnedTensor, TensorFile};

@@ -41,6 +41,11 @@ impl TensorFile {
         })
     }
 
+    /// The file's string metadata (`__metadata__` of the header).
+    pub fn metadata(&self) -> HashMap<String, String> {
+        self.metadata.metadata().clone().unwrap_or_default()
+    }
+
     /// Tensor names with their shapes.
     pub fn shapes(&self) -> Vec<(String, Vec<usize>)> {
         self.metadata

@@ -1,7 +1,9 @@
 //! `moeru`: one binary for training, post-training and running Qwen3 / Qwen3-MoE models.
 
+mod cmd_eval;
 mod cmd_export;
 mod cmd_forward;
+mod cmd_train;
 
 use std::process::ExitCode;
 
@@ -20,24 +22,46 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train or fine-tune from a YAML recipe (resumes from its newest valid checkpoint).
+    Train(cmd_train::TrainArgs),
+    /// Mean loss and perplexity of a model over a prepared dataset.
+    Eval(cmd_eval::EvalArgs),
     /// Run a model folder on token ids and write logits and loss (parity checks, debugging).
     Forward(cmd_forward::ForwardArgs),
-    /// Load a model folder and write it back as a Hugging Face folder.
+    /// Write a Hugging Face folder from a model folder or a training checkpoint.
     Export(cmd_export::ExportArgs),
+    /// Prepare and inspect token datasets.
+    #[command(subcommand)]
+    Data(moeru_data::cli::DataCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Forward(args) => cmd_forward::run(args),
-        Command::Export(args) => cmd_export::run(args),
-    };
+    match cli.command {
+        Command::Train(args) => match cmd_train::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e, e.exit_code()),
+        },
+        Command::Eval(args) => report(cmd_eval::run(args)),
+        Command::Forward(args) => report(cmd_forward::run(args)),
+        Command::Export(args) => report(cmd_export::run(args)),
+        Command::Data(cmd) => report(moeru_data::cli::run_data_command(cmd).map_err(Into::into)),
+    }
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            // One line: the chain of causes, no backtrace.
-            eprintln!("error: {err:#}");
+        // `{:#}` joins the chain of causes on one line.
+        Err(e) => {
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// One line, no backtrace.
+fn fail(e: &dyn std::fmt::Display, code: u8) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(code)
 }

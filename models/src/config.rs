@@ -103,14 +103,14 @@ impl Qwen3Config {
         let num_key_value_heads = r
             .opt_usize("num_key_value_heads")?
             .unwrap_or(num_attention_heads);
-        if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+        if num_key_value_heads == 0 || !num_attention_heads.is_multiple_of(num_key_value_heads) {
             return Err(r.invalid("num_key_value_heads", "a divisor of num_attention_heads"));
         }
         let head_dim = match r.opt_usize("head_dim")? {
             Some(d) => d,
             None => hidden_size / num_attention_heads,
         };
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(r.invalid("head_dim", "an even number (RoPE rotates halves)"));
         }
         let rope_theta = match r.opt_f64("rope_theta")? {
@@ -165,7 +165,8 @@ impl Qwen3Config {
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         match &self.moe {
             Some(m) => {
-                !m.mlp_only_layers.contains(&layer) && (layer + 1) % m.decoder_sparse_step == 0
+                !m.mlp_only_layers.contains(&layer)
+                    && (layer + 1).is_multiple_of(m.decoder_sparse_step)
             }
             None => false,
         }

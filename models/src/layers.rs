@@ -28,3 +28,10 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, w: &Tensor<1>, eps: f64) -> Tensor
 pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
     silu(gate) * up
 }
+
+/// `log Σ_j exp(x_ij)` per row of `x [rows, cols]`, stabilised by the (detached) row max.
+pub fn logsumexp_rows(x: Tensor<2>) -> Tensor<1> {
+    let rows = x.dims()[0];
+    let max = x.clone().detach().max_dim(1);
+    ((x - max.clone()).exp().sum_dim(1).log() + max).reshape([rows])
+}

@@ -2,6 +2,8 @@
 
 use burn::tensor::{Int, Tensor};
 
+use crate::layers::logsumexp_rows;
+
 /// Rows per chunk such that a chunk's logits stay under ~64 Mi elements.
 fn chunk_rows(vocab: usize) -> usize {
     ((1usize << 26) / vocab.max(1)).max(1)
@@ -34,12 +36,23 @@ pub fn causal_lm_loss(
     targets: Tensor<2, Int>,
     mask: Tensor<2>,
 ) -> Tensor<1> {
+    let count = mask.clone().sum();
+    token_loss_sum(hidden, weight, targets, mask) / count
+}
+
+/// Σ over masked-in positions of the token cross-entropy (see [`causal_lm_loss`]); training
+/// divides by the target count of the whole global batch.
+pub fn token_loss_sum(
+    hidden: Tensor<3>,
+    weight: &Tensor<2>,
+    targets: Tensor<2, Int>,
+    mask: Tensor<2>,
+) -> Tensor<1> {
     let [b, s, h] = hidden.dims();
     let rows = b * s;
     let hidden = hidden.reshape([rows, h]);
     let targets = targets.reshape([rows, 1]);
     let mask = mask.reshape([rows]);
-    let count = mask.clone().sum();
     let step = chunk_rows(weight.dims()[0]);
     let mut total: Option<Tensor<1>> = None;
     let mut start = 0;
@@ -49,15 +62,16 @@ pub fn causal_lm_loss(
             .clone()
             .narrow(0, start, len)
             .matmul(weight.clone().transpose());
-        let max = logits.clone().detach().max_dim(1);
-        let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
-        let picked = logits.gather(1, targets.clone().narrow(0, start, len));
-        let part = ((lse - picked).reshape([len]) * mask.clone().narrow(0, start, len)).sum();
+        let lse = logsumexp_rows(logits.clone());
+        let picked = logits
+            .gather(1, targets.clone().narrow(0, start, len))
+            .reshape([len]);
+        let part = ((lse - picked) * mask.clone().narrow(0, start, len)).sum();
         total = Some(match total {
             Some(t) => t + part,
             None => part,
         });
         start += len;
     }
-    total.expect("a batch has at least one row") / count
+    total.expect("a batch has at least one row")
 }

@@ -8,7 +8,7 @@ use crate::config::Qwen3Config;
 use crate::decoder::DecoderLayer;
 use crate::layers::{linear, rms_norm};
 use crate::loss::{causal_lm_loss, next_token_targets};
-use crate::moe::{load_balancing_loss, RouterStats};
+use crate::moe::{load_balancing_loss, router_z_loss, RouterStats};
 use crate::params::{ParamSource, ParamVisitor, Params};
 use crate::rope::{inverse_frequencies, rope_tables};
 
@@ -30,6 +30,8 @@ pub struct ForwardOutput {
     pub hidden: Tensor<3>,
     /// transformers' load-balancing loss (unscaled), for MoE models.
     pub aux_loss: Option<Tensor<1>>,
+    /// Router z-loss (unscaled), for MoE models.
+    pub z_loss: Option<Tensor<1>>,
     /// Router statistics of each MoE layer, in layer order.
     pub router: Vec<(usize, RouterStats)>,
 }
@@ -95,6 +97,7 @@ impl Qwen3Model {
         ForwardOutput {
             hidden,
             aux_loss: load_balancing_loss(&stats),
+            z_loss: router_z_loss(&stats),
             router,
         }
     }

@@ -7,7 +7,7 @@
 use burn::tensor::{activation::softmax, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::config::{MoeConfig, Qwen3Config};
-use crate::layers::{linear, swiglu};
+use crate::layers::{linear, logsumexp_rows, swiglu};
 use crate::params::{ParamSource, ParamVisitor, Params};
 
 #[derive(Debug, Clone)]
@@ -28,6 +28,8 @@ pub struct MoeBlock {
 pub struct RouterStats {
     /// Σ over tokens of the router probabilities, `[E]` (differentiable; feeds the aux loss).
     pub prob_sum: Tensor<1>,
+    /// Σ over tokens of logsumexp(router logits)² (differentiable; feeds the z-loss).
+    pub z_sum: Tensor<1>,
     /// Tokens routed to each expert (top-k assignments).
     pub expert_counts: Vec<u64>,
     /// Number of tokens routed.
@@ -106,7 +108,9 @@ impl MoeBlock {
         let [tokens, hidden] = x.dims();
         let (experts, k) = (self.num_experts(), self.top_k);
         let device = x.device();
-        let probs = softmax(linear(x.clone(), &self.gate, None), 1);
+        let logits = linear(x.clone(), &self.gate, None);
+        let z_sum = logsumexp_rows(logits.clone()).square().sum();
+        let probs = softmax(logits, 1);
 
         // Expert choice is not differentiable; the chosen probabilities are, through gather.
         let (_, chosen) = probs.clone().detach().topk_with_indices(k, 1);
@@ -149,6 +153,7 @@ impl MoeBlock {
         );
         let stats = RouterStats {
             prob_sum: probs.sum_dim(0).reshape([experts]),
+            z_sum,
             expert_counts: plan.counts,
             tokens,
         };
@@ -163,6 +168,13 @@ impl Params for MoeBlock {
         v.visit(&format!("{p}.experts.gate_up_proj"), &mut self.gate_up_proj);
         v.visit(&format!("{p}.experts.down_proj"), &mut self.down_proj);
     }
+}
+
+/// Router z-loss (ST-MoE): mean over the rows of every MoE layer of logsumexp(logits)².
+pub fn router_z_loss(stats: &[RouterStats]) -> Option<Tensor<1>> {
+    let rows: usize = stats.iter().map(|s| s.tokens).sum();
+    let total = stats.iter().map(|s| s.z_sum.clone()).reduce(|a, b| a + b)?;
+    Some(total.div_scalar(rows as f32))
 }
 
 /// transformers' load-balancing loss over all MoE layers of one forward:

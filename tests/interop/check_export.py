@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """transformers loads folders written by `moeru export` and computes the reference logits.
 
-Usage: python3 tests/interop/check_export.py MOERU_BINARY
+Usage: python3 tests/interop/check_export.py MOERU_BINARY [RUN_DIR]
 For every committed reference model: `moeru export` it into a temporary folder, load that
 folder with transformers (eager attention and experts), and compare its logits on the
 reference input with the committed transformers outputs (max |diff| <= 1e-4).
+With RUN_DIR (a training run): `moeru export --checkpoint RUN_DIR`, and compare transformers'
+logits on the export with `moeru forward` on the checkpoint itself.
 """
 import os
 import subprocess
@@ -12,7 +14,7 @@ import sys
 import tempfile
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,8 +40,33 @@ def main():
             ok = diff <= 1e-4
             failures += not ok
             print(f"{'ok  ' if ok else 'FAIL'} {name}: transformers on moeru's export, max |logits diff| {diff:.2e}")
+    if len(sys.argv) > 2:
+        failures += not check_checkpoint(moeru, sys.argv[2])
+        names.append("checkpoint")
     print(f"{len(names) - failures} passed, {failures} failed")
     sys.exit(1 if failures else 0)
+
+
+def check_checkpoint(moeru, run):
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "exported")
+        subprocess.run([moeru, "export", "--checkpoint", run, "--out", out], check=True)
+        latest = open(os.path.join(run, "latest")).read().strip()
+        model = AutoModelForCausalLM.from_pretrained(
+            out, dtype=torch.float32, attn_implementation="eager",
+            experts_implementation="eager").double().eval()
+        ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+        save_file({"input_ids": ids}, os.path.join(tmp, "in.safetensors"))
+        subprocess.run([moeru, "forward", "--model", os.path.join(run, latest), "--input",
+                        os.path.join(tmp, "in.safetensors"), "--out", os.path.join(tmp, "out.safetensors")],
+                       check=True)
+        ours = load_file(os.path.join(tmp, "out.safetensors"))["logits"]
+        with torch.no_grad():
+            theirs = model(input_ids=ids).logits.float()
+        diff = (theirs - ours).abs().max().item()
+        ok = diff <= 1e-4
+        print(f"{'ok  ' if ok else 'FAIL'} trained checkpoint {run}/{latest}: transformers on the export vs moeru forward, max |logits diff| {diff:.2e}")
+        return ok
 
 
 if __name__ == "__main__":

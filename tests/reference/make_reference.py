@@ -5,6 +5,7 @@ Run from the repository root:  python3 tests/reference/make_reference.py
 Needs torch, transformers (5.x) and safetensors. Writes
   tests/reference/models/<name>/   a model folder exactly as save_pretrained writes it
   tests/reference/outputs/<name>.safetensors   inputs, logits, losses, gradients
+  tests/reference/training/adamw-20-steps.safetensors   a 20-step AdamW run (losses, norms)
 The outputs are committed so `cargo test` needs no Python.
 
 The reference is computed in float64 from the f32 (or bf16-upcast) weights, so it is the
@@ -156,11 +157,71 @@ def make(name, spec, gen):
     print(f"{name}: loss {out['loss'].item():.6f}, {len(tensors)} tensors")
 
 
+# The optimizer reference: 20 AdamW steps on one reference model, in float32 like moeru.
+TRAIN = dict(model="qwen3-moe-mixed", steps=20, micro=2, batch=2, seq=9, lr=2e-3, min_lr=1e-4,
+             warmup=3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, clip=0.5, aux_coef=0.05)
+
+
+def schedule(t, c):
+    """moeru's warmup + cosine (docs/RECIPES.md), 0-based step t."""
+    import math
+    if t < c["warmup"]:
+        return c["lr"] * (t + 1) / c["warmup"]
+    p = min(1.0, (t - c["warmup"]) / max(1, c["steps"] - c["warmup"]))
+    return c["min_lr"] + (c["lr"] - c["min_lr"]) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def make_training_reference(gen):
+    c = TRAIN
+    folder = os.path.join(HERE, "models", c["model"])
+    model = Qwen3MoeForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager",
+                                                experts_implementation="eager").train()
+    no_decay = lambda n: n.endswith("norm.weight") or n.endswith(".bias")
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if not no_decay(n)], "weight_decay": c["weight_decay"]},
+        {"params": [p for n, p in model.named_parameters() if no_decay(n)], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=c["lr"], betas=c["betas"], eps=c["eps"], foreach=False)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (c["steps"], c["micro"], c["batch"], c["seq"]), generator=gen)
+    losses, norms, lrs = [], [], []
+    targets = c["micro"] * c["batch"] * (c["seq"] - 1)
+    for t in range(c["steps"]):
+        lr = schedule(t, c)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad()
+        step_loss = 0.0
+        for m in range(c["micro"]):
+            x = ids[t, m]
+            out = model(input_ids=x, output_router_logits=True)
+            lm = torch.nn.functional.cross_entropy(
+                out.logits[:, :-1].reshape(-1, vocab).float(), x[:, 1:].reshape(-1), reduction="sum") / targets
+            (lm + c["aux_coef"] * out.aux_loss / c["micro"]).backward()
+            step_loss += lm.item()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c["clip"])
+        opt.step()
+        losses.append(step_loss)
+        norms.append(norm.item())
+        lrs.append(lr)
+    out = {
+        "input_ids": ids.to(torch.int64).contiguous(),
+        "loss": torch.tensor(losses, dtype=torch.float64).float(),
+        "grad_norm": torch.tensor(norms, dtype=torch.float64).float(),
+        "lr": torch.tensor(lrs, dtype=torch.float64).float(),
+    }
+    save_file(out, os.path.join(HERE, "training", "adamw-20-steps.safetensors"),
+              metadata={k: json.dumps(v) for k, v in c.items()})
+    print(f"training reference: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+
+
 def main():
     gen = torch.Generator().manual_seed(1234)
     torch.manual_seed(1234)
     for name, spec in MODELS.items():
         make(name, spec, gen)
+    os.makedirs(os.path.join(HERE, "training"), exist_ok=True)
+    make_training_reference(torch.Generator().manual_seed(99))
 
 
 if __name__ == "__main__":

@@ -1,1 +1,18 @@
-//! Recipes, training loops, optimizer and metrics: arrives with issue #4 (trainer).
+//! Training: recipes, the pretrain / SFT loop, AdamW, schedules, clipping, checkpoints and
+//! resume, metrics and evaluation. Model math lives in `moeru-models`; files in
+//! `moeru-checkpoints`; data in `moeru-data`.
+
+pub mod checkpoint;
+pub mod error;
+pub mod eval;
+pub mod grads;
+pub mod layout;
+pub mod metrics;
+pub mod optim;
+pub mod recipe;
+pub mod run;
+pub mod schedule;
+pub mod step;
+
+pub use error::TrainError;
+pub use run::{run_training, RunOptions, RunSummary};

@@ -65,6 +65,7 @@ pub fn relative_error(a: &[f32], reference: &[f32]) -> f64 {
     }
 }
 
+#[allow(unused_imports)]
 pub use moeru_models::params::to_f32_vec;
 
 /// Copies a model folder (flat) into a fresh temporary directory.

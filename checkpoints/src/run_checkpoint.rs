@@ -1,0 +1,229 @@
+//! moeru training checkpoints: `runs/<name>/step-000100/` with a sha256 manifest, written
+//! atomically (temp folder, fsync, rename, then `latest`), verified on resume.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::CheckpointError;
+use crate::tensor_file::{write_tensors, OwnedTensor};
+
+pub const MANIFEST: &str = "manifest.json";
+pub const LATEST: &str = "latest";
+const FORMAT: &str = "moeru-checkpoint-1";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManifestEntry {
+    pub name: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub step: u64,
+    /// Mesh the checkpoint was written from: `{"dp": 1, "tp": 1, "ep": 1, "pp": 1}`.
+    pub mesh: serde_json::Value,
+    pub files: Vec<ManifestEntry>,
+}
+
+/// What one checkpoint holds: safetensors files and JSON files, by file name.
+#[derive(Default)]
+pub struct CheckpointContents {
+    pub tensors: Vec<(String, Vec<(String, OwnedTensor)>)>,
+    pub json: Vec<(String, serde_json::Value)>,
+}
+
+pub fn step_dir_name(step: u64) -> String {
+    format!("step-{step:06}")
+}
+
+fn parse_step(name: &str) -> Option<u64> {
+    name.strip_prefix("step-")?.parse().ok()
+}
+
+fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| CheckpointError::io(dir, e))
+}
+
+fn sha256_file(path: &Path) -> Result<(u64, String), CheckpointError> {
+    let mut file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let bytes = std::io::copy(&mut file, &mut hasher).map_err(|e| CheckpointError::io(path, e))?;
+    let hex = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((bytes, hex))
+}
+
+/// Writes checkpoint `step` under `run_dir` and points `latest` at it; then deletes the oldest
+/// checkpoints beyond `keep_last` (0 keeps all). Returns the checkpoint folder.
+pub fn save_checkpoint(
+    run_dir: &Path,
+    step: u64,
+    mesh: serde_json::Value,
+    contents: CheckpointContents,
+    keep_last: usize,
+) -> Result<PathBuf, CheckpointError> {
+    std::fs::create_dir_all(run_dir).map_err(|e| CheckpointError::io(run_dir, e))?;
+    let name = step_dir_name(step);
+    let dest = run_dir.join(&name);
+    let tmp = run_dir.join(format!("{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
+
+    let mut entries = Vec::new();
+    for (file, tensors) in &contents.tensors {
+        write_tensors(&tmp.join(file), tensors)?;
+        entries.push(file.clone());
+    }
+    for (file, value) in &contents.json {
+        let text = serde_json::to_string_pretty(value).expect("JSON values serialise");
+        std::fs::write(tmp.join(file), text + "\n")
+            .map_err(|e| CheckpointError::io(tmp.join(file), e))?;
+        entries.push(file.clone());
+    }
+    let mut files = Vec::new();
+    for file in entries {
+        let path = tmp.join(&file);
+        File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| CheckpointError::io(&path, e))?;
+        let (bytes, sha256) = sha256_file(&path)?;
+        files.push(ManifestEntry {
+            name: file,
+            bytes,
+            sha256,
+        });
+    }
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        step,
+        mesh,
+        files,
+    };
+    write_synced(
+        &tmp.join(MANIFEST),
+        &serde_json::to_string_pretty(&manifest).expect("manifest"),
+    )?;
+    sync_dir(&tmp)?;
+    if dest.exists() {
+        // A checkpoint of this step already exists (a rerun after a crash): keep the old one
+        // aside until the new one is in place, so there is always a complete copy.
+        let old = run_dir.join(format!("{name}.old-{}", std::process::id()));
+        std::fs::rename(&dest, &old).map_err(|e| CheckpointError::io(&dest, e))?;
+        std::fs::rename(&tmp, &dest).map_err(|e| CheckpointError::io(&dest, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&tmp, &dest).map_err(|e| CheckpointError::io(&dest, e))?;
+    }
+    sync_dir(run_dir)?;
+    let latest_tmp = run_dir.join(format!("{LATEST}.tmp-{}", std::process::id()));
+    write_synced(&latest_tmp, &format!("{name}\n"))?;
+    std::fs::rename(&latest_tmp, run_dir.join(LATEST))
+        .map_err(|e| CheckpointError::io(run_dir, e))?;
+    sync_dir(run_dir)?;
+    prune(run_dir, keep_last)?;
+    Ok(dest)
+}
+
+fn write_synced(path: &Path, text: &str) -> Result<(), CheckpointError> {
+    let mut f = File::create(path).map_err(|e| CheckpointError::io(path, e))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| CheckpointError::io(path, e))
+}
+
+/// Step folders under `run_dir`, newest first (temp folders excluded).
+pub fn list_checkpoints(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
+    if !run_dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(run_dir).map_err(|e| CheckpointError::io(run_dir, e))? {
+        let entry = entry.map_err(|e| CheckpointError::io(run_dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(step) = parse_step(&name) {
+            if entry.path().is_dir() {
+                found.push((step, entry.path()));
+            }
+        }
+    }
+    found.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
+    Ok(found)
+}
+
+fn prune(run_dir: &Path, keep_last: usize) -> Result<(), CheckpointError> {
+    if keep_last == 0 {
+        return Ok(());
+    }
+    for (_, dir) in list_checkpoints(run_dir)?.into_iter().skip(keep_last) {
+        std::fs::remove_dir_all(&dir).map_err(|e| CheckpointError::io(&dir, e))?;
+    }
+    Ok(())
+}
+
+/// Checks every file of a checkpoint against its manifest (size and sha256).
+pub fn verify_checkpoint(dir: &Path) -> Result<Manifest, String> {
+    let path = dir.join(MANIFEST);
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let manifest: Manifest = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: invalid manifest: {e}", path.display()))?;
+    if manifest.format != FORMAT {
+        return Err(format!(
+            "{}: unknown format `{}`",
+            path.display(),
+            manifest.format
+        ));
+    }
+    for entry in &manifest.files {
+        let file = dir.join(&entry.name);
+        let (bytes, sha) = sha256_file(&file).map_err(|e| e.to_string())?;
+        if bytes != entry.bytes {
+            return Err(format!(
+                "{}: {bytes} bytes, manifest says {}",
+                file.display(),
+                entry.bytes
+            ));
+        }
+        if sha != entry.sha256 {
+            return Err(format!(
+                "{}: sha256 differs from the manifest (corrupt)",
+                file.display()
+            ));
+        }
+    }
+    Ok(manifest)
+}
+
+/// The outcome of looking for a checkpoint to resume from.
+#[derive(Debug, Default)]
+pub struct LatestCheckpoint {
+    /// The newest checkpoint whose manifest verifies, and its folder.
+    pub found: Option<(Manifest, PathBuf)>,
+    /// Newer checkpoints that are torn or corrupt, each with the reason.
+    pub skipped: Vec<String>,
+}
+
+/// Finds the newest checkpoint under `run_dir` whose manifest verifies. Nothing is deleted.
+pub fn latest_valid_checkpoint(run_dir: &Path) -> Result<LatestCheckpoint, CheckpointError> {
+    let mut latest = LatestCheckpoint::default();
+    for (_, dir) in list_checkpoints(run_dir)? {
+        match verify_checkpoint(&dir) {
+            Ok(manifest) => {
+                latest.found = Some((manifest, dir));
+                break;
+            }
+            Err(reason) => latest.skipped.push(reason),
+        }
+    }
+    Ok(latest)
+}

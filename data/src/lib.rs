@@ -1,0 +1,33 @@
+//! moeru-data: tokenize, pack and stream Parquet token datasets.
+//!
+//! - [`prepare`]: inputs (JSONL, Parquet, text) → zstd Parquet shards of `input_ids` /
+//!   `loss_mask` plus `manifest.json`, written atomically.
+//! - [`chat`]: the Qwen3 ChatML template and the assistant loss mask.
+//! - [`loader`]: the streaming, packing, shuffling, DP-splitting, exactly resumable loader
+//!   that yields [`PackedSample`]s.
+//! - [`cli`]: the `moeru data …` subcommands.
+
+pub mod chat;
+pub mod cli;
+mod column;
+pub mod error;
+pub mod fsutil;
+pub mod input;
+mod input_arrow;
+pub mod loader;
+pub mod manifest;
+mod plain_pages;
+pub mod prepare;
+pub mod reader;
+pub mod rng;
+pub mod sample;
+pub mod shard_writer;
+pub mod stream;
+pub mod tokenizer;
+
+pub use error::{DataError, Location, Result};
+pub use loader::{DataLoader, LoaderConfig, LoaderState};
+pub use manifest::Manifest;
+pub use prepare::{prepare, PrepareOptions, PrepareReport};
+pub use sample::{PackMode, PackedSample};
+pub use stream::Position;

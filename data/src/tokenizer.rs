@@ -1,0 +1,117 @@
+//! A Hugging Face `tokenizer.json` loaded with the pure-Rust `tokenizers` crate, plus the facts
+//! the pipeline needs about it: vocabulary size, special token ids, and a content hash.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{DataError, Result};
+
+/// A loaded tokenizer. Encoding never adds special tokens (Qwen has no BOS); the chat template
+/// and the pretraining EOS are added explicitly by the caller.
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+    sha256: String,
+    vocab_size: usize,
+}
+
+/// Token ids with the byte range (in the encoded string) each token covers.
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    pub offsets: Vec<(usize, usize)>,
+}
+
+impl TextTokenizer {
+    /// Load `tokenizer.json`; the hash is the sha256 of the file's bytes.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| DataError::io(path, "reading tokenizer", e))?;
+        let inner =
+            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| DataError::Tokenizer {
+                path: path.to_path_buf(),
+                msg: crate::error::one_line(&e.to_string()),
+            })?;
+        let sha256 = hex(&Sha256::digest(&bytes));
+        let vocab_size = inner.get_vocab_size(true);
+        Ok(Self {
+            inner,
+            path: path.to_path_buf(),
+            sha256,
+            vocab_size,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// sha256 of the tokenizer.json bytes, lowercase hex.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// Vocabulary size including added tokens: every valid id is `< vocab_size`.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// The id of a token such as `<|endoftext|>`, if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Token ids of `text` (no special tokens added).
+    pub fn encode_ids(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.encode(text)?.ids)
+    }
+
+    /// Token ids and byte offsets of `text` (no special tokens added).
+    pub fn encode(&self, text: &str) -> Result<Encoded> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| DataError::Tokenizer {
+                path: self.path.clone(),
+                msg: format!(
+                    "encoding failed: {}",
+                    crate::error::one_line(&e.to_string())
+                ),
+            })?;
+        Ok(Encoded {
+            ids: enc.get_ids().to_vec(),
+            offsets: enc.get_offsets().to_vec(),
+        })
+    }
+
+    /// Encode many texts at once (in parallel inside `tokenizers`).
+    pub fn encode_batch(&self, texts: Vec<&str>) -> Result<Vec<Encoded>> {
+        let encs = self
+            .inner
+            .encode_batch(texts, false)
+            .map_err(|e| DataError::Tokenizer {
+                path: self.path.clone(),
+                msg: format!(
+                    "encoding failed: {}",
+                    crate::error::one_line(&e.to_string())
+                ),
+            })?;
+        Ok(encs
+            .into_iter()
+            .map(|e| Encoded {
+                ids: e.get_ids().to_vec(),
+                offsets: e.get_offsets().to_vec(),
+            })
+            .collect())
+    }
+}
+
+/// Lowercase hex of a byte slice.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}

@@ -1,0 +1,39 @@
+use std::path::PathBuf;
+
+use moeru_trainer::recipe;
+use moeru_trainer::{run_training, RunOptions, TrainError};
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// The YAML recipe (keys: docs/RECIPES.md).
+    recipe: PathBuf,
+    /// Override a recipe key, e.g. `--set train.steps=50` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Require a checkpoint to resume from (by default a run resumes when its checkpoint
+    /// folder holds a valid checkpoint and `checkpoint.resume` is true).
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this many steps of this invocation, as if interrupted (exercises resume).
+    #[arg(long, hide = true)]
+    stop_after: Option<u64>,
+}
+
+pub fn run(args: TrainArgs) -> Result<(), TrainError> {
+    let recipe = recipe::load(&args.recipe, &args.overrides)?;
+    let summary = run_training(
+        &recipe,
+        &RunOptions {
+            require_resume: args.resume,
+            stop_after: args.stop_after,
+        },
+    )?;
+    eprintln!(
+        "trained steps {}..{}; last loss {:.4}; checkpoints in {}",
+        summary.start_step,
+        summary.end_step,
+        summary.last_loss,
+        recipe.checkpoint.dir.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! The README's first command: the smoke recipe trains and its loss falls clearly.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+#[test]
+fn smoke_recipe_trains_and_loss_halves() {
+    let ws = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_moeru"))
+        .current_dir(&ws)
+        .args(["train", "recipes/smoke-tiny-moe.yaml"])
+        .arg(format!(
+            "--set=checkpoint.dir={}",
+            tmp.path().join("ckpt").display()
+        ))
+        .arg(format!(
+            "--set=logging.dir={}",
+            tmp.path().join("logs").display()
+        ))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+
+    let text = std::fs::read_to_string(tmp.path().join("logs/metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let losses: Vec<f64> = lines
+        .iter()
+        .filter_map(|l| l.get("loss")?.as_f64())
+        .collect();
+    assert_eq!(losses.len(), 60, "one metrics line per step");
+    let (first, last) = (losses[0], losses[losses.len() - 1]);
+    eprintln!("smoke: loss {first:.4} -> {last:.4}");
+    // The threshold stated in recipes/smoke-tiny-moe.yaml.
+    assert!(last < 0.5 * first, "loss fell only from {first} to {last}");
+    for l in &lines {
+        if l.get("loss").is_some() {
+            assert!(
+                l["aux_loss"].as_f64().is_some()
+                    && l["expert_load"].as_array().is_some_and(|a| a.len() == 1)
+            );
+        }
+    }
+    assert!(
+        lines.iter().any(|l| l.get("eval_loss").is_some()),
+        "evaluation ran"
+    );
+    assert!(tmp.path().join("ckpt/step-000060/manifest.json").exists());
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("ckpt/latest"))
+            .unwrap()
+            .trim(),
+        "step-000060"
+    );
+
+    // `moeru eval` on the trained checkpoint: held-out loss well below the untrained one.
+    let ckpt = tmp.path().join("ckpt/step-000060");
+    let eval = Command::new(env!("CARGO_BIN_EXE_moeru"))
+        .current_dir(&ws)
+        .args(["eval", "--model", ckpt.to_str().unwrap()])
+        .args([
+            "--data",
+            "recipes/smoke/data/eval",
+            "--seq-len",
+            "128",
+            "--max-batches",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&eval.stdout);
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    let loss: f64 = stdout.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(
+        loss < 0.5 * first,
+        "eval loss {loss} vs first training loss {first}"
+    );
+}
+
+#[test]
+fn bad_recipe_exits_with_2_naming_file_line_and_key() {
+    let ws = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(env!("CARGO_BIN_EXE_moeru"))
+        .current_dir(&ws)
+        .args([
+            "train",
+            "recipes/smoke-tiny-moe.yaml",
+            "--set",
+            "train.stesp=5",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("`train.steps`") && stderr.contains("train.stesp"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+}

@@ -1,0 +1,33 @@
+use moeru_checkpoints::CheckpointError;
+use moeru_data::DataError;
+use moeru_models::ConfigError;
+
+use crate::metrics::MetricsError;
+use crate::recipe::RecipeError;
+
+/// Why a run could not start or continue; reported once by the CLI as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Recipe(#[from] RecipeError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl TrainError {
+    /// 2 for a bad recipe or command line, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            TrainError::Recipe(e) => e.exit_code(),
+            _ => 1,
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! Mean next-token loss and perplexity over a prepared dataset.
+
+use std::path::Path;
+
+use burn::tensor::Tensor;
+use moeru_data::{DataLoader, LoaderConfig, PackMode};
+use moeru_models::loss::token_loss_sum;
+use moeru_models::params::{to_f32_vec, ParamVisitor, Params};
+use moeru_models::Qwen3Model;
+
+use crate::error::TrainError;
+use crate::step::MicroBatch;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalResult {
+    pub loss: f64,
+    pub perplexity: f64,
+    pub target_tokens: u64,
+}
+
+/// A copy of `model` without autodiff, so evaluation records no graph.
+pub fn inference_copy(model: &Qwen3Model) -> Qwen3Model {
+    struct Strip;
+    impl ParamVisitor for Strip {
+        fn visit<const D: usize>(&mut self, _: &str, param: &mut Tensor<D>) {
+            *param = param.clone().inner();
+        }
+    }
+    let mut copy = model.clone();
+    copy.visit_params(&mut Strip);
+    copy
+}
+
+/// One pass over `dir` (no shuffling), `max_batches` micro-batches at most (0 = all).
+pub fn evaluate(
+    model: &Qwen3Model,
+    dir: &Path,
+    seq_len: usize,
+    micro_batch: usize,
+    max_batches: u64,
+) -> Result<EvalResult, TrainError> {
+    let model = inference_copy(model);
+    let device = model.device();
+    let mut cfg = LoaderConfig::new(dir, seq_len, micro_batch, 0);
+    cfg.shuffle = false;
+    cfg.epochs = Some(1);
+    cfg.mode = PackMode::Pack;
+    let mut loader = DataLoader::new(cfg)?;
+    let (mut sum, mut count, mut batches) = (0f64, 0u64, 0u64);
+    while max_batches == 0 || batches < max_batches {
+        let Some(samples) = loader.next_batch()? else {
+            break;
+        };
+        let mb = MicroBatch::from_samples(&samples, &device);
+        let hidden = model.forward(&mb.batch).hidden;
+        let loss = token_loss_sum(hidden, model.lm_head_weight(), mb.targets, mb.mask);
+        sum += to_f32_vec(loss)[0] as f64;
+        count += mb.target_count as u64;
+        batches += 1;
+    }
+    if count == 0 {
+        return Err(TrainError::Invalid(format!(
+            "{}: no evaluation targets (the dataset is smaller than one micro-batch of {micro_batch} × {seq_len} tokens); lower the batch or seq_len",
+            dir.display()
+        )));
+    }
+    let loss = sum / count as f64;
+    Ok(EvalResult {
+        loss,
+        perplexity: loss.exp(),
+        target_tokens: count,
+    })
+}

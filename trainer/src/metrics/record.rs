@@ -1,0 +1,122 @@
+//! What one optimizer step reports, and its JSON form (one line of `metrics.jsonl`).
+
+use serde_json::{json, Map, Value};
+
+/// Expert load of one MoE layer: max and mean tokens routed to one expert.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerLoad {
+    pub layer: usize,
+    pub max: f64,
+    pub mean: f64,
+}
+
+/// Metrics of one optimizer step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepMetrics {
+    /// 1-based optimizer step just finished.
+    pub step: u64,
+    /// LM loss (mean over target tokens).
+    pub loss: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens processed this step.
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+    /// MoE load-balancing loss (unscaled); `None` for dense models.
+    pub aux_loss: Option<f64>,
+    pub z_loss: Option<f64>,
+    pub expert_load: Vec<LayerLoad>,
+}
+
+impl StepMetrics {
+    /// The JSON object written to `metrics.jsonl`. Floats keep serde_json's shortest
+    /// round-tripping form; a non-finite float becomes `null` (JSON has no NaN/inf).
+    /// `aux_loss`, `z_loss` and `expert_load` are present only when set / non-empty.
+    pub fn to_json(&self) -> Value {
+        let mut obj = Map::new();
+        obj.insert("step".into(), json!(self.step));
+        obj.insert("loss".into(), json!(self.loss));
+        obj.insert("lr".into(), json!(self.lr));
+        obj.insert("grad_norm".into(), json!(self.grad_norm));
+        obj.insert("tokens".into(), json!(self.tokens));
+        obj.insert("tokens_per_s".into(), json!(self.tokens_per_s));
+        if let Some(aux) = self.aux_loss {
+            obj.insert("aux_loss".into(), json!(aux));
+        }
+        if let Some(z) = self.z_loss {
+            obj.insert("z_loss".into(), json!(z));
+        }
+        if !self.expert_load.is_empty() {
+            let loads = self
+                .expert_load
+                .iter()
+                .map(|l| json!({ "layer": l.layer, "max": l.max, "mean": l.mean }))
+                .collect();
+            obj.insert("expert_load".into(), Value::Array(loads));
+        }
+        Value::Object(obj)
+    }
+
+    /// Parses a line written by [`StepMetrics::to_json`]; `None` when it is not a step line
+    /// (an eval line, or a required field missing). `null` floats read back as NaN.
+    pub fn from_json(v: &Value) -> Option<Self> {
+        let f = |key: &str| -> Option<f64> {
+            match v.get(key)? {
+                Value::Null => Some(f64::NAN),
+                x => x.as_f64(),
+            }
+        };
+        let expert_load = match v.get("expert_load") {
+            None => Vec::new(),
+            Some(list) => list
+                .as_array()?
+                .iter()
+                .map(|l| {
+                    Some(LayerLoad {
+                        layer: usize::try_from(l.get("layer")?.as_u64()?).ok()?,
+                        max: l.get("max")?.as_f64().unwrap_or(f64::NAN),
+                        mean: l.get("mean")?.as_f64().unwrap_or(f64::NAN),
+                    })
+                })
+                .collect::<Option<Vec<_>>>()?,
+        };
+        Some(StepMetrics {
+            step: v.get("step")?.as_u64()?,
+            loss: f("loss")?,
+            lr: f("lr")?,
+            grad_norm: f("grad_norm")?,
+            tokens: v.get("tokens")?.as_u64()?,
+            tokens_per_s: f("tokens_per_s")?,
+            aux_loss: f("aux_loss"),
+            z_loss: f("z_loss"),
+            expert_load,
+        })
+    }
+
+    /// TensorBoard scalars of this step (tag, value).
+    pub fn scalars(&self) -> Vec<(String, f32)> {
+        let mut out = vec![
+            ("train/loss".to_string(), self.loss as f32),
+            ("train/lr".to_string(), self.lr as f32),
+            ("train/grad_norm".to_string(), self.grad_norm as f32),
+            ("train/tokens_per_s".to_string(), self.tokens_per_s as f32),
+        ];
+        if let Some(aux) = self.aux_loss {
+            out.push(("train/aux_loss".to_string(), aux as f32));
+        }
+        if let Some(z) = self.z_loss {
+            out.push(("train/z_loss".to_string(), z as f32));
+        }
+        for l in &self.expert_load {
+            out.push((format!("moe/layer{}/load_max", l.layer), l.max as f32));
+            out.push((format!("moe/layer{}/load_mean", l.layer), l.mean as f32));
+        }
+        out
+    }
+}
+
+/// The `metrics.jsonl` line of an evaluation at `step`.
+pub fn eval_json(step: u64, loss: f64) -> Value {
+    json!({ "step": step, "eval_loss": loss, "eval_ppl": loss.exp() })
+}

@@ -1,0 +1,172 @@
+//! Every key of the schema with the kind of value it takes and whether it is required. The
+//! loader checks a recipe against this table before deserializing, so that unknown keys and
+//! wrong types are reported with the key's full path and position. Tests check that the table
+//! matches `schema.rs` exactly (keys, required-ness, types).
+
+/// The kind of value a key takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A mapping of further keys.
+    Section,
+    /// A non-negative integer (u64 / usize).
+    UInt,
+    /// A finite number.
+    Float,
+    /// A finite number or null.
+    OptFloat,
+    Bool,
+    /// A path string.
+    Path,
+    /// A path string or null.
+    OptPath,
+    /// One of the listed strings.
+    Enum(&'static [&'static str]),
+    /// A list of exactly two finite numbers.
+    FloatPair,
+    /// A free-form mapping (config.json fields) or null; any key inside is allowed.
+    FreeMap,
+}
+
+impl Kind {
+    /// What the error message says was expected.
+    pub fn expected(self) -> String {
+        match self {
+            Kind::Section => "a mapping of keys".into(),
+            Kind::UInt => "a non-negative integer".into(),
+            Kind::Float => "a number".into(),
+            Kind::OptFloat => "a number or null".into(),
+            Kind::Bool => "a boolean (true or false)".into(),
+            Kind::Path => "a path (a string)".into(),
+            Kind::OptPath => "a path (a string) or null".into(),
+            Kind::Enum(values) => {
+                let v: Vec<String> = values.iter().map(|s| format!("`{s}`")).collect();
+                format!("one of {}", v.join(", "))
+            }
+            Kind::FloatPair => "a list of two numbers, e.g. [0.9, 0.95]".into(),
+            Kind::FreeMap => "a mapping of config.json fields, or null".into(),
+        }
+    }
+}
+
+/// One key of the schema.
+#[derive(Debug, Clone, Copy)]
+pub struct Key {
+    pub path: &'static str,
+    pub kind: Kind,
+    pub required: bool,
+    /// A few words for "missing required key" messages.
+    pub meaning: &'static str,
+}
+
+const fn key(path: &'static str, kind: Kind, required: bool, meaning: &'static str) -> Key {
+    Key {
+        path,
+        kind,
+        required,
+        meaning,
+    }
+}
+
+use Kind::*;
+
+/// All keys, sections before their children.
+pub const KEYS: &[Key] = &[
+    key(
+        "model",
+        Section,
+        true,
+        "the model to train: `path` or `architecture`",
+    ),
+    key("model.path", OptPath, false, ""),
+    key("model.architecture", FreeMap, false, ""),
+    key("model.init_seed", UInt, false, ""),
+    key("data", Section, true, "the training data"),
+    key(
+        "data.train",
+        Path,
+        true,
+        "a folder written by `moeru data prepare`",
+    ),
+    key("data.eval", OptPath, false, ""),
+    key("data.seq_len", UInt, true, "tokens per sequence"),
+    key("data.task", Enum(&["pretrain", "sft"]), false, ""),
+    key("data.pad", Bool, false, ""),
+    key("data.shuffle", Bool, false, ""),
+    key("optim", Section, false, ""),
+    key("optim.lr", Float, false, ""),
+    key("optim.betas", FloatPair, false, ""),
+    key("optim.eps", Float, false, ""),
+    key("optim.weight_decay", Float, false, ""),
+    key("optim.grad_clip", Float, false, ""),
+    key("schedule", Section, false, ""),
+    key(
+        "schedule.kind",
+        Enum(&["cosine", "linear", "constant"]),
+        false,
+        "",
+    ),
+    key("schedule.warmup_steps", UInt, false, ""),
+    key("schedule.min_lr", Float, false, ""),
+    key("train", Section, true, "the training loop settings"),
+    key("train.steps", UInt, true, "the number of optimizer steps"),
+    key("train.seed", UInt, false, ""),
+    key(
+        "train.micro_batch_size",
+        UInt,
+        true,
+        "sequences per micro-batch",
+    ),
+    key("train.grad_accum", UInt, false, ""),
+    key("train.eval_every", UInt, false, ""),
+    key("train.eval_batches", UInt, false, ""),
+    key("checkpoint", Section, true, "where checkpoints go"),
+    key("checkpoint.dir", Path, true, "the checkpoint folder"),
+    key("checkpoint.every", UInt, false, ""),
+    key("checkpoint.keep_last", UInt, false, ""),
+    key("checkpoint.resume", Bool, false, ""),
+    key("logging", Section, true, "where logs go"),
+    key("logging.dir", Path, true, "the log folder"),
+    key("logging.progress", Bool, false, ""),
+    key("logging.tensorboard", Bool, false, ""),
+    key("parallel", Section, false, ""),
+    key("parallel.dp", UInt, false, ""),
+    key("parallel.tp", UInt, false, ""),
+    key("parallel.ep", UInt, false, ""),
+    key("parallel.pp", UInt, false, ""),
+    key("moe", Section, false, ""),
+    key("moe.aux_loss_coef", OptFloat, false, ""),
+    key("moe.z_loss_coef", Float, false, ""),
+    key("precision", Enum(&["f32", "bf16"]), false, ""),
+];
+
+/// The key at `path`, if the schema has one.
+pub fn lookup(path: &str) -> Option<&'static Key> {
+    KEYS.iter().find(|k| k.path == path)
+}
+
+/// The last segments of the keys directly under `prefix` ("" for the top level).
+pub fn children(prefix: &str) -> Vec<&'static str> {
+    KEYS.iter()
+        .filter_map(|k| match k.path.rsplit_once('.') {
+            Some((parent, last)) if parent == prefix => Some(last),
+            None if prefix.is_empty() => Some(k.path),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `prefix.name`, or `name` at the top level.
+pub fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+/// Whether `path` lies inside a free-form map (e.g. `model.architecture.hidden_size`).
+pub fn inside_free_map(path: &str) -> bool {
+    KEYS.iter()
+        .filter(|k| k.kind == FreeMap)
+        .any(|k| path.starts_with(k.path) && path[k.path.len()..].starts_with('.'))
+}

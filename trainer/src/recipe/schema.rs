@@ -1,0 +1,241 @@
+//! The recipe: every key a training run reads, with its default. docs/RECIPES.md documents
+//! each one; `recipe::load` parses YAML into this and applies `--set` overrides.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub model: ModelSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub optim: OptimSection,
+    #[serde(default)]
+    pub schedule: ScheduleSection,
+    pub train: TrainSection,
+    pub checkpoint: CheckpointSection,
+    pub logging: LoggingSection,
+    #[serde(default)]
+    pub parallel: ParallelSection,
+    #[serde(default)]
+    pub moe: MoeSection,
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// Either a Hugging Face folder (`path`) or an architecture plus `init_seed` for from-scratch
+/// training. Exactly one of `path` and `architecture` is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// config.json fields (`model_type`, `vocab_size`, `hidden_size`, …), as in a HF folder.
+    #[serde(default)]
+    pub architecture: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    pub init_seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskKind {
+    /// Causal LM on packed documents; every token is a target (prepare without --chat).
+    #[default]
+    Pretrain,
+    /// Chat data: loss only on assistant tokens (prepare with --chat).
+    Sft,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// A folder written by `moeru data prepare`.
+    pub train: PathBuf,
+    /// Held-out prepared folder for evaluation.
+    #[serde(default)]
+    pub eval: Option<PathBuf>,
+    pub seq_len: usize,
+    #[serde(default)]
+    pub task: TaskKind,
+    /// Pad each document to `seq_len` instead of packing several per sample.
+    #[serde(default)]
+    pub pad: bool,
+    #[serde(default = "default_true")]
+    pub shuffle: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimSection {
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Decoupled weight decay; never applied to norms and biases.
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Global-norm gradient clipping; 0 disables.
+    #[serde(default = "default_clip")]
+    pub grad_clip: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    #[default]
+    Cosine,
+    Linear,
+    Constant,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSection {
+    #[serde(default)]
+    pub kind: ScheduleKind,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Floor the decay ends at (absolute learning rate).
+    #[serde(default)]
+    pub min_lr: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    pub steps: u64,
+    #[serde(default)]
+    pub seed: u64,
+    pub micro_batch_size: usize,
+    #[serde(default = "default_one")]
+    pub grad_accum: usize,
+    /// Evaluate every N steps (0 = never); needs `data.eval`.
+    #[serde(default)]
+    pub eval_every: u64,
+    /// Micro-batches per evaluation (0 = the whole eval set, one epoch).
+    #[serde(default)]
+    pub eval_batches: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSection {
+    pub dir: PathBuf,
+    /// Save every N steps (0 = only at the end).
+    #[serde(default)]
+    pub every: u64,
+    /// Keep the newest K checkpoints (0 = keep all).
+    #[serde(default)]
+    pub keep_last: usize,
+    /// Resume from the newest valid checkpoint in `dir` when there is one.
+    #[serde(default = "default_true")]
+    pub resume: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingSection {
+    pub dir: PathBuf,
+    #[serde(default = "default_true")]
+    pub progress: bool,
+    #[serde(default = "default_true")]
+    pub tensorboard: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelSection {
+    #[serde(default = "default_one")]
+    pub dp: usize,
+    #[serde(default = "default_one")]
+    pub tp: usize,
+    #[serde(default = "default_one")]
+    pub ep: usize,
+    #[serde(default = "default_one")]
+    pub pp: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoeSection {
+    /// Load-balancing loss coefficient; `null` takes `router_aux_loss_coef` from the config.
+    #[serde(default)]
+    pub aux_loss_coef: Option<f64>,
+    /// Router z-loss coefficient (0 = off).
+    #[serde(default)]
+    pub z_loss_coef: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_one() -> usize {
+    1
+}
+fn default_lr() -> f64 {
+    3e-4
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.95]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_clip() -> f64 {
+    1.0
+}
+
+impl Default for OptimSection {
+    fn default() -> Self {
+        Self {
+            lr: default_lr(),
+            betas: default_betas(),
+            eps: default_eps(),
+            weight_decay: 0.0,
+            grad_clip: default_clip(),
+        }
+    }
+}
+
+impl Default for ScheduleSection {
+    fn default() -> Self {
+        Self {
+            kind: ScheduleKind::Cosine,
+            warmup_steps: 0,
+            min_lr: 0.0,
+        }
+    }
+}
+
+impl Default for ParallelSection {
+    fn default() -> Self {
+        Self {
+            dp: 1,
+            tp: 1,
+            ep: 1,
+            pp: 1,
+        }
+    }
+}
+
+impl Default for MoeSection {
+    fn default() -> Self {
+        Self {
+            aux_loss_coef: None,
+            z_loss_coef: 0.0,
+        }
+    }
+}

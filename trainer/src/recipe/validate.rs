@@ -1,0 +1,143 @@
+//! Checks across values that types alone cannot express (ranges, exclusive keys, keys that
+//! need other keys). Each failure names the key, its value and the fix.
+
+use super::schema::Recipe;
+
+/// A failed check: the key it is about and the message (without the key).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Violation {
+    pub key: &'static str,
+    pub msg: String,
+    /// Other keys the check involves (an override of one of them may be the cause).
+    pub related: &'static [&'static str],
+}
+
+fn at_least(key: &'static str, value: u64, min: u64, why: &str) -> Result<(), Violation> {
+    if value >= min {
+        return Ok(());
+    }
+    Err(Violation {
+        key,
+        msg: format!("is {value}; it must be at least {min}{why}"),
+        related: &[],
+    })
+}
+
+fn non_negative(key: &'static str, value: f64) -> Result<(), Violation> {
+    if value >= 0.0 {
+        return Ok(());
+    }
+    Err(Violation {
+        key,
+        msg: format!("is {value}; it must be 0 or more"),
+        related: &[],
+    })
+}
+
+/// The first violated constraint, if any.
+pub fn validate(r: &Recipe) -> Result<(), Violation> {
+    match (&r.model.path, &r.model.architecture) {
+        (Some(_), Some(_)) | (None, None) => {
+            let which = if r.model.path.is_some() {
+                "both are set"
+            } else {
+                "neither is set"
+            };
+            return Err(Violation {
+                key: "model",
+                msg: format!(
+                    "set exactly one of `model.path` (a Hugging Face folder) and \
+                     `model.architecture` (config.json fields, to train from scratch); {which}"
+                ),
+                related: &["model.path", "model.architecture"],
+            });
+        }
+        _ => {}
+    }
+    let d = &r.data;
+    at_least(
+        "data.seq_len",
+        d.seq_len as u64,
+        2,
+        " (an input and a target token)",
+    )?;
+    let t = &r.train;
+    at_least("train.steps", t.steps, 1, "")?;
+    at_least("train.micro_batch_size", t.micro_batch_size as u64, 1, "")?;
+    at_least(
+        "train.grad_accum",
+        t.grad_accum as u64,
+        1,
+        " (1 = no accumulation)",
+    )?;
+    let p = &r.parallel;
+    at_least("parallel.dp", p.dp as u64, 1, " (1 = no parallelism)")?;
+    at_least("parallel.tp", p.tp as u64, 1, " (1 = no parallelism)")?;
+    at_least("parallel.ep", p.ep as u64, 1, " (1 = no parallelism)")?;
+    at_least("parallel.pp", p.pp as u64, 1, " (1 = no parallelism)")?;
+
+    let s = &r.schedule;
+    if s.warmup_steps > t.steps {
+        return Err(Violation {
+            key: "schedule.warmup_steps",
+            msg: format!(
+                "is {} but `train.steps` is {}; set it to at most {}",
+                s.warmup_steps, t.steps, t.steps
+            ),
+            related: &["train.steps"],
+        });
+    }
+    let o = &r.optim;
+    if o.lr.is_nan() || o.lr <= 0.0 {
+        return Err(Violation {
+            key: "optim.lr",
+            msg: format!("is {}; it must be greater than 0", o.lr),
+            related: &[],
+        });
+    }
+    non_negative("schedule.min_lr", s.min_lr)?;
+    if s.min_lr > o.lr {
+        return Err(Violation {
+            key: "schedule.min_lr",
+            msg: format!(
+                "is {} but `optim.lr` is {}; the floor must be at most the peak learning rate",
+                s.min_lr, o.lr
+            ),
+            related: &["optim.lr"],
+        });
+    }
+    for (i, beta) in o.betas.iter().enumerate() {
+        if !(0.0..1.0).contains(beta) {
+            return Err(Violation {
+                key: "optim.betas",
+                msg: format!("beta{} is {beta}; each beta must be in [0, 1)", i + 1),
+                related: &[],
+            });
+        }
+    }
+    if o.eps.is_nan() || o.eps <= 0.0 {
+        return Err(Violation {
+            key: "optim.eps",
+            msg: format!("is {}; it must be greater than 0 (e.g. 1e-8)", o.eps),
+            related: &[],
+        });
+    }
+    non_negative("optim.weight_decay", o.weight_decay)?;
+    non_negative("optim.grad_clip", o.grad_clip)?;
+    if let Some(c) = r.moe.aux_loss_coef {
+        non_negative("moe.aux_loss_coef", c)?;
+    }
+    non_negative("moe.z_loss_coef", r.moe.z_loss_coef)?;
+    if t.eval_every > 0 && d.eval.is_none() {
+        return Err(Violation {
+            key: "train.eval_every",
+            msg: format!(
+                "is {} but `data.eval` is not set; set `data.eval` to a prepared folder, \
+                 or `train.eval_every` to 0",
+                t.eval_every
+            ),
+            related: &["data.eval"],
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! One optimizer step over the micro-batches of a global batch.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use moeru_data::PackedSample;
+use moeru_models::loss::{next_token_targets, token_loss_sum};
+use moeru_models::params::to_f32_vec;
+use moeru_models::{Batch, Qwen3Model};
+
+use crate::grads::GradBuffer;
+use crate::optim::AdamW;
+
+/// Model inputs plus next-token targets and their mask (1 = the target counts).
+pub struct MicroBatch {
+    pub batch: Batch,
+    pub targets: Tensor<2, Int>,
+    pub mask: Tensor<2>,
+    pub target_count: usize,
+    pub tokens: usize,
+}
+
+impl MicroBatch {
+    /// From packed samples of the data loader (position t predicts `labels[t]`).
+    pub fn from_samples(samples: &[PackedSample], device: &Device) -> Self {
+        let (b, s) = (samples.len(), samples[0].input_ids.len());
+        let flat = |f: fn(&PackedSample) -> &Vec<i32>| -> Vec<i64> {
+            samples
+                .iter()
+                .flat_map(|x| f(x).iter().map(|&v| v as i64))
+                .collect()
+        };
+        let batch = Batch::packed(
+            &flat(|x| &x.input_ids),
+            &flat(|x| &x.position_ids),
+            &flat(|x| &x.document_ids),
+            b,
+            s,
+            device,
+        );
+        let mask: Vec<f32> = samples
+            .iter()
+            .flat_map(|x| x.loss_mask.iter().map(|&m| m as f32))
+            .collect();
+        let target_count = mask.iter().filter(|&&m| m > 0.0).count();
+        Self {
+            batch,
+            targets: Tensor::from_data(TensorData::new(flat(|x| &x.labels), [b, s]), device),
+            mask: Tensor::from_data(TensorData::new(mask, [b, s]), device),
+            target_count,
+            tokens: b * s,
+        }
+    }
+
+    /// One document per row, labels = the ids shifted left (transformers' `labels=input_ids`).
+    pub fn from_ids(ids: &[i64], b: usize, s: usize, device: &Device) -> Self {
+        let batch = Batch::from_ids(ids, b, s, device);
+        let (targets, mask) = next_token_targets(&batch.input_ids);
+        Self {
+            batch,
+            targets,
+            mask,
+            target_count: b * (s - 1),
+            tokens: b * s,
+        }
+    }
+}
+
+/// Coefficients of the auxiliary router losses.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AuxWeights {
+    pub load_balancing: f64,
+    pub z_loss: f64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StepResult {
+    /// LM loss: Σ token losses / target tokens of the global batch.
+    pub loss: f64,
+    pub aux_loss: Option<f64>,
+    pub z_loss: Option<f64>,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens routed to each expert, per MoE layer, summed over micro-batches.
+    pub expert_counts: Vec<(usize, Vec<u64>)>,
+    pub tokens: u64,
+}
+
+/// Forward and backward over `micro`, clip to `clip` (0 = off), AdamW update with `lr`.
+///
+/// The LM loss is token-weighted over the whole global batch (each micro-batch contributes
+/// its token-loss sum / all target tokens), so accumulation equals one big batch; the router
+/// losses are averaged over micro-batches.
+pub fn train_step(
+    model: &mut Qwen3Model,
+    opt: &mut AdamW,
+    micro: &[MicroBatch],
+    lr: f64,
+    clip: f64,
+    weights: AuxWeights,
+) -> StepResult {
+    let targets: usize = micro.iter().map(|m| m.target_count).sum();
+    let denom = targets.max(1) as f32;
+    let n = micro.len() as f64;
+    let mut grads = GradBuffer::default();
+    let mut result = StepResult::default();
+    for mb in micro {
+        let out = model.forward(&mb.batch);
+        let lm = token_loss_sum(
+            out.hidden,
+            model.lm_head_weight(),
+            mb.targets.clone(),
+            mb.mask.clone(),
+        )
+        .div_scalar(denom);
+        result.loss += to_f32_vec(lm.clone())[0] as f64;
+        let mut loss = lm;
+        if let Some(aux) = out.aux_loss {
+            *result.aux_loss.get_or_insert(0.0) += to_f32_vec(aux.clone())[0] as f64 / n;
+            loss = loss + aux.mul_scalar(weights.load_balancing / n);
+        }
+        if let Some(z) = out.z_loss {
+            *result.z_loss.get_or_insert(0.0) += to_f32_vec(z.clone())[0] as f64 / n;
+            if weights.z_loss > 0.0 {
+                loss = loss + z.mul_scalar(weights.z_loss / n);
+            }
+        }
+        add_counts(&mut result.expert_counts, &out.router);
+        result.tokens += mb.tokens as u64;
+        let g = loss.backward();
+        grads.accumulate(model, &g);
+    }
+    result.grad_norm = grads.clip(clip);
+    opt.step(model, &mut grads, lr);
+    result
+}
+
+fn add_counts(
+    into: &mut Vec<(usize, Vec<u64>)>,
+    router: &[(usize, moeru_models::moe::RouterStats)],
+) {
+    if into.is_empty() {
+        into.extend(
+            router
+                .iter()
+                .map(|(l, s)| (*l, vec![0; s.expert_counts.len()])),
+        );
+    }
+    for ((_, acc), (_, s)) in into.iter_mut().zip(router) {
+        for (a, c) in acc.iter_mut().zip(&s.expert_counts) {
+            *a += c;
+        }
+    }
+}

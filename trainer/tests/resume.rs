@@ -1,0 +1,122 @@
+//! Checkpoints resume bit for bit, and a torn or corrupt checkpoint is skipped for the
+//! previous one. Runs the smoke recipe, shortened.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use moeru_trainer::checkpoint::restore_latest;
+use moeru_trainer::metrics::read_metrics;
+use moeru_trainer::recipe::{self, schema::Recipe};
+use moeru_trainer::{run_training, RunOptions};
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn smoke_recipe(out: &Path, steps: u64, every: u64) -> Recipe {
+    let ws = workspace();
+    let data = ws.join("recipes/smoke/data");
+    let overrides = [
+        format!("train.steps={steps}"),
+        format!("checkpoint.every={every}"),
+        "checkpoint.keep_last=0".into(),
+        format!("checkpoint.dir={}", out.join("ckpt").display()),
+        format!("logging.dir={}", out.join("logs").display()),
+        "logging.progress=false".into(),
+        format!("data.train={}", data.join("train").display()),
+        "data.eval=null".into(),
+        "train.eval_every=0".into(),
+        "data.seq_len=64".into(),
+        "train.micro_batch_size=4".into(),
+        "train.grad_accum=2".into(),
+        "schedule.warmup_steps=2".into(),
+    ];
+    recipe::load(&ws.join("recipes/smoke-tiny-moe.yaml"), &overrides)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// (step, loss as written) per line: the exact text, so equal means bitwise equal.
+fn losses(out: &Path) -> Vec<(u64, String)> {
+    read_metrics(&out.join("logs/metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter_map(|m| Some((m.get("step")?.as_u64()?, m.get("loss")?.to_string())))
+        .collect()
+}
+
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = ["model.safetensors", "optim.safetensors"]
+        .iter()
+        .map(|f| (f.to_string(), std::fs::read(dir.join(f)).unwrap()))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn interrupted_and_resumed_run_is_bitwise_identical() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let steps = 6;
+    run_training(&smoke_recipe(a.path(), steps, 2), &RunOptions::default()).unwrap();
+
+    // Interrupted after step 3 (its checkpoint is at step 2, so step 3 is redone).
+    let first = run_training(
+        &smoke_recipe(b.path(), steps, 2),
+        &RunOptions {
+            stop_after: Some(3),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(first.end_step, 3);
+    let second = run_training(&smoke_recipe(b.path(), steps, 2), &RunOptions::default()).unwrap();
+    assert_eq!((second.start_step, second.end_step), (2, steps));
+
+    let (la, lb) = (losses(a.path()), losses(b.path()));
+    assert_eq!(la.len(), steps as usize, "one line per step");
+    assert_eq!(la, lb, "losses differ after resume");
+    let last = format!("step-{steps:06}");
+    assert!(
+        files(&a.path().join("ckpt").join(&last)) == files(&b.path().join("ckpt").join(&last)),
+        "final checkpoint tensors differ after resume"
+    );
+}
+
+fn corrupt(how: &str, dir: &Path) {
+    let file = dir.join("model.safetensors");
+    match how {
+        "removed" => std::fs::remove_file(&file).unwrap(),
+        "truncated" => {
+            let bytes = std::fs::read(&file).unwrap();
+            std::fs::write(&file, &bytes[..bytes.len() - 100]).unwrap();
+        }
+        "bit-flipped" => {
+            let mut bytes = std::fs::read(&file).unwrap();
+            let i = bytes.len() - 7;
+            bytes[i] ^= 0x10;
+            std::fs::write(&file, bytes).unwrap();
+        }
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn torn_checkpoint_is_detected_and_the_previous_one_used() {
+    for how in ["removed", "truncated", "bit-flipped"] {
+        let out = tempfile::tempdir().unwrap();
+        run_training(&smoke_recipe(out.path(), 4, 2), &RunOptions::default()).unwrap();
+        let ckpt = out.path().join("ckpt");
+        corrupt(how, &ckpt.join("step-000004"));
+
+        let (restored, skipped) = restore_latest(&ckpt, &Device::flex().autodiff()).unwrap();
+        let restored = restored.expect("the step-2 checkpoint is valid");
+        assert_eq!(restored.state.step, 2, "{how}");
+        assert_eq!(skipped.len(), 1, "{how}: {skipped:?}");
+        assert!(skipped[0].contains("step-000004"), "{how}: {}", skipped[0]);
+
+        // Training continues from step 2 and rewrites step 4; the torn files are replaced.
+        let r = run_training(&smoke_recipe(out.path(), 4, 2), &RunOptions::default()).unwrap();
+        assert_eq!(r.start_step, 2, "{how}");
+        assert!(moeru_checkpoints::verify_checkpoint(&ckpt.join("step-000004")).is_ok());
+    }
+}
