@@ -28,7 +28,8 @@ pub struct Attention {
 pub struct AttentionContext {
     pub cos: Tensor<3>,
     pub sin: Tensor<3>,
-    /// Additive mask `[batch, 1, 1, seq, seq]`: 0 where allowed, f32::MIN where blocked.
+    /// Additive mask `[batch, 1, 1, seq, seq]`: 0 where allowed, -inf where blocked (every row
+    /// keeps its own position, so no row is all -inf; exp(-inf) = 0 skips libm's underflow path).
     pub bias: Tensor<5>,
 }
 

@@ -81,7 +81,7 @@ impl Qwen3Model {
                 .reshape([b, s, self.config.hidden_size]);
         let (cos, sin) = rope_tables(&batch.position_ids, &self.inv_freq, &device);
         let bias = Tensor::<3>::zeros([b, s, s], &device)
-            .mask_fill(batch.attention_block_mask(), f32::MIN)
+            .mask_fill(batch.attention_block_mask(), f32::NEG_INFINITY)
             .reshape([b, 1, 1, s, s]);
         let ctx = AttentionContext { cos, sin, bias };
         let mut router = Vec::new();
