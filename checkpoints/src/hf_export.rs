@@ -21,42 +21,52 @@ const SIDE_FILES: &[&str] = &[
     "merges.txt",
 ];
 
-/// The model's parameters under their on-disk names, per-expert tensors split out.
-pub fn hf_tensors(model: &mut Qwen3Model) -> Vec<(String, OwnedTensor)> {
+/// Every parameter as f32 under moeru's (transformers' in-memory) names, experts stacked.
+pub fn named_tensors<M: Params>(model: &mut M) -> Vec<(String, OwnedTensor)> {
     struct Collect(Vec<(String, OwnedTensor)>);
     impl ParamVisitor for Collect {
         fn visit<const D: usize>(&mut self, name: &str, param: &mut Tensor<D>) {
             let shape = param.dims().to_vec();
             let values = to_f32_vec(param.clone());
-            if let Some(prefix) = name.strip_suffix(".experts.gate_up_proj") {
-                let (e, inter, h) = (shape[0], shape[1] / 2, shape[2]);
-                for (x, expert) in values.chunks(2 * inter * h).enumerate().take(e) {
-                    let (gate, up) = expert.split_at(inter * h);
-                    let p = format!("{prefix}.experts.{x}");
-                    self.0.push((
-                        format!("{p}.gate_proj.weight"),
-                        OwnedTensor::f32(gate, vec![inter, h]),
-                    ));
-                    self.0.push((
-                        format!("{p}.up_proj.weight"),
-                        OwnedTensor::f32(up, vec![inter, h]),
-                    ));
-                }
-            } else if let Some(prefix) = name.strip_suffix(".experts.down_proj") {
-                for (x, expert) in values.chunks(shape[1] * shape[2]).enumerate() {
-                    let key = format!("{prefix}.experts.{x}.down_proj.weight");
-                    self.0
-                        .push((key, OwnedTensor::f32(expert, shape[1..].to_vec())));
-                }
-            } else {
-                self.0
-                    .push((name.to_string(), OwnedTensor::f32(&values, shape)));
-            }
+            self.0
+                .push((name.to_string(), OwnedTensor::f32(&values, shape)));
         }
     }
     let mut c = Collect(Vec::new());
     model.visit_params(&mut c);
     c.0
+}
+
+/// The model's parameters under their on-disk names, per-expert tensors split out.
+pub fn hf_tensors(model: &mut Qwen3Model) -> Vec<(String, OwnedTensor)> {
+    let mut out = Vec::new();
+    for (name, tensor) in named_tensors(model) {
+        let shape = tensor.shape.clone();
+        let values = tensor.f32_values();
+        if let Some(prefix) = name.strip_suffix(".experts.gate_up_proj") {
+            let (inter, h) = (shape[1] / 2, shape[2]);
+            for (x, expert) in values.chunks(2 * inter * h).enumerate() {
+                let (gate, up) = expert.split_at(inter * h);
+                let p = format!("{prefix}.experts.{x}");
+                out.push((
+                    format!("{p}.gate_proj.weight"),
+                    OwnedTensor::f32(gate, vec![inter, h]),
+                ));
+                out.push((
+                    format!("{p}.up_proj.weight"),
+                    OwnedTensor::f32(up, vec![inter, h]),
+                ));
+            }
+        } else if let Some(prefix) = name.strip_suffix(".experts.down_proj") {
+            for (x, expert) in values.chunks(shape[1] * shape[2]).enumerate() {
+                let key = format!("{prefix}.experts.{x}.down_proj.weight");
+                out.push((key, OwnedTensor::f32(expert, shape[1..].to_vec())));
+            }
+        } else {
+            out.push((name, tensor));
+        }
+    }
+    out
 }
 
 /// Exports `model` into the new folder `out` (refuses an existing non-empty one).

@@ -7,7 +7,7 @@ pub mod run_checkpoint;
 pub mod tensor_file;
 
 pub use error::CheckpointError;
-pub use hf_export::{export_hf, hf_tensors};
+pub use hf_export::{export_hf, hf_tensors, named_tensors};
 pub use hf_load::{load_hf_model, HfFolder};
 pub use run_checkpoint::{
     latest_valid_checkpoint, save_checkpoint, verify_checkpoint, CheckpointContents,

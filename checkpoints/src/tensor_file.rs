@@ -149,6 +149,19 @@ impl OwnedTensor {
             bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         }
     }
+    /// The values of an F32 tensor.
+    pub fn f32_values(&self) -> Vec<f32> {
+        assert_eq!(
+            self.dtype,
+            Dtype::F32,
+            "f32_values of a {:?} tensor",
+            self.dtype
+        );
+        le_chunks::<4>(&self.bytes)
+            .map(f32::from_le_bytes)
+            .collect()
+    }
+
     fn view(&self) -> TensorView<'_> {
         TensorView::new(self.dtype, self.shape.clone(), &self.bytes)
             .expect("OwnedTensor bytes match its shape")

@@ -65,18 +65,22 @@ impl TextTokenizer {
         Ok(self.encode(text)?.ids)
     }
 
+    fn encode_error(&self, e: impl std::fmt::Display) -> DataError {
+        DataError::Tokenizer {
+            path: self.path.clone(),
+            msg: format!(
+                "encoding failed: {}",
+                crate::error::one_line(&e.to_string())
+            ),
+        }
+    }
+
     /// Token ids and byte offsets of `text` (no special tokens added).
     pub fn encode(&self, text: &str) -> Result<Encoded> {
         let enc = self
             .inner
             .encode(text, false)
-            .map_err(|e| DataError::Tokenizer {
-                path: self.path.clone(),
-                msg: format!(
-                    "encoding failed: {}",
-                    crate::error::one_line(&e.to_string())
-                ),
-            })?;
+            .map_err(|e| self.encode_error(e))?;
         Ok(Encoded {
             ids: enc.get_ids().to_vec(),
             offsets: enc.get_offsets().to_vec(),
@@ -88,13 +92,7 @@ impl TextTokenizer {
         let encs = self
             .inner
             .encode_batch(texts, false)
-            .map_err(|e| DataError::Tokenizer {
-                path: self.path.clone(),
-                msg: format!(
-                    "encoding failed: {}",
-                    crate::error::one_line(&e.to_string())
-                ),
-            })?;
+            .map_err(|e| self.encode_error(e))?;
         Ok(encs
             .into_iter()
             .map(|e| Encoded {

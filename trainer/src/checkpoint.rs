@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
 use moeru_checkpoints::{
-    latest_valid_checkpoint, load_hf_model, save_checkpoint, CheckpointContents, CheckpointError,
-    OwnedTensor, TensorFile,
+    latest_valid_checkpoint, load_hf_model, named_tensors, save_checkpoint, CheckpointContents,
+    CheckpointError, OwnedTensor, TensorFile,
 };
-use moeru_models::params::{to_f32_vec, ParamVisitor, Params};
+use moeru_models::params::to_f32_vec;
 use moeru_models::Qwen3Model;
 use serde::{Deserialize, Serialize};
 
@@ -31,21 +31,6 @@ pub struct TrainerState {
     pub seed: u64,
     /// Learning rate of the last step taken.
     pub lr: f64,
-}
-
-fn named_tensors<M: Params>(model: &mut M) -> Vec<(String, OwnedTensor)> {
-    struct Collect(Vec<(String, OwnedTensor)>);
-    impl ParamVisitor for Collect {
-        fn visit<const D: usize>(&mut self, name: &str, param: &mut Tensor<D>) {
-            let shape = param.dims().to_vec();
-            let values = to_f32_vec(param.clone());
-            self.0
-                .push((name.to_string(), OwnedTensor::f32(&values, shape)));
-        }
-    }
-    let mut c = Collect(Vec::new());
-    model.visit_params(&mut c);
-    c.0
 }
 
 /// Saves step `state.step` of a run into `run_dir`.
