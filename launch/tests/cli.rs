@@ -187,3 +187,62 @@ fn usage_errors_exit_with_2() {
     let out = moeru(&["no-such-command"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn broken_model_folders_fail_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = reference().join("models/qwen3-moe-norm-sharded");
+    let input = tmp.path().join("in.safetensors");
+    write_tensors(
+        &input,
+        &[("input_ids".into(), OwnedTensor::i64(&[1, 2, 3], vec![1, 3]))],
+    )
+    .unwrap();
+    let output = tmp.path().join("out.safetensors");
+    let copy = |name: &str| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+        dir
+    };
+    let run = |dir: &Path| {
+        moeru(&[
+            "forward",
+            "--model",
+            p(dir),
+            "--input",
+            p(&input),
+            "--out",
+            p(&output),
+        ])
+    };
+
+    let truncated = copy("truncated");
+    let shard = truncated.join("model-00003-of-00004.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() - 10]).unwrap();
+    let msg = assert_clean_failure(&run(&truncated));
+    assert!(
+        msg.contains("model-00003-of-00004.safetensors") && msg.contains("truncated"),
+        "{msg}"
+    );
+
+    let missing = copy("missing");
+    std::fs::remove_file(missing.join("model-00001-of-00004.safetensors")).unwrap();
+    let msg = assert_clean_failure(&run(&missing));
+    assert!(msg.contains("model-00001-of-00004.safetensors"), "{msg}");
+
+    let bad_config = copy("bad-config");
+    let cfg = std::fs::read_to_string(bad_config.join("config.json")).unwrap();
+    std::fs::write(
+        bad_config.join("config.json"),
+        cfg.replace("\"hidden_size\": 32", "\"hidden_size\": 48"),
+    )
+    .unwrap();
+    let msg = assert_clean_failure(&run(&bad_config));
+    assert!(msg.contains("has shape") && msg.contains("48"), "{msg}");
+    assert!(!output.exists(), "no output written on failure");
+}
