@@ -43,7 +43,7 @@ impl GradBuffer {
         let norms: Vec<Tensor<1>> = self
             .grads
             .values()
-            .map(|g| g.clone().square().sum().sqrt())
+            .map(|g| deterministic_sum(g.clone().square()).sqrt())
             .collect();
         if norms.is_empty() {
             return 0.0;
@@ -62,5 +62,49 @@ impl GradBuffer {
             }
         }
         norm
+    }
+}
+
+/// Elements summed per block: below burn-flex's parallel threshold for a full sum (4 Mi).
+const SUM_BLOCK: usize = 1 << 16;
+
+/// Σ of a flat tensor with a fixed summation order. burn-flex sums ≥ 4 Mi contiguous elements
+/// with rayon's adaptive reduce, whose combining order may vary run to run; summing fixed
+/// blocks first (zero-padded, which adds exact zeros) keeps CPU runs bit-reproducible.
+fn deterministic_sum(x: Tensor<1>) -> Tensor<1> {
+    let n = x.dims()[0];
+    if n <= SUM_BLOCK {
+        return x.sum();
+    }
+    let rows = n.div_ceil(SUM_BLOCK);
+    let pad = rows * SUM_BLOCK - n;
+    let x = if pad > 0 {
+        let device = x.device();
+        Tensor::cat(vec![x, Tensor::zeros([pad], &device)], 0)
+    } else {
+        x
+    };
+    x.reshape([rows, SUM_BLOCK])
+        .sum_dim(1)
+        .reshape([rows])
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData};
+
+    #[test]
+    fn block_sum_equals_plain_sum_and_repeats_bitwise() {
+        let device = Device::flex();
+        let n = 5 * SUM_BLOCK + 123;
+        let values: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 * 1e-3).collect();
+        let exact: f64 = values.iter().map(|&v| v as f64).sum();
+        let x = Tensor::<1>::from_data(TensorData::new(values, [n]), &device);
+        let a = to_f32_vec(deterministic_sum(x.clone()))[0];
+        let b = to_f32_vec(deterministic_sum(x))[0];
+        assert_eq!(a.to_bits(), b.to_bits());
+        assert!(((a as f64) - exact).abs() / exact < 1e-6, "{a} vs {exact}");
     }
 }
