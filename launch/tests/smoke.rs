@@ -105,4 +105,22 @@ fn bad_recipe_exits_with_2_naming_file_line_and_key() {
         "{stderr}"
     );
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+
+    // Parses, but asks for a layout the model cannot take: also a recipe error.
+    let out = Command::new(env!("CARGO_BIN_EXE_moeru"))
+        .current_dir(&ws)
+        .args([
+            "train",
+            "recipes/smoke-tiny-moe.yaml",
+            "--set",
+            "parallel.ep=3",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("`parallel.ep` = 3") && stderr.contains("(4)"),
+        "{stderr}"
+    );
 }

@@ -18,6 +18,9 @@ pub enum TrainError {
     Data(#[from] DataError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// A recipe that parses but cannot run as asked (layout, precision, model section).
+    #[error("recipe {0}")]
+    BadRecipe(String),
     #[error("{0}")]
     Invalid(String),
 }
@@ -27,6 +30,7 @@ impl TrainError {
     pub fn exit_code(&self) -> u8 {
         match self {
             TrainError::Recipe(e) => e.exit_code(),
+            TrainError::BadRecipe(_) => 2,
             _ => 1,
         }
     }

@@ -47,8 +47,8 @@ fn build_model(recipe: &Recipe, device: &Device) -> Result<Qwen3Model, TrainErro
             };
             Ok(Qwen3Model::new(config, &mut init, device).unwrap_or_else(|never| match never {}))
         }
-        _ => Err(TrainError::Invalid(
-            "recipe `model`: set exactly one of `path` and `architecture`".into(),
+        _ => Err(TrainError::BadRecipe(
+            "`model`: set exactly one of `path` and `architecture`".into(),
         )),
     }
 }
@@ -88,8 +88,9 @@ fn check_data(recipe: &Recipe, loader: &DataLoader, model: &Qwen3Model) -> Resul
 /// Runs (or resumes) the training described by `recipe`.
 pub fn run_training(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainError> {
     if recipe.precision == Precision::Bf16 {
-        return Err(TrainError::Invalid(
-            "recipe `precision: bf16` needs a GPU build (--features cuda); on the CPU use `precision: f32`".into(),
+        return Err(TrainError::BadRecipe(
+            "`precision: bf16` needs a GPU build (--features cuda); on the CPU use `precision: f32`"
+                .into(),
         ));
     }
     let device = Device::flex().autodiff();
@@ -136,8 +137,7 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, Tr
         }
     };
     check_data(recipe, &loader, &model)?;
-    validate_layout(&recipe.parallel, &model.config)
-        .map_err(|e| TrainError::Invalid(format!("recipe {e}")))?;
+    validate_layout(&recipe.parallel, &model.config).map_err(TrainError::BadRecipe)?;
     let t = &recipe.train;
     let weights = AuxWeights {
         load_balancing: recipe
