@@ -85,40 +85,31 @@ fn smoke_recipe_trains_and_loss_halves() {
     );
 }
 
-#[test]
-fn bad_recipe_exits_with_2_naming_file_line_and_key() {
+/// Runs `moeru train` on the smoke recipe with one override that makes it invalid; returns
+/// stderr after checking the exit code is 2 and the message one line.
+fn failing_train(set: &str) -> String {
     let ws = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let out = Command::new(env!("CARGO_BIN_EXE_moeru"))
         .current_dir(&ws)
-        .args([
-            "train",
-            "recipes/smoke-tiny-moe.yaml",
-            "--set",
-            "train.stesp=5",
-        ])
+        .args(["train", "recipes/smoke-tiny-moe.yaml", "--set", set])
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    stderr
+}
+
+#[test]
+fn bad_recipe_exits_with_2_naming_file_line_and_key() {
+    let stderr = failing_train("train.stesp=5");
     assert!(
         stderr.contains("`train.steps`") && stderr.contains("train.stesp"),
         "{stderr}"
     );
-    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
 
     // Parses, but asks for a layout the model cannot take: also a recipe error.
-    let out = Command::new(env!("CARGO_BIN_EXE_moeru"))
-        .current_dir(&ws)
-        .args([
-            "train",
-            "recipes/smoke-tiny-moe.yaml",
-            "--set",
-            "parallel.ep=3",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let stderr = failing_train("parallel.ep=3");
     assert!(
         stderr.contains("`parallel.ep` = 3") && stderr.contains("(4)"),
         "{stderr}"
