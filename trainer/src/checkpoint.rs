@@ -8,6 +8,7 @@ use moeru_checkpoints::{
     latest_valid_checkpoint, load_hf_model, named_tensors, save_checkpoint, CheckpointContents,
     CheckpointError, OwnedTensor, TensorFile,
 };
+use moeru_data::LoaderState;
 use moeru_models::params::to_f32_vec;
 use moeru_models::Qwen3Model;
 use serde::{Deserialize, Serialize};
@@ -24,8 +25,8 @@ pub struct TrainerState {
     /// Optimizer steps completed.
     pub step: u64,
     pub tokens_seen: u64,
-    /// `moeru_data::LoaderState` as JSON.
-    pub loader: serde_json::Value,
+    /// Where the data loader stands.
+    pub loader: LoaderState,
     /// sha256 of the recipe that wrote the checkpoint.
     pub recipe_hash: String,
     pub seed: u64,

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use burn::tensor::Device;
 use moeru_checkpoints::load_hf_model;
-use moeru_data::{DataLoader, LoaderConfig, LoaderState, PackMode};
+use moeru_data::{DataLoader, LoaderConfig, PackMode};
 use moeru_models::init::RandomInit;
 use moeru_models::{Qwen3Config, Qwen3Model};
 
@@ -126,8 +126,7 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, Tr
             let mut opt = AdamW::new(adamw);
             opt.steps = r.state.step;
             opt.state = r.moments;
-            let state = LoaderState::from_json(&r.state.loader.to_string())?;
-            let loader = DataLoader::from_state(loader_config(recipe), &state)?;
+            let loader = DataLoader::from_state(loader_config(recipe), &r.state.loader)?;
             (r.model, opt, loader, r.state.step, r.state.tokens_seen)
         }
         None => {
@@ -221,8 +220,7 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, Tr
             let state = TrainerState {
                 step: done,
                 tokens_seen,
-                loader: serde_json::from_str(&loader.state().to_json())
-                    .expect("loader state is JSON"),
+                loader: loader.state(),
                 recipe_hash: hash.clone(),
                 seed: t.seed,
                 lr,
