@@ -1,1 +1,27 @@
-//! Communicators, device mesh and sharded layers: arrives with issue #5 (distributed runtime).
+//! moeru's distributed runtime: the `Communicator` trait and its backends (in-process
+//! threads, TCP processes, MPI, NCCL), process groups as values, the device mesh, the TCP
+//! rendezvous store, launch-environment detection, and data-parallel gradient sync with
+//! ZeRO-1 sharding. Model code never calls into this crate directly.
+
+pub mod comm;
+pub mod error;
+pub mod group;
+mod p2p;
+pub mod threads;
+pub mod transport;
+
+pub use comm::{Communicator, DType, GroupInfo, ReduceOp};
+pub use error::{CommError, Result};
+pub use group::{Elem, OpTraffic, ProcessGroup, Traffic};
+pub use threads::thread_world;
+pub mod env;
+pub mod mesh;
+pub mod store;
+pub mod tcp;
+pub mod zero;
+
+pub use env::{LaunchEnv, Launcher};
+pub use mesh::{DeviceMesh, GroupKind, MeshGroups, MeshSizes};
+pub use store::{StoreClient, StoreServer};
+pub use tcp::tcp_world;
+pub use zero::{FlatLayout, GradSync, Segment};

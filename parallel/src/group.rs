@@ -1,0 +1,282 @@
+//! `ProcessGroup`: a communicator plus the bytes it moved, with typed slices and burn tensors.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use burn::tensor::{Tensor, TensorData};
+use bytemuck::Pod;
+
+use crate::comm::{Communicator, DType, GroupInfo, ReduceOp};
+use crate::error::{CommError, Result};
+
+/// Element types with a wire dtype.
+pub trait Elem: Pod + Send + Sync {
+    const DTYPE: DType;
+}
+impl Elem for f32 {
+    const DTYPE: DType = DType::F32;
+}
+impl Elem for f64 {
+    const DTYPE: DType = DType::F64;
+}
+impl Elem for i64 {
+    const DTYPE: DType = DType::I64;
+}
+impl Elem for u8 {
+    const DTYPE: DType = DType::U8;
+}
+
+/// Traffic of one op kind on one group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpTraffic {
+    pub calls: u64,
+    /// The data the op is about: the reduced buffer (all_reduce), the full input
+    /// (reduce_scatter), the full output (all_gather), the buffer (broadcast, send, recv),
+    /// the bytes sent (all_to_all).
+    pub payload_bytes: u64,
+    /// Bytes this rank puts on the wire under the bandwidth-optimal (ring) algorithm NCCL
+    /// uses: all_reduce 2(p−1)/p × payload, reduce_scatter and all_gather (p−1)/p × payload,
+    /// broadcast payload (root) or 0, all_to_all the bytes sent to other ranks.
+    pub wire_bytes: u64,
+}
+
+/// Counters by op name, kept for the life of the group.
+pub type Traffic = BTreeMap<&'static str, OpTraffic>;
+
+/// A group of ranks; every rank of the group holds its own `ProcessGroup` value.
+pub struct ProcessGroup {
+    comm: Box<dyn Communicator>,
+    traffic: Mutex<Traffic>,
+}
+
+fn bytes<T: Elem>(v: &[T]) -> &[u8] {
+    bytemuck::cast_slice(v)
+}
+
+fn bytes_mut<T: Elem>(v: &mut [T]) -> &mut [u8] {
+    bytemuck::cast_slice_mut(v)
+}
+
+impl ProcessGroup {
+    pub fn new(comm: Box<dyn Communicator>) -> Self {
+        Self {
+            comm,
+            traffic: Mutex::new(Traffic::new()),
+        }
+    }
+
+    pub fn info(&self) -> &GroupInfo {
+        self.comm.info()
+    }
+
+    pub fn rank(&self) -> usize {
+        self.comm.info().rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.comm.info().size()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.comm.info().name
+    }
+
+    /// The counters so far.
+    pub fn traffic(&self) -> Traffic {
+        self.traffic
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn count(&self, op: &'static str, payload: usize, wire: usize) {
+        let mut t = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
+        let e = t.entry(op).or_default();
+        e.calls += 1;
+        e.payload_bytes += payload as u64;
+        e.wire_bytes += wire as u64;
+    }
+
+    /// (p−1)/p × `bytes`, the ring share.
+    fn ring(&self, bytes: usize) -> usize {
+        let p = self.size();
+        bytes * (p - 1) / p
+    }
+
+    pub fn all_reduce<T: Elem>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        let n = std::mem::size_of_val(buf);
+        self.count("all_reduce", n, 2 * self.ring(n));
+        if self.size() == 1 {
+            return Ok(());
+        }
+        self.comm.all_reduce(bytes_mut(buf), T::DTYPE, op)
+    }
+
+    pub fn all_gather<T: Elem>(&self, send: &[T]) -> Result<Vec<T>> {
+        let mut out = vec![T::zeroed(); send.len() * self.size()];
+        let n = std::mem::size_of_val(out.as_slice());
+        self.count("all_gather", n, self.ring(n));
+        if self.size() == 1 {
+            out.copy_from_slice(send);
+            return Ok(out);
+        }
+        self.comm.all_gather(bytes(send), bytes_mut(&mut out))?;
+        Ok(out)
+    }
+
+    /// `send.len()` must be a multiple of the group size; returns this rank's chunk.
+    pub fn reduce_scatter<T: Elem>(&self, send: &[T], op: ReduceOp) -> Result<Vec<T>> {
+        let p = self.size();
+        if !send.len().is_multiple_of(p) {
+            return Err(CommError::BadArgument {
+                op: "reduce_scatter",
+                group: self.name().to_string(),
+                rank: self.info().world_rank(),
+                detail: format!("{} elements do not split into {p} equal chunks", send.len()),
+            });
+        }
+        let n = std::mem::size_of_val(send);
+        self.count("reduce_scatter", n, self.ring(n));
+        let mut out = vec![T::zeroed(); send.len() / p];
+        if p == 1 {
+            out.copy_from_slice(send);
+            return Ok(out);
+        }
+        self.comm
+            .reduce_scatter(bytes(send), bytes_mut(&mut out), T::DTYPE, op)?;
+        Ok(out)
+    }
+
+    /// `send_counts[j]` elements go to rank j; `recv_counts[j]` come from rank j.
+    pub fn all_to_all<T: Elem>(
+        &self,
+        send: &[T],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Result<Vec<T>> {
+        let size = std::mem::size_of::<T>();
+        let sb: Vec<usize> = send_counts.iter().map(|c| c * size).collect();
+        let rb: Vec<usize> = recv_counts.iter().map(|c| c * size).collect();
+        let me = self.rank();
+        let to_others: usize = sb
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != me)
+            .map(|(_, b)| b)
+            .sum();
+        self.count("all_to_all", std::mem::size_of_val(send), to_others);
+        let raw = if self.size() == 1 {
+            bytes(send).to_vec()
+        } else {
+            self.comm.all_to_all(bytes(send), &sb, &rb)?
+        };
+        Ok(bytemuck::pod_collect_to_vec(&raw))
+    }
+
+    pub fn broadcast<T: Elem>(&self, buf: &mut [T], root: usize) -> Result<()> {
+        let n = std::mem::size_of_val(buf);
+        self.count("broadcast", n, if self.rank() == root { n } else { 0 });
+        if self.size() == 1 {
+            return Ok(());
+        }
+        self.comm.broadcast(bytes_mut(buf), root)
+    }
+
+    pub fn send<T: Elem>(&self, buf: &[T], dst: usize, tag: u32) -> Result<()> {
+        let n = std::mem::size_of_val(buf);
+        self.count("send", n, n);
+        self.comm.send(bytes(buf), dst, tag)
+    }
+
+    pub fn recv<T: Elem>(&self, buf: &mut [T], src: usize, tag: u32) -> Result<()> {
+        self.count("recv", std::mem::size_of_val(buf), 0);
+        self.comm.recv(bytes_mut(buf), src, tag)
+    }
+
+    pub fn barrier(&self) -> Result<()> {
+        if self.size() == 1 {
+            return Ok(());
+        }
+        self.comm.barrier()
+    }
+
+    /// Collective: ranks with the same `color` form a group named `name`.
+    pub fn split(&self, color: u32, name: &str) -> Result<ProcessGroup> {
+        Ok(ProcessGroup::new(self.comm.split(color, name)?))
+    }
+
+    /// Tells the other ranks this one failed (see `Communicator::abort`).
+    pub fn abort(&self, reason: &str) {
+        self.comm.abort(reason);
+    }
+
+    /// A UTF-8 string from `root` (sizes first, so only the root needs to know it).
+    pub fn broadcast_string(&self, s: &str, root: usize) -> Result<String> {
+        let mut len = [s.len() as i64];
+        self.broadcast(&mut len, root)?;
+        let mut buf = if self.rank() == root {
+            s.as_bytes().to_vec()
+        } else {
+            vec![0u8; len[0] as usize]
+        };
+        self.broadcast(&mut buf, root)?;
+        String::from_utf8(buf).map_err(|e| CommError::Backend {
+            backend: "broadcast_string",
+            detail: e.to_string(),
+        })
+    }
+
+    /// All-reduce of an f32 tensor (through host memory).
+    pub fn all_reduce_tensor<const D: usize>(
+        &self,
+        t: Tensor<D>,
+        op: ReduceOp,
+    ) -> Result<Tensor<D>> {
+        let (dims, device) = (t.dims(), t.device());
+        let mut v = to_vec(t);
+        self.all_reduce(&mut v, op)?;
+        Ok(Tensor::from_data(TensorData::new(v, dims), &device))
+    }
+
+    /// Every rank's tensor concatenated along dim 0.
+    pub fn all_gather_tensor<const D: usize>(&self, t: Tensor<D>) -> Result<Tensor<D>> {
+        let (mut dims, device) = (t.dims(), t.device());
+        let v = self.all_gather(&to_vec(t))?;
+        dims[0] *= self.size();
+        Ok(Tensor::from_data(TensorData::new(v, dims), &device))
+    }
+
+    /// This rank's dim-0 chunk of the reduction.
+    pub fn reduce_scatter_tensor<const D: usize>(
+        &self,
+        t: Tensor<D>,
+        op: ReduceOp,
+    ) -> Result<Tensor<D>> {
+        let (mut dims, device) = (t.dims(), t.device());
+        let p = self.size();
+        if !dims[0].is_multiple_of(p) {
+            return Err(CommError::BadArgument {
+                op: "reduce_scatter",
+                group: self.name().to_string(),
+                rank: self.info().world_rank(),
+                detail: format!("dim 0 of {dims:?} does not split into {p} equal chunks"),
+            });
+        }
+        let v = self.reduce_scatter(&to_vec(t), op)?;
+        dims[0] /= p;
+        Ok(Tensor::from_data(TensorData::new(v, dims), &device))
+    }
+
+    pub fn broadcast_tensor<const D: usize>(&self, t: Tensor<D>, root: usize) -> Result<Tensor<D>> {
+        let (dims, device) = (t.dims(), t.device());
+        let mut v = to_vec(t);
+        self.broadcast(&mut v, root)?;
+        Ok(Tensor::from_data(TensorData::new(v, dims), &device))
+    }
+}
+
+fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .try_into_vec_as::<f32>()
+        .expect("a float tensor converts to f32")
+}

@@ -1,0 +1,238 @@
+//! A TCP key-value store for rendezvous (addresses of ranks, the NCCL unique id), as
+//! torch's TCPStore: one server, every rank a client; `get` waits for the key. Clients must
+//! present the job's token, so a stray process or another job on the same port is refused.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::error::{CommError, Result};
+
+const MAGIC: &[u8; 8] = b"MOERUST1";
+const SET: u8 = 1;
+const GET: u8 = 2;
+const ADD: u8 = 3;
+
+fn err(msg: String) -> CommError {
+    CommError::Rendezvous(msg)
+}
+
+fn write_frame(s: &mut impl Write, parts: &[&[u8]]) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    for p in parts {
+        buf.extend_from_slice(&(p.len() as u32).to_le_bytes());
+        buf.extend_from_slice(p);
+    }
+    s.write_all(&buf)
+}
+
+fn read_part(s: &mut impl Read) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > 1 << 30 {
+        return Err(std::io::Error::other("store frame over 1 GiB"));
+    }
+    let mut v = vec![0u8; len];
+    s.read_exact(&mut v)?;
+    Ok(v)
+}
+
+#[derive(Default)]
+struct Shared {
+    map: Mutex<HashMap<Vec<u8>, Vec<u8>>>,
+    changed: Condvar,
+}
+
+/// The store's server; it serves until the process exits.
+pub struct StoreServer {
+    addr: SocketAddr,
+}
+
+impl StoreServer {
+    /// Listens on `addr` (port 0 picks one) for clients holding `token`.
+    pub fn bind(addr: &str, token: &str) -> Result<Self> {
+        let listener = TcpListener::bind(addr).map_err(|e| {
+            err(format!(
+                "cannot listen on {addr}: {e}; pick a free --master-port (or MASTER_PORT)"
+            ))
+        })?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| err(format!("listener on {addr}: {e}")))?;
+        let shared = Arc::new(Shared::default());
+        let token = token.as_bytes().to_vec();
+        std::thread::Builder::new()
+            .name("moeru-store".into())
+            .spawn(move || {
+                for conn in listener.incoming().flatten() {
+                    let (shared, token) = (shared.clone(), token.clone());
+                    let _ = std::thread::Builder::new()
+                        .name("moeru-store-conn".into())
+                        .spawn(move || serve(conn, &shared, &token));
+                }
+            })
+            .map_err(|e| err(format!("store thread: {e}")))?;
+        Ok(Self { addr: local })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+fn serve(mut s: TcpStream, shared: &Shared, token: &[u8]) -> std::io::Result<()> {
+    let _ = s.set_nodelay(true);
+    let magic = read_part(&mut s)?;
+    let theirs = read_part(&mut s)?;
+    if magic != MAGIC || theirs != token {
+        write_frame(&mut s, &[b"bad token"])?;
+        return Ok(());
+    }
+    write_frame(&mut s, &[b"ok"])?;
+    loop {
+        let cmd = read_part(&mut s)?;
+        let key = read_part(&mut s)?;
+        let arg = read_part(&mut s)?;
+        match cmd.first().copied() {
+            Some(SET) => {
+                let mut m = shared.map.lock().unwrap_or_else(|e| e.into_inner());
+                m.insert(key, arg);
+                shared.changed.notify_all();
+                drop(m);
+                write_frame(&mut s, &[b"ok", b""])?;
+            }
+            Some(GET) => {
+                let ms = u64::from_le_bytes(arg.as_slice().try_into().unwrap_or([0; 8]));
+                let deadline = Instant::now() + Duration::from_millis(ms);
+                let mut m = shared.map.lock().unwrap_or_else(|e| e.into_inner());
+                let found = loop {
+                    if let Some(v) = m.get(&key) {
+                        break Some(v.clone());
+                    }
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break None;
+                    }
+                    m = shared
+                        .changed
+                        .wait_timeout(m, deadline - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                };
+                drop(m);
+                match found {
+                    Some(v) => write_frame(&mut s, &[b"ok", &v])?,
+                    None => write_frame(&mut s, &[b"timeout", b""])?,
+                }
+            }
+            Some(ADD) => {
+                let delta = i64::from_le_bytes(arg.as_slice().try_into().unwrap_or([0; 8]));
+                let mut m = shared.map.lock().unwrap_or_else(|e| e.into_inner());
+                let old = m
+                    .get(&key)
+                    .and_then(|v| v.as_slice().try_into().ok())
+                    .map_or(0, i64::from_le_bytes);
+                let new = old + delta;
+                m.insert(key, new.to_le_bytes().to_vec());
+                shared.changed.notify_all();
+                drop(m);
+                write_frame(&mut s, &[b"ok", &new.to_le_bytes()])?;
+            }
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// One rank's connection to the store.
+pub struct StoreClient {
+    stream: Mutex<TcpStream>,
+    addr: String,
+    timeout: Duration,
+}
+
+impl StoreClient {
+    /// Connects to `addr` (retrying until `timeout`, as the server may start later) and
+    /// presents `token`.
+    pub fn connect(addr: &str, token: &str, timeout: Duration) -> Result<Self> {
+        let deadline = Instant::now() + timeout;
+        let mut stream = loop {
+            let attempt = addr
+                .to_socket_addrs()
+                .map_err(|e| err(format!("cannot resolve the store address {addr}: {e}")))?
+                .next()
+                .ok_or_else(|| err(format!("the store address {addr} resolves to nothing")))
+                .and_then(|a| {
+                    TcpStream::connect_timeout(&a, Duration::from_secs(2))
+                        .map_err(|e| err(e.to_string()))
+                });
+            match attempt {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(err(format!(
+                        "no rendezvous store answered at {addr} within {:.0}s ({e}); check MASTER_ADDR/MASTER_PORT and that rank 0 or the launcher is running",
+                        timeout.as_secs_f64()
+                    )))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let io = |e: std::io::Error| err(format!("store at {addr}: {e}"));
+        write_frame(&mut stream, &[MAGIC, token.as_bytes()]).map_err(io)?;
+        let reply = read_part(&mut stream).map_err(io)?;
+        if reply != b"ok" {
+            return Err(err(format!(
+                "the store at {addr} refused this job's token; another job is using the port, or the ranks were started with different MOERU_JOB_TOKEN values"
+            )));
+        }
+        Ok(Self {
+            stream: Mutex::new(stream),
+            addr: addr.to_string(),
+            timeout,
+        })
+    }
+
+    /// The local address of the connection: the interface that reaches the store, which
+    /// peers on other nodes can reach too.
+    pub fn local_ip(&self) -> Option<std::net::IpAddr> {
+        let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        s.local_addr().ok().map(|a| a.ip())
+    }
+
+    fn call(&self, cmd: u8, key: &str, arg: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
+        let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        let io = |e: std::io::Error| err(format!("store at {}: {e}", self.addr));
+        write_frame(&mut *s, &[&[cmd], key.as_bytes(), arg]).map_err(io)?;
+        let status = read_part(&mut *s).map_err(io)?;
+        let value = read_part(&mut *s).map_err(io)?;
+        Ok((status, value))
+    }
+
+    pub fn set(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.call(SET, key, value).map(|_| ())
+    }
+
+    /// The value of `key`, waiting up to the client's timeout for some rank to set it.
+    pub fn get(&self, key: &str) -> Result<Vec<u8>> {
+        let ms = self.timeout.as_millis() as u64;
+        let (status, value) = self.call(GET, key, &ms.to_le_bytes())?;
+        if status == b"ok" {
+            Ok(value)
+        } else {
+            Err(err(format!(
+                "waited {:.0}s at the store {} for `{key}`, which no rank set; a rank did not start or failed early",
+                self.timeout.as_secs_f64(),
+                self.addr
+            )))
+        }
+    }
+
+    /// Adds `delta` to the integer at `key` (0 when unset); returns the new value.
+    pub fn add(&self, key: &str, delta: i64) -> Result<i64> {
+        let (_, value) = self.call(ADD, key, &delta.to_le_bytes())?;
+        Ok(value.as_slice().try_into().map_or(0, i64::from_le_bytes))
+    }
+}

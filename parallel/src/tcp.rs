@@ -1,0 +1,243 @@
+//! TCP backend: ranks are processes (on one or many nodes) joined by a full mesh of sockets,
+//! found through the rendezvous store. A reader thread per peer fills this rank's mailbox;
+//! a closed connection marks the peer gone, so a killed rank fails its peers at once.
+
+use std::io::{BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::error::{CommError, Result};
+use crate::group::ProcessGroup;
+use crate::p2p::P2pComm;
+use crate::store::StoreClient;
+use crate::transport::{Channel, Mailbox, Message, OpCode, RecvError, Transport};
+
+const HELLO: &[u8; 8] = b"MOERUTC1";
+/// Op byte of the frame that carries an abort notice instead of data.
+const ABORT: u8 = 0xff;
+
+struct TcpTransport {
+    rank: usize,
+    size: usize,
+    peers: Vec<Option<Mutex<TcpStream>>>,
+    mailbox: Arc<Mailbox>,
+}
+
+fn header(channel: Channel, op: u8, seq: u64, len: usize) -> [u8; 29] {
+    let mut h = [0u8; 29];
+    h[0..8].copy_from_slice(&channel.group.to_le_bytes());
+    h[8..12].copy_from_slice(&channel.tag.to_le_bytes());
+    h[12] = op;
+    h[13..21].copy_from_slice(&seq.to_le_bytes());
+    h[21..29].copy_from_slice(&(len as u64).to_le_bytes());
+    h
+}
+
+fn read_loop(peer: usize, stream: TcpStream, mailbox: &Mailbox) {
+    let mut r = BufReader::with_capacity(1 << 20, stream);
+    let reason = loop {
+        let mut h = [0u8; 29];
+        if let Err(e) = r.read_exact(&mut h) {
+            break format!("its connection closed ({e}): the process exited or was killed");
+        }
+        let channel = Channel {
+            group: u64::from_le_bytes(h[0..8].try_into().unwrap()),
+            tag: u32::from_le_bytes(h[8..12].try_into().unwrap()),
+        };
+        let seq = u64::from_le_bytes(h[13..21].try_into().unwrap());
+        let len = u64::from_le_bytes(h[21..29].try_into().unwrap()) as usize;
+        let mut payload = vec![0u8; len];
+        if let Err(e) = r.read_exact(&mut payload) {
+            break format!("its connection closed mid-message ({e})");
+        }
+        if h[12] == ABORT {
+            mailbox.abort(String::from_utf8_lossy(&payload).into_owned());
+            continue;
+        }
+        let Some(op) = OpCode::from_u8(h[12]) else {
+            break format!("it sent an unknown op code {}", h[12]);
+        };
+        mailbox.deliver(peer, channel, Message { op, seq, payload });
+    };
+    mailbox.peer_gone(peer, format!("rank {peer}: {reason}"));
+}
+
+impl TcpTransport {
+    fn write(&self, dst: usize, h: &[u8], payload: &[u8]) -> std::io::Result<()> {
+        let Some(stream) = &self.peers[dst] else {
+            return Err(std::io::Error::other("no connection to self"));
+        };
+        let mut s = stream.lock().unwrap_or_else(|e| e.into_inner());
+        s.write_all(h)?;
+        s.write_all(payload)
+    }
+}
+
+impl Drop for TcpTransport {
+    /// Closes the connections (the reader threads hold duplicates that would keep them open),
+    /// so peers see this rank leave.
+    fn drop(&mut self) {
+        for s in self.peers.iter().flatten() {
+            let s = s.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Transport for TcpTransport {
+    fn world_rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.size
+    }
+
+    fn send(&self, dst: usize, channel: Channel, msg: Message) -> Result<(), RecvError> {
+        if let Some(reason) = self.mailbox.aborted() {
+            return Err(RecvError::Aborted(reason));
+        }
+        let h = header(channel, msg.op as u8, msg.seq, msg.payload.len());
+        self.write(dst, &h, &msg.payload)
+            .map_err(|e| RecvError::PeerGone(format!("rank {dst}: sending failed ({e})")))
+    }
+
+    fn recv(&self, src: usize, channel: Channel, deadline: Instant) -> Result<Message, RecvError> {
+        self.mailbox.take(src, channel, deadline)
+    }
+
+    fn ready(&self, src: usize, channel: Channel) -> bool {
+        self.mailbox.ready(src, channel)
+    }
+
+    fn abort(&self, reason: &str) {
+        let reason = format!("rank {} failed: {reason}", self.rank);
+        let ch = Channel { group: 0, tag: 0 };
+        for dst in (0..self.size).filter(|&d| d != self.rank) {
+            let _ = self.write(dst, &header(ch, ABORT, 0, reason.len()), reason.as_bytes());
+        }
+        self.mailbox.abort(reason);
+    }
+}
+
+fn hello(token: &str, rank: usize) -> Vec<u8> {
+    let mut v = HELLO.to_vec();
+    v.extend_from_slice(&(rank as u64).to_le_bytes());
+    v.extend_from_slice(&(token.len() as u32).to_le_bytes());
+    v.extend_from_slice(token.as_bytes());
+    v
+}
+
+fn read_hello(s: &mut TcpStream, token: &str) -> std::io::Result<usize> {
+    let mut head = [0u8; 20];
+    s.read_exact(&mut head)?;
+    let len = u32::from_le_bytes(head[16..20].try_into().unwrap()) as usize;
+    if &head[0..8] != HELLO || len > 4096 {
+        return Err(std::io::Error::other("not a moeru peer"));
+    }
+    let mut theirs = vec![0u8; len];
+    s.read_exact(&mut theirs)?;
+    if theirs != token.as_bytes() {
+        return Err(std::io::Error::other("wrong job token"));
+    }
+    Ok(u64::from_le_bytes(head[8..16].try_into().unwrap()) as usize)
+}
+
+/// Joins `size` processes as world rank `rank`: publishes this rank's listening address under
+/// `prefix` in the store, connects to lower ranks and accepts higher ones. Collectives wait
+/// at most `timeout`.
+pub fn tcp_world(
+    store: &StoreClient,
+    prefix: &str,
+    rank: usize,
+    size: usize,
+    token: &str,
+    timeout: Duration,
+) -> Result<ProcessGroup> {
+    let fail = |what: String| CommError::Rendezvous(format!("rank {rank} of {size}: {what}"));
+    let listener =
+        TcpListener::bind(("0.0.0.0", 0)).map_err(|e| fail(format!("cannot listen: {e}")))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| fail(e.to_string()))?
+        .port();
+    let ip = store
+        .local_ip()
+        .map_or("127.0.0.1".to_string(), |ip| ip.to_string());
+    store.set(
+        &format!("{prefix}/addr/{rank}"),
+        format!("{ip}:{port}").as_bytes(),
+    )?;
+    let mut peers: Vec<Option<TcpStream>> = (0..size).map(|_| None).collect();
+    for (j, slot) in peers.iter_mut().enumerate().take(rank) {
+        let addr = String::from_utf8_lossy(&store.get(&format!("{prefix}/addr/{j}"))?).into_owned();
+        let mut s = TcpStream::connect(&addr)
+            .map_err(|e| fail(format!("cannot connect to rank {j} at {addr}: {e}")))?;
+        s.write_all(&hello(token, rank))
+            .map_err(|e| fail(format!("rank {j} at {addr}: {e}")))?;
+        *slot = Some(s);
+    }
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| fail(e.to_string()))?;
+    let deadline = Instant::now() + timeout;
+    let mut accepted = 0;
+    while accepted < size - rank - 1 {
+        match listener.accept() {
+            Ok((mut s, from)) => {
+                s.set_nonblocking(false).map_err(|e| fail(e.to_string()))?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))
+                    .map_err(|e| fail(e.to_string()))?;
+                match read_hello(&mut s, token) {
+                    Ok(j) if j > rank && j < size && peers[j].is_none() => {
+                        s.set_read_timeout(None).map_err(|e| fail(e.to_string()))?;
+                        peers[j] = Some(s);
+                        accepted += 1;
+                    }
+                    // A stray connection (port scanner, other job): ignore it.
+                    _ => eprintln!("warning: rank {rank} refused a connection from {from}"),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    let missing: Vec<usize> =
+                        (rank + 1..size).filter(|&j| peers[j].is_none()).collect();
+                    return Err(fail(format!(
+                        "ranks {missing:?} did not connect within {:.0}s",
+                        timeout.as_secs_f64()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(fail(format!("accept: {e}"))),
+        }
+    }
+    let mailbox = Arc::new(Mailbox::default());
+    let mut writers = Vec::with_capacity(size);
+    for (j, s) in peers.into_iter().enumerate() {
+        match s {
+            None => writers.push(None),
+            Some(s) => {
+                let _ = s.set_nodelay(true);
+                let reader = s.try_clone().map_err(|e| fail(e.to_string()))?;
+                let mb = mailbox.clone();
+                std::thread::Builder::new()
+                    .name(format!("moeru-tcp-{j}"))
+                    .spawn(move || read_loop(j, reader, &mb))
+                    .map_err(|e| fail(e.to_string()))?;
+                writers.push(Some(Mutex::new(s)));
+            }
+        }
+    }
+    let t = TcpTransport {
+        rank,
+        size,
+        peers: writers,
+        mailbox,
+    };
+    Ok(ProcessGroup::new(Box::new(P2pComm::world(
+        Arc::new(t),
+        timeout,
+    ))))
+}
