@@ -3,14 +3,20 @@
 pub mod error;
 pub mod hf_export;
 pub mod hf_load;
+pub mod peft_adapter;
+pub mod peft_config;
 pub mod run_checkpoint;
 pub mod tensor_file;
 
 pub use error::CheckpointError;
 pub use hf_export::{export_hf, hf_tensors, named_tensors};
 pub use hf_load::{load_hf_model, HfFolder};
+pub use peft_adapter::{
+    export_merged_hf, load_peft_adapter, read_peft_lora_config, save_peft_adapter,
+};
+pub use peft_config::{PeftAdapterConfig, PeftError};
 pub use run_checkpoint::{
-    latest_valid_checkpoint, save_checkpoint, verify_checkpoint, CheckpointContents,
-    LatestCheckpoint, Manifest,
+    begin_checkpoint, commit_checkpoint, latest_valid_checkpoint, save_checkpoint,
+    verify_checkpoint, write_contents, CheckpointContents, LatestCheckpoint, Manifest,
 };
 pub use tensor_file::{write_tensors, OwnedTensor, TensorFile};

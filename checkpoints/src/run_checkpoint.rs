@@ -73,24 +73,55 @@ pub fn save_checkpoint(
     contents: CheckpointContents,
     keep_last: usize,
 ) -> Result<PathBuf, CheckpointError> {
+    let tmp = begin_checkpoint(run_dir, step, &std::process::id().to_string())?;
+    write_contents(&tmp, &contents)?;
+    commit_checkpoint(run_dir, &tmp, step, mesh, keep_last)
+}
+
+/// Creates the empty temp folder `step-NNNNNN.tmp-<tag>` that the files of checkpoint `step`
+/// are written into. With many ranks, one rank begins and commits, and every rank writes its
+/// own files in between (the tag must be the same for all of them).
+pub fn begin_checkpoint(run_dir: &Path, step: u64, tag: &str) -> Result<PathBuf, CheckpointError> {
     std::fs::create_dir_all(run_dir).map_err(|e| CheckpointError::io(run_dir, e))?;
-    let name = step_dir_name(step);
-    let dest = run_dir.join(&name);
-    let tmp = run_dir.join(format!("{name}.tmp-{}", std::process::id()));
+    let tmp = run_dir.join(format!("{}.tmp-{tag}", step_dir_name(step)));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
+    Ok(tmp)
+}
 
-    let mut entries = Vec::new();
+/// Writes `contents` into the temp folder `tmp` (no manifest yet).
+pub fn write_contents(tmp: &Path, contents: &CheckpointContents) -> Result<(), CheckpointError> {
     for (file, tensors) in &contents.tensors {
         write_tensors(&tmp.join(file), tensors)?;
-        entries.push(file.clone());
     }
     for (file, value) in &contents.json {
         let text = serde_json::to_string_pretty(value).expect("JSON values serialise");
         std::fs::write(tmp.join(file), text + "\n")
             .map_err(|e| CheckpointError::io(tmp.join(file), e))?;
-        entries.push(file.clone());
     }
+    Ok(())
+}
+
+/// Seals the temp folder `tmp`: fsyncs and checksums every file in it into the manifest,
+/// renames it to `step-NNNNNN`, points `latest` at it and prunes to `keep_last`.
+pub fn commit_checkpoint(
+    run_dir: &Path,
+    tmp: &Path,
+    step: u64,
+    mesh: serde_json::Value,
+    keep_last: usize,
+) -> Result<PathBuf, CheckpointError> {
+    let name = step_dir_name(step);
+    let dest = run_dir.join(&name);
+    let mut entries = Vec::new();
+    for entry in std::fs::read_dir(tmp).map_err(|e| CheckpointError::io(tmp, e))? {
+        let entry = entry.map_err(|e| CheckpointError::io(tmp, e))?;
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if file != MANIFEST {
+            entries.push(file);
+        }
+    }
+    entries.sort();
     let mut files = Vec::new();
     for file in entries {
         let path = tmp.join(&file);
@@ -114,16 +145,16 @@ pub fn save_checkpoint(
         &tmp.join(MANIFEST),
         &serde_json::to_string_pretty(&manifest).expect("manifest"),
     )?;
-    sync_dir(&tmp)?;
+    sync_dir(tmp)?;
     if dest.exists() {
         // A checkpoint of this step already exists (a rerun after a crash): keep the old one
         // aside until the new one is in place, so there is always a complete copy.
         let old = run_dir.join(format!("{name}.old-{}", std::process::id()));
         std::fs::rename(&dest, &old).map_err(|e| CheckpointError::io(&dest, e))?;
-        std::fs::rename(&tmp, &dest).map_err(|e| CheckpointError::io(&dest, e))?;
+        std::fs::rename(tmp, &dest).map_err(|e| CheckpointError::io(&dest, e))?;
         let _ = std::fs::remove_dir_all(&old);
     } else {
-        std::fs::rename(&tmp, &dest).map_err(|e| CheckpointError::io(&dest, e))?;
+        std::fs::rename(tmp, &dest).map_err(|e| CheckpointError::io(&dest, e))?;
     }
     sync_dir(run_dir)?;
     let latest_tmp = run_dir.join(format!("{LATEST}.tmp-{}", std::process::id()));

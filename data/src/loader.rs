@@ -3,8 +3,11 @@
 //!
 //! The **global sample stream** depends only on the dataset, `seed`, `seq_len`, the pack mode
 //! and the shuffle settings, never on `dp_size` or `micro_batch`. Global batch `g` is the next
-//! `micro_batch * dp_size` samples of that stream; within it, sample `j` goes to rank
-//! `j % dp_size`. Every rank walks the whole stream (it skips copying other ranks' samples), so
+//! `micro_batch * dp_size` samples of that stream; within it, rank `r` takes samples
+//! `r·micro_batch .. (r+1)·micro_batch`. Contiguous blocks keep each micro-batch the same set
+//! of samples whatever the DP size (DP=2 rank 1's micro-batch is DP=1's second micro-batch
+//! under gradient accumulation), which matters for per-micro-batch losses such as the MoE
+//! load-balancing loss. Every rank walks the whole stream (it skips copying other ranks' samples), so
 //! all ranks hold the same state after each step, and a state saved at one `dp_size` resumes
 //! at any other with the same global stream.
 
@@ -227,7 +230,7 @@ impl DataLoader {
         let (m, d, r) = (self.cfg.micro_batch, self.cfg.dp_size, self.cfg.dp_rank);
         let mut out = Vec::with_capacity(m);
         for j in 0..m * d {
-            if j % d == r {
+            if j / m == r {
                 let mut s = PackedSample::with_capacity(self.cfg.seq_len);
                 if !self.fill(Some(&mut s))? {
                     return Ok(None);

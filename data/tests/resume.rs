@@ -43,7 +43,7 @@ fn run_ranks(
             .collect();
         let m = base.micro_batch;
         for j in 0..m * dp {
-            global.push(per_rank[j % dp][j / dp].clone());
+            global.push(per_rank[j / m][j % m].clone());
         }
     }
     let state = loaders[0].state();

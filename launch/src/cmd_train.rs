@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use moeru_trainer::recipe;
-use moeru_trainer::{run_training, RunOptions, TrainError};
+use moeru_trainer::{Fault, RunOptions, TrainError};
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
@@ -19,21 +19,33 @@ pub struct TrainArgs {
     stop_after: Option<u64>,
 }
 
+/// The `MOERU_FAULT` test hook, armed only before the launcher's first restart.
+pub fn fault_from_env() -> Result<Option<Fault>, TrainError> {
+    let restarted = std::env::var("MOERU_RESTART_COUNT").is_ok_and(|v| v != "0");
+    match std::env::var("MOERU_FAULT") {
+        Ok(text) if !restarted && !text.is_empty() => {
+            Fault::parse(&text).map(Some).map_err(TrainError::BadRecipe)
+        }
+        _ => Ok(None),
+    }
+}
+
 pub fn run(args: TrainArgs) -> Result<(), TrainError> {
     let recipe = recipe::load(&args.recipe, &args.overrides)?;
-    let summary = run_training(
-        &recipe,
-        &RunOptions {
-            require_resume: args.resume,
-            stop_after: args.stop_after,
-        },
-    )?;
-    eprintln!(
-        "trained steps {}..{}; last loss {:.4}; checkpoints in {}",
-        summary.start_step,
-        summary.end_step,
-        summary.last_loss,
-        recipe.checkpoint.dir.display()
-    );
+    let opts = RunOptions {
+        require_resume: args.resume,
+        stop_after: args.stop_after,
+        fault: fault_from_env()?,
+    };
+    let summary = crate::ranks::run_job(&recipe, &opts)?;
+    if summary.end_step >= summary.start_step {
+        eprintln!(
+            "trained steps {}..{}; last loss {:.4}; checkpoints in {}",
+            summary.start_step,
+            summary.end_step,
+            summary.last_loss,
+            recipe.checkpoint.dir.display()
+        );
+    }
     Ok(())
 }

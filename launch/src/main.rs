@@ -3,7 +3,9 @@
 mod cmd_eval;
 mod cmd_export;
 mod cmd_forward;
+mod cmd_launch;
 mod cmd_train;
+mod ranks;
 
 use std::process::ExitCode;
 
@@ -24,6 +26,9 @@ struct Cli {
 enum Command {
     /// Train or fine-tune from a YAML recipe (resumes from its newest valid checkpoint).
     Train(cmd_train::TrainArgs),
+    /// Run a recipe on N ranks per node (threads, or processes), stop all when one fails,
+    /// optionally restart from the newest checkpoint.
+    Launch(cmd_launch::LaunchArgs),
     /// Mean loss and perplexity of a model over a prepared dataset.
     Eval(cmd_eval::EvalArgs),
     /// Run a model folder on token ids and write logits and loss (parity checks, debugging).
@@ -39,6 +44,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Train(args) => match cmd_train::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e, e.exit_code()),
+        },
+        Command::Launch(args) => match cmd_launch::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e, e.exit_code()),
         },

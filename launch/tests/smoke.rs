@@ -111,7 +111,7 @@ fn bad_recipe_exits_with_2_naming_file_line_and_key() {
     // Parses, but asks for a layout the model cannot take: also a recipe error.
     let stderr = failing_train("parallel.ep=3");
     assert!(
-        stderr.contains("`parallel.ep` = 3") && stderr.contains("(4)"),
+        stderr.contains("`parallel.ep` = 3") && stderr.contains("dp × tp = 1"),
         "{stderr}"
     );
 }

@@ -3,7 +3,8 @@
 use burn::tensor::{activation::softmax, Device, Tensor};
 
 use crate::config::Qwen3Config;
-use crate::layers::{linear, rms_norm};
+use crate::layers::rms_norm;
+use crate::lora::{lora_linear, LoraAdapter, LoraSlot};
 use crate::params::{ParamSource, ParamVisitor, Params};
 use crate::rope::apply_rope;
 
@@ -18,6 +19,8 @@ pub struct Attention {
     biases: Option<[Tensor<1>; 4]>,
     q_norm: Tensor<1>,
     k_norm: Tensor<1>,
+    /// LoRA adapters on q, k, v, o.
+    lora: [Option<LoraAdapter>; 4],
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -62,6 +65,7 @@ impl Attention {
             q_norm: src.tensor(&p("q_norm.weight"), [hd], device)?,
             k_norm: src.tensor(&p("k_norm.weight"), [hd], device)?,
             prefix: prefix.to_string(),
+            lora: Default::default(),
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             head_dim: hd,
@@ -75,7 +79,7 @@ impl Attention {
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let bias = |i: usize| self.biases.as_ref().map(|bs| &bs[i]);
         let heads = |w: &Tensor<2>, i: usize, n: usize| {
-            linear(x.clone(), w, bias(i))
+            lora_linear(x.clone(), w, bias(i), &self.lora[i])
                 .reshape([b, s, n, hd])
                 .swap_dims(1, 2)
         };
@@ -97,7 +101,42 @@ impl Attention {
             .reshape([b, nh, s, hd])
             .swap_dims(1, 2)
             .reshape([b, s, nh * hd]);
-        linear(out, &self.o_proj, bias(3))
+        lora_linear(out, &self.o_proj, bias(3), &self.lora[3])
+    }
+
+    pub(crate) fn lora_slot(&mut self, param: &str) -> Option<LoraSlot<'_>> {
+        let rest = param.strip_prefix(self.prefix.as_str())?;
+        let names = [
+            ".q_proj.weight",
+            ".k_proj.weight",
+            ".v_proj.weight",
+            ".o_proj.weight",
+        ];
+        let i = names.iter().position(|n| *n == rest)?;
+        let w = [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj][i];
+        Some(LoraSlot {
+            dims: w.dims().to_vec(),
+            adapter: &mut self.lora[i],
+        })
+    }
+
+    pub(crate) fn loras_mut(&mut self) -> impl Iterator<Item = &mut LoraAdapter> {
+        self.lora.iter_mut().flatten()
+    }
+
+    /// W ← W + s·B·A for every adapter, which is then dropped.
+    pub(crate) fn merge_lora(&mut self) {
+        let ws = [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+        ];
+        for (w, lora) in ws.into_iter().zip(&mut self.lora) {
+            if let Some(l) = lora.take() {
+                *w = w.clone() + l.delta();
+            }
+        }
     }
 }
 

@@ -4,7 +4,8 @@ use burn::tensor::{Device, Tensor};
 
 use crate::attention::{Attention, AttentionContext};
 use crate::config::Qwen3Config;
-use crate::layers::{linear, rms_norm, swiglu};
+use crate::layers::{rms_norm, swiglu};
+use crate::lora::{lora_linear, LoraAdapter, LoraSlot};
 use crate::moe::{MoeBlock, RouterStats};
 use crate::params::{ParamSource, ParamVisitor, Params};
 
@@ -15,6 +16,8 @@ pub struct DenseMlp {
     gate_proj: Tensor<2>,
     up_proj: Tensor<2>,
     down_proj: Tensor<2>,
+    /// LoRA adapters on gate, up, down.
+    lora: [Option<LoraAdapter>; 3],
 }
 
 impl DenseMlp {
@@ -38,13 +41,34 @@ impl DenseMlp {
                 device,
             )?,
             prefix: prefix.to_string(),
+            lora: Default::default(),
         })
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let gate = linear(x.clone(), &self.gate_proj, None);
-        let up = linear(x, &self.up_proj, None);
-        linear(swiglu(gate, up), &self.down_proj, None)
+        let gate = lora_linear(x.clone(), &self.gate_proj, None, &self.lora[0]);
+        let up = lora_linear(x, &self.up_proj, None, &self.lora[1]);
+        lora_linear(swiglu(gate, up), &self.down_proj, None, &self.lora[2])
+    }
+
+    pub(crate) fn lora_slot(&mut self, param: &str) -> Option<LoraSlot<'_>> {
+        let rest = param.strip_prefix(self.prefix.as_str())?;
+        let names = [".gate_proj.weight", ".up_proj.weight", ".down_proj.weight"];
+        let i = names.iter().position(|n| *n == rest)?;
+        let w = [&self.gate_proj, &self.up_proj, &self.down_proj][i];
+        Some(LoraSlot {
+            dims: w.dims().to_vec(),
+            adapter: &mut self.lora[i],
+        })
+    }
+
+    pub(crate) fn merge_lora(&mut self) {
+        let ws = [&mut self.gate_proj, &mut self.up_proj, &mut self.down_proj];
+        for (w, lora) in ws.into_iter().zip(&mut self.lora) {
+            if let Some(l) = lora.take() {
+                *w = w.clone() + l.delta();
+            }
+        }
     }
 }
 
@@ -136,6 +160,34 @@ impl DecoderLayer {
 
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    pub(crate) fn lora_slot(&mut self, param: &str) -> Option<LoraSlot<'_>> {
+        if param.starts_with(&format!("{}.self_attn.", self.prefix)) {
+            return self.self_attn.lora_slot(param);
+        }
+        match &mut self.mlp {
+            Mlp::Dense(m) => m.lora_slot(param),
+            Mlp::Moe(m) => m.lora_slot(param),
+        }
+    }
+
+    /// Every adapter of the layer, in a fixed order (attention q, k, v, o, then the MLP's).
+    pub(crate) fn loras_mut(&mut self) -> Vec<&mut LoraAdapter> {
+        let mut out: Vec<&mut LoraAdapter> = self.self_attn.loras_mut().collect();
+        match &mut self.mlp {
+            Mlp::Dense(m) => out.extend(m.lora.iter_mut().flatten()),
+            Mlp::Moe(m) => out.extend(m.loras_mut()),
+        }
+        out
+    }
+
+    pub(crate) fn merge_lora(&mut self) {
+        self.self_attn.merge_lora();
+        match &mut self.mlp {
+            Mlp::Dense(m) => m.merge_lora(),
+            Mlp::Moe(m) => m.merge_lora(),
+        }
     }
 }
 

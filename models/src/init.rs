@@ -37,7 +37,7 @@ impl SplitMix64 {
 }
 
 /// FNV-1a of a name, to derive a per-tensor stream.
-fn name_hash(name: &str) -> u64 {
+pub(crate) fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     })

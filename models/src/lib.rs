@@ -10,6 +10,8 @@ pub mod config;
 pub mod decoder;
 pub mod init;
 pub mod layers;
+pub mod lora;
+mod lora_model;
 pub mod loss;
 pub mod model;
 pub mod moe;
@@ -18,5 +20,7 @@ pub mod rope;
 
 pub use batch::Batch;
 pub use config::{ConfigError, MoeConfig, Qwen3Config};
+pub use lora::{DropoutKey, LoraAdapter, LoraConfig, LoraError, LoraSite};
+pub use lora_model::{AllParams, Trainable};
 pub use model::{ForwardOutput, Qwen3Model};
 pub use params::{ParamSource, ParamVisitor, Params};

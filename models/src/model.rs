@@ -7,6 +7,7 @@ use crate::batch::Batch;
 use crate::config::Qwen3Config;
 use crate::decoder::DecoderLayer;
 use crate::layers::{linear, rms_norm};
+use crate::lora::LoraConfig;
 use crate::loss::{causal_lm_loss, next_token_targets};
 use crate::moe::{load_balancing_loss, router_z_loss, RouterStats};
 use crate::params::{ParamSource, ParamVisitor, Params};
@@ -16,11 +17,13 @@ use crate::rope::{inverse_frequencies, rope_tables};
 pub struct Qwen3Model {
     pub config: Qwen3Config,
     embed_tokens: Tensor<2>,
-    layers: Vec<DecoderLayer>,
+    pub(crate) layers: Vec<DecoderLayer>,
     norm: Tensor<1>,
     /// `None` when the LM head is tied to the embeddings.
     lm_head: Option<Tensor<2>>,
     inv_freq: Vec<f32>,
+    /// Set once LoRA adapters are attached (see `lora_model.rs`); the base is then frozen.
+    pub(crate) lora: Option<LoraConfig>,
 }
 
 /// What a forward pass returns besides logits, which are computed on demand.
@@ -62,6 +65,7 @@ impl Qwen3Model {
             norm,
             lm_head,
             inv_freq,
+            lora: None,
         })
     }
 
@@ -120,6 +124,7 @@ impl Qwen3Model {
     }
 }
 
+/// The base parameters only; adapters are walked by `trainable()` / `all_params()`.
 impl Params for Qwen3Model {
     fn visit_params<V: ParamVisitor>(&mut self, v: &mut V) {
         v.visit("model.embed_tokens.weight", &mut self.embed_tokens);

@@ -7,7 +7,8 @@
 use burn::tensor::{activation::softmax, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::config::{MoeConfig, Qwen3Config};
-use crate::layers::{linear, logsumexp_rows, swiglu};
+use crate::layers::{logsumexp_rows, swiglu};
+use crate::lora::{lora_linear, LoraAdapter, LoraSlot};
 use crate::params::{ParamSource, ParamVisitor, Params};
 
 #[derive(Debug, Clone)]
@@ -21,6 +22,8 @@ pub struct MoeBlock {
     down_proj: Tensor<3>,
     top_k: usize,
     norm_topk_prob: bool,
+    /// LoRA adapters on the router, gate_up_proj and down_proj.
+    lora: [Option<LoraAdapter>; 3],
 }
 
 /// What one MoE layer reports besides its output.
@@ -96,6 +99,7 @@ impl MoeBlock {
             prefix: prefix.to_string(),
             top_k: m.num_experts_per_tok,
             norm_topk_prob: m.norm_topk_prob,
+            lora: Default::default(),
         })
     }
 
@@ -108,7 +112,7 @@ impl MoeBlock {
         let [tokens, hidden] = x.dims();
         let (experts, k) = (self.num_experts(), self.top_k);
         let device = x.device();
-        let logits = linear(x.clone(), &self.gate, None);
+        let logits = lora_linear(x.clone(), &self.gate, None, &self.lora[0]);
         let z_sum = logsumexp_rows(logits.clone()).square().sum();
         let probs = softmax(logits, 1);
 
@@ -135,16 +139,22 @@ impl MoeBlock {
         let routed = x
             .select(0, slot_token.clone())
             .reshape([experts, cap, hidden]);
-        let gate_up = routed.matmul(self.gate_up_proj.clone().swap_dims(1, 2));
+        let mut gate_up = routed
+            .clone()
+            .matmul(self.gate_up_proj.clone().swap_dims(1, 2));
+        if let Some(l) = &self.lora[1] {
+            gate_up = gate_up + l.apply_experts(routed);
+        }
         let inter = gate_up.dims()[2] / 2;
         let act = swiglu(
             gate_up.clone().narrow(2, 0, inter),
             gate_up.narrow(2, inter, inter),
         );
-        let out = act
-            .matmul(self.down_proj.clone().swap_dims(1, 2))
-            .reshape([experts * cap, hidden])
-            * slot_weight.unsqueeze_dim::<2>(1);
+        let mut out = act.clone().matmul(self.down_proj.clone().swap_dims(1, 2));
+        if let Some(l) = &self.lora[2] {
+            out = out + l.apply_experts(act);
+        }
+        let out = out.reshape([experts * cap, hidden]) * slot_weight.unsqueeze_dim::<2>(1);
         let y = Tensor::<2>::zeros([tokens, hidden], &device).select_assign(
             0,
             slot_token,
@@ -158,6 +168,39 @@ impl MoeBlock {
             tokens,
         };
         (y, stats)
+    }
+}
+
+impl MoeBlock {
+    pub(crate) fn lora_slot(&mut self, param: &str) -> Option<LoraSlot<'_>> {
+        let rest = param.strip_prefix(self.prefix.as_str())?;
+        let (i, dims) = match rest {
+            ".gate.weight" => (0, self.gate.dims().to_vec()),
+            ".experts.gate_up_proj" => (1, self.gate_up_proj.dims().to_vec()),
+            ".experts.down_proj" => (2, self.down_proj.dims().to_vec()),
+            _ => return None,
+        };
+        Some(LoraSlot {
+            dims,
+            adapter: &mut self.lora[i],
+        })
+    }
+
+    pub(crate) fn loras_mut(&mut self) -> impl Iterator<Item = &mut LoraAdapter> {
+        self.lora.iter_mut().flatten()
+    }
+
+    /// Router W ← W + s·B·A; experts W_e ← W_e + s·B_e·A_e. Adapters are dropped.
+    pub(crate) fn merge_lora(&mut self) {
+        if let Some(l) = self.lora[0].take() {
+            self.gate = self.gate.clone() + l.delta();
+        }
+        if let Some(l) = self.lora[1].take() {
+            self.gate_up_proj = self.gate_up_proj.clone() + l.delta_experts();
+        }
+        if let Some(l) = self.lora[2].take() {
+            self.down_proj = self.down_proj.clone() + l.delta_experts();
+        }
     }
 }
 

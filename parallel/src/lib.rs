@@ -6,13 +6,21 @@
 pub mod comm;
 pub mod error;
 pub mod group;
+#[cfg(feature = "mpi")]
+pub mod mpi;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 mod p2p;
 pub mod threads;
 pub mod transport;
 
+#[cfg(feature = "mpi")]
+pub use crate::mpi::mpi_world;
 pub use comm::{Communicator, DType, GroupInfo, ReduceOp};
 pub use error::{CommError, Result};
 pub use group::{Elem, OpTraffic, ProcessGroup, Traffic};
+#[cfg(feature = "cuda")]
+pub use nccl::nccl_world;
 pub use threads::thread_world;
 pub mod env;
 pub mod mesh;

@@ -156,13 +156,13 @@ mod tests {
             GroupKind::Edp,
         ] {
             let mut seen = vec![0; w];
-            for r in 0..w {
+            for (r, s) in seen.iter_mut().enumerate() {
                 let g = m.members(r, kind);
                 assert!(g.contains(&r), "{kind:?} group of {r}: {g:?}");
                 for &x in &g {
                     assert_eq!(m.members(x, kind), g, "{kind:?} groups must agree");
                 }
-                seen[r] += 1;
+                *s += 1;
             }
             assert!(seen.iter().all(|&s| s == 1));
         }

@@ -57,7 +57,16 @@ fn adamw_steps_match_pytorch() {
                 MicroBatch::from_ids(&ids[start..start + b * s], b, s, &device)
             })
             .collect();
-        let r = train_step(&mut model, &mut opt, &batches, lr, num("clip"), weights);
+        let r = train_step(
+            &mut model,
+            &mut opt,
+            &batches,
+            lr,
+            num("clip"),
+            weights,
+            None,
+        )
+        .unwrap();
         let (loss, norm) = (r.loss as f32, r.grad_norm as f32);
         eprintln!(
             "step {t:2}: loss {loss:.6} (torch {:.6}, diff {:.1e}), grad norm {norm:.5} (torch {:.5})",

@@ -1,23 +1,38 @@
 //! What a training checkpoint holds and how it is restored: model weights (moeru's in-memory
 //! names, experts stacked), AdamW moments, config.json and the trainer state.
+//!
+//! Moments are saved whole (`optim.safetensors`, one tensor pair per parameter) or, under
+//! ZeRO-1, as one file per DP rank (`optim-dpRRR-of-NNN.safetensors`: that rank's flat shard
+//! and its flat ranges) plus `optim_layout.json` (parameter names and sizes in flat order).
+//! Restoring assembles the whole moments from either form, so a checkpoint loads onto any DP
+//! size, with or without ZeRO-1.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
 use moeru_checkpoints::{
-    latest_valid_checkpoint, load_hf_model, named_tensors, save_checkpoint, CheckpointContents,
-    CheckpointError, OwnedTensor, TensorFile,
+    begin_checkpoint, commit_checkpoint, latest_valid_checkpoint, load_hf_model, named_tensors,
+    write_contents, CheckpointContents, CheckpointError, OwnedTensor, TensorFile,
 };
 use moeru_data::LoaderState;
 use moeru_models::params::to_f32_vec;
 use moeru_models::Qwen3Model;
+use moeru_parallel::ProcessGroup;
 use serde::{Deserialize, Serialize};
 
+use crate::data_parallel::DataParallel;
+use crate::error::TrainError;
 use crate::optim::{AdamW, Moments};
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIM_FILE: &str = "optim.safetensors";
+pub const OPTIM_LAYOUT_FILE: &str = "optim_layout.json";
 pub const STATE_FILE: &str = "trainer_state.json";
+
+fn shard_file(rank: usize, size: usize) -> String {
+    format!("optim-dp{rank:03}-of-{size:03}.safetensors")
+}
 
 /// Everything besides tensors needed to continue exactly where a run stopped.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,17 +49,123 @@ pub struct TrainerState {
     pub lr: f64,
 }
 
-/// Saves step `state.step` of a run into `run_dir`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct OptimLayout {
+    dp: usize,
+    /// (name, elements) in flat order.
+    params: Vec<(String, usize)>,
+}
+
+/// Saves step `state.step` of a run into `run_dir`. Collective over `world`: rank 0 writes the
+/// model and state and commits; under ZeRO-1 every DP rank writes its optimizer shard.
+#[allow(clippy::too_many_arguments)]
 pub fn save(
     run_dir: &Path,
     model: &mut Qwen3Model,
     opt: &AdamW,
+    dp: Option<&DataParallel>,
     state: &TrainerState,
     mesh: serde_json::Value,
     keep_last: usize,
-) -> Result<PathBuf, CheckpointError> {
+    world: &ProcessGroup,
+) -> Result<PathBuf, TrainError> {
+    let main = world.rank() == 0;
+    // One temp folder for all ranks: rank 0 names it.
+    let tag = world.broadcast_string(&std::process::id().to_string(), 0)?;
+    let tmp = run_dir.join(format!(
+        "{}.tmp-{tag}",
+        moeru_checkpoints::run_checkpoint::step_dir_name(state.step)
+    ));
+    let mut result = Ok(());
+    if main {
+        result = begin_checkpoint(run_dir, state.step, &tag).map(|_| ());
+    }
+    world.barrier()?;
+    let mut contents = CheckpointContents::default();
+    if main {
+        contents
+            .tensors
+            .push((MODEL_FILE.into(), named_tensors(model)));
+        contents.json.push((
+            "config.json".into(),
+            serde_json::Value::Object(model.config.to_export_json()),
+        ));
+        contents.json.push((
+            STATE_FILE.into(),
+            serde_json::to_value(state).expect("state serialises"),
+        ));
+    }
+    match dp.and_then(|d| d.zero.as_ref().map(|z| (d, z))) {
+        Some((d, zero)) => {
+            let ranges: Vec<i64> = zero
+                .ranges
+                .iter()
+                .flat_map(|r| [r.start as i64, r.end as i64])
+                .collect();
+            let n = to_f32_vec(zero.moments.exp_avg.clone()).len();
+            let k = zero.ranges.len();
+            {
+                contents.tensors.push((
+                    shard_file(d.dp.rank(), d.dp.size()),
+                    vec![
+                        (
+                            "exp_avg".into(),
+                            OwnedTensor::f32(&to_f32_vec(zero.moments.exp_avg.clone()), vec![n]),
+                        ),
+                        (
+                            "exp_avg_sq".into(),
+                            OwnedTensor::f32(&to_f32_vec(zero.moments.exp_avg_sq.clone()), vec![n]),
+                        ),
+                        ("ranges".into(), OwnedTensor::i64(&ranges, vec![k, 2])),
+                    ],
+                ));
+            }
+            if main {
+                let layout = OptimLayout {
+                    dp: d.dp.size(),
+                    params: d
+                        .layout
+                        .params
+                        .iter()
+                        .map(|p| (p.name.clone(), p.len))
+                        .collect(),
+                };
+                contents.json.push((
+                    OPTIM_LAYOUT_FILE.into(),
+                    serde_json::to_value(layout).expect("layout serialises"),
+                ));
+            }
+        }
+        None if main => contents
+            .tensors
+            .push((OPTIM_FILE.into(), whole_moments(&opt.state))),
+        None => {}
+    }
+    if result.is_ok() {
+        result = write_contents(&tmp, &contents);
+    }
+    // Every rank's files are in place (or its error is reported) before rank 0 seals them.
+    let failed = if result.is_err() { 1.0 } else { 0.0 };
+    let mut any = [failed];
+    world.all_reduce(&mut any, moeru_parallel::ReduceOp::Max)?;
+    result?;
+    if any[0] > 0.0 {
+        return Err(TrainError::Invalid(format!(
+            "another rank failed to write its part of checkpoint {}",
+            tmp.display()
+        )));
+    }
+    let mut dest = run_dir.join(moeru_checkpoints::run_checkpoint::step_dir_name(state.step));
+    if main {
+        dest = commit_checkpoint(run_dir, &tmp, state.step, mesh, keep_last)?;
+    }
+    world.barrier()?;
+    Ok(dest)
+}
+
+fn whole_moments(state: &BTreeMap<String, Moments>) -> Vec<(String, OwnedTensor)> {
     let mut optim = Vec::new();
-    for (name, m) in &opt.state {
+    for (name, m) in state {
         let n = m.exp_avg.dims()[0];
         optim.push((
             format!("exp_avg.{name}"),
@@ -55,30 +176,15 @@ pub fn save(
             OwnedTensor::f32(&to_f32_vec(m.exp_avg_sq.clone()), vec![n]),
         ));
     }
-    let contents = CheckpointContents {
-        tensors: vec![
-            (MODEL_FILE.into(), named_tensors(model)),
-            (OPTIM_FILE.into(), optim),
-        ],
-        json: vec![
-            (
-                "config.json".into(),
-                serde_json::Value::Object(model.config.to_export_json()),
-            ),
-            (
-                STATE_FILE.into(),
-                serde_json::to_value(state).expect("state serialises"),
-            ),
-        ],
-    };
-    save_checkpoint(run_dir, state.step, mesh, contents, keep_last)
+    optim
 }
 
 /// A verified checkpoint found in a run folder.
 pub struct Restored {
     pub dir: PathBuf,
     pub model: Qwen3Model,
-    pub moments: std::collections::BTreeMap<String, Moments>,
+    /// Whole moments per parameter, whatever DP size and ZeRO setting wrote them.
+    pub moments: BTreeMap<String, Moments>,
     pub state: TrainerState,
 }
 
@@ -99,13 +205,30 @@ pub fn restore_latest(
         std::fs::read_to_string(&state_path).map_err(|e| CheckpointError::io(&state_path, e))?;
     let state: TrainerState = serde_json::from_str(&text)
         .map_err(|e| CheckpointError::io(&state_path, format!("invalid trainer state: {e}")))?;
-    let optim = TensorFile::open(&dir.join(OPTIM_FILE))?;
     let inner = device.clone().inner();
-    let mut moments = std::collections::BTreeMap::new();
+    let moments = if dir.join(OPTIM_FILE).exists() {
+        load_whole(&dir.join(OPTIM_FILE), &inner)?
+    } else {
+        load_shards(&dir, &inner)?
+    };
+    Ok((
+        Some(Restored {
+            dir,
+            model,
+            moments,
+            state,
+        }),
+        skipped,
+    ))
+}
+
+fn load_whole(path: &Path, device: &Device) -> Result<BTreeMap<String, Moments>, CheckpointError> {
+    let optim = TensorFile::open(path)?;
     let load = |name: &str| -> Result<Tensor<1>, CheckpointError> {
         let (values, shape) = optim.f32(name)?;
-        Ok(Tensor::from_data(TensorData::new(values, shape), &inner))
+        Ok(Tensor::from_data(TensorData::new(values, shape), device))
     };
+    let mut moments = BTreeMap::new();
     for (name, _) in optim.shapes() {
         if let Some(param) = name.strip_prefix("exp_avg.") {
             moments.insert(
@@ -117,13 +240,59 @@ pub fn restore_latest(
             );
         }
     }
-    Ok((
-        Some(Restored {
+    Ok(moments)
+}
+
+/// Whole moments from the ZeRO-1 shard files of checkpoint `dir`.
+fn load_shards(dir: &Path, device: &Device) -> Result<BTreeMap<String, Moments>, CheckpointError> {
+    let layout_path = dir.join(OPTIM_LAYOUT_FILE);
+    let text =
+        std::fs::read_to_string(&layout_path).map_err(|e| CheckpointError::io(&layout_path, e))?;
+    let layout: OptimLayout = serde_json::from_str(&text)
+        .map_err(|e| CheckpointError::io(&layout_path, format!("invalid optimizer layout: {e}")))?;
+    let total: usize = layout.params.iter().map(|(_, n)| n).sum();
+    let mut m = vec![0f32; total];
+    let mut v = vec![0f32; total];
+    let mut covered = 0;
+    for r in 0..layout.dp {
+        let path = dir.join(shard_file(r, layout.dp));
+        let f = TensorFile::open(&path)?;
+        let (em, _) = f.f32("exp_avg")?;
+        let (ev, _) = f.f32("exp_avg_sq")?;
+        let (ranges, _) = f.i64("ranges")?;
+        let mut at = 0;
+        for pair in ranges.chunks_exact(2) {
+            let (lo, hi) = (pair[0] as usize, pair[1] as usize);
+            if hi > total || lo > hi || at + (hi - lo) > em.len() || em.len() != ev.len() {
+                return Err(CheckpointError::io(
+                    &path,
+                    format!("shard range {lo}..{hi} does not fit the {total} optimizer elements of {OPTIM_LAYOUT_FILE}"),
+                ));
+            }
+            m[lo..hi].copy_from_slice(&em[at..at + hi - lo]);
+            v[lo..hi].copy_from_slice(&ev[at..at + hi - lo]);
+            at += hi - lo;
+            covered += hi - lo;
+        }
+    }
+    if covered != total {
+        return Err(CheckpointError::io(
             dir,
-            model,
-            moments,
-            state,
-        }),
-        skipped,
-    ))
+            format!("the optimizer shards cover {covered} of {total} elements"),
+        ));
+    }
+    let mut moments = BTreeMap::new();
+    let mut at = 0;
+    for (name, n) in layout.params {
+        let t = |x: &[f32]| Tensor::<1>::from_data(TensorData::new(x.to_vec(), [n]), device);
+        moments.insert(
+            name,
+            Moments {
+                exp_avg: t(&m[at..at + n]),
+                exp_avg_sq: t(&v[at..at + n]),
+            },
+        );
+        at += n;
+    }
+    Ok(moments)
 }

@@ -23,6 +23,8 @@ pub enum TrainError {
     BadRecipe(String),
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Comm(#[from] moeru_parallel::CommError),
 }
 
 impl TrainError {

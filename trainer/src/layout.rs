@@ -1,5 +1,5 @@
-//! Checks the recipe's `parallel` sizes against the model; the distributed runtime (issue #5)
-//! builds its device mesh from sizes that passed here.
+//! Checks the recipe's `parallel` sizes against the model. The device mesh
+//! (`moeru_parallel::DeviceMesh`) checks them against the number of ranks.
 
 use moeru_models::Qwen3Config;
 
@@ -37,12 +37,11 @@ pub fn validate_layout(p: &ParallelSection, c: &Qwen3Config) -> Result<(), Strin
             p.pp, c.num_hidden_layers
         ),
     )?;
-    let world = p.dp * p.tp * p.ep * p.pp;
     check(
-        world == 1,
+        p.tp == 1 && p.ep == 1 && p.pp == 1,
         format!(
-            "`parallel` asks for {world} ranks (dp {} × tp {} × ep {} × pp {}); this build trains on one rank: set all four to 1",
-            p.dp, p.tp, p.ep, p.pp
+            "`parallel` asks for tp {} × ep {} × pp {}; this build has data parallelism only: set tp, ep and pp to 1 and scale with `parallel.dp`",
+            p.tp, p.ep, p.pp
         ),
     )
 }
@@ -64,7 +63,13 @@ mod tests {
     }
 
     fn sizes(dp: usize, tp: usize, ep: usize, pp: usize) -> ParallelSection {
-        ParallelSection { dp, tp, ep, pp }
+        ParallelSection {
+            dp,
+            tp,
+            ep,
+            pp,
+            ..ParallelSection::default()
+        }
     }
 
     #[test]
@@ -77,7 +82,8 @@ mod tests {
         let e = validate_layout(&sizes(1, 1, 1, 3), &c).unwrap_err();
         assert!(e.contains("`parallel.pp` = 3") && e.contains("(2)"), "{e}");
         let e = validate_layout(&sizes(2, 2, 3, 1), &c).unwrap_err();
-        assert!(e.contains("12 ranks"), "{e}");
+        assert!(e.contains("tp 2 × ep 3 × pp 1"), "{e}");
         assert!(validate_layout(&sizes(1, 1, 1, 1), &c).is_ok());
+        assert!(validate_layout(&sizes(4, 1, 1, 1), &c).is_ok());
     }
 }

@@ -65,7 +65,6 @@ struct Update<'a> {
 
 impl ParamVisitor for Update<'_> {
     fn visit<const D: usize>(&mut self, name: &str, param: &mut Tensor<D>) {
-        let c = self.opt.config;
         let dims = param.dims();
         let n = param.shape().num_elements();
         let p = param.clone().inner().reshape([n]);
@@ -83,26 +82,59 @@ impl ParamVisitor for Update<'_> {
                 exp_avg: Tensor::zeros([n], &device),
                 exp_avg_sq: Tensor::zeros([n], &device),
             });
-        let decay = if decays(name) { c.weight_decay } else { 0.0 };
-        let p = p.mul_scalar((1.0 - self.lr * decay) as f32);
-        // exp_avg.lerp_(grad, 1 - beta1)
-        let m = moments.exp_avg.clone();
-        let m = m.clone() + (g.clone() - m).mul_scalar((1.0 - c.beta1) as f32);
-        // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        let v = moments.exp_avg_sq.clone().mul_scalar(c.beta2 as f32)
-            + (g.clone() * g).mul_scalar((1.0 - c.beta2) as f32);
-        let t = self.opt.steps as i32;
-        let bias1 = 1.0 - c.beta1.powi(t);
-        let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
-        let step_size = self.lr / bias1;
-        let denom = v
-            .clone()
-            .sqrt()
-            .div_scalar(bias2_sqrt as f32)
-            .add_scalar(c.eps as f32);
-        let p = p - (m.clone() / denom).mul_scalar(step_size as f32);
-        moments.exp_avg = m;
-        moments.exp_avg_sq = v;
+        let decay = if decays(name) {
+            self.opt.config.weight_decay
+        } else {
+            0.0
+        };
+        let (p, m) = adamw_update(
+            &self.opt.config,
+            self.opt.steps,
+            self.lr,
+            decay,
+            p,
+            g,
+            moments,
+        );
+        *moments = m;
         *param = Tensor::from_inner(p.reshape(dims)).require_grad();
     }
+}
+
+/// One AdamW update of a flat run of elements (a whole parameter, or a piece of one under
+/// ZeRO-1: the math is elementwise, so a piece updates exactly as it would in the whole).
+/// `steps` counts this step. Returns the new values and moments.
+pub fn adamw_update(
+    c: &AdamWConfig,
+    steps: u64,
+    lr: f64,
+    decay: f64,
+    p: Tensor<1>,
+    g: Tensor<1>,
+    moments: &Moments,
+) -> (Tensor<1>, Moments) {
+    let p = p.mul_scalar((1.0 - lr * decay) as f32);
+    // exp_avg.lerp_(grad, 1 - beta1)
+    let m = moments.exp_avg.clone();
+    let m = m.clone() + (g.clone() - m).mul_scalar((1.0 - c.beta1) as f32);
+    // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    let v = moments.exp_avg_sq.clone().mul_scalar(c.beta2 as f32)
+        + (g.clone() * g).mul_scalar((1.0 - c.beta2) as f32);
+    let t = steps as i32;
+    let bias1 = 1.0 - c.beta1.powi(t);
+    let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
+    let step_size = lr / bias1;
+    let denom = v
+        .clone()
+        .sqrt()
+        .div_scalar(bias2_sqrt as f32)
+        .add_scalar(c.eps as f32);
+    let p = p - (m.clone() / denom).mul_scalar(step_size as f32);
+    (
+        p,
+        Moments {
+            exp_avg: m,
+            exp_avg_sq: v,
+        },
+    )
 }

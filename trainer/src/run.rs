@@ -1,24 +1,83 @@
 //! `moeru train`: build or load the model, stream the data, step, log, checkpoint, resume.
+//! One function runs one rank; a single-process run is a world of one rank.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
 use moeru_checkpoints::load_hf_model;
 use moeru_data::{DataLoader, LoaderConfig, PackMode};
 use moeru_models::init::RandomInit;
 use moeru_models::{Qwen3Config, Qwen3Model};
+use moeru_parallel::{thread_world, DeviceMesh, MeshSizes, ProcessGroup, Traffic};
 
 use crate::checkpoint::{restore_latest, save, TrainerState};
+use crate::data_parallel::DataParallel;
 use crate::error::TrainError;
 use crate::eval::evaluate;
 use crate::layout::validate_layout;
-use crate::metrics::{LayerLoad, MetricsSink, StepMetrics};
+use crate::metrics::{CommBytes, LayerLoad, MetricsSink, StepMetrics};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::recipe::recipe_hash;
 use crate::recipe::schema::{Precision, Recipe, TaskKind};
 use crate::schedule::learning_rate;
 use crate::step::{train_step, AuxWeights, MicroBatch};
+
+/// A test hook: make one rank misbehave at one step (`MOERU_FAULT`, see `Fault::parse`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    pub kind: FaultKind,
+    pub rank: usize,
+    /// 1-based step about to run when the fault fires.
+    pub step: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// The process kills itself with SIGKILL.
+    Kill,
+    /// The rank stops participating (sleeps forever).
+    Stall,
+}
+
+impl Fault {
+    /// `kill:RANK:STEP` or `stall:RANK:STEP`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = text.split(':').collect();
+        let bad = || format!("MOERU_FAULT={text:?}: expected kill:RANK:STEP or stall:RANK:STEP");
+        let [kind, rank, step] = parts.as_slice() else {
+            return Err(bad());
+        };
+        let kind = match *kind {
+            "kill" => FaultKind::Kill,
+            "stall" => FaultKind::Stall,
+            _ => return Err(bad()),
+        };
+        Ok(Self {
+            kind,
+            rank: rank.parse().map_err(|_| bad())?,
+            step: step.parse().map_err(|_| bad())?,
+        })
+    }
+
+    fn fire(&self) {
+        match self.kind {
+            FaultKind::Kill => {
+                eprintln!(
+                    "fault injection: rank {} kills itself at step {}",
+                    self.rank, self.step
+                );
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", &std::process::id().to_string()])
+                    .status();
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+            FaultKind::Stall => loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            },
+        }
+    }
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -26,6 +85,8 @@ pub struct RunOptions {
     pub require_resume: bool,
     /// Stop after this many steps in this process, as if interrupted (tests).
     pub stop_after: Option<u64>,
+    /// Test hook (see `Fault`).
+    pub fault: Option<Fault>,
 }
 
 #[derive(Debug, Clone)]
@@ -85,14 +146,76 @@ fn check_data(recipe: &Recipe, loader: &DataLoader, model: &Qwen3Model) -> Resul
     }
 }
 
-/// Runs (or resumes) the training described by `recipe`.
+/// The mesh sizes of `recipe` on `world_size` ranks (`dp: 0` fills what tp × pp leave).
+pub fn mesh_for(recipe: &Recipe, world_size: usize) -> Result<DeviceMesh, TrainError> {
+    let p = &recipe.parallel;
+    let dp = if p.dp == 0 {
+        (world_size / (p.tp * p.pp)).max(1)
+    } else {
+        p.dp
+    };
+    let sizes = MeshSizes {
+        dp,
+        pp: p.pp,
+        tp: p.tp,
+        ep: p.ep,
+    };
+    DeviceMesh::new(sizes, world_size).map_err(TrainError::BadRecipe)
+}
+
+/// The collective timeout of `recipe`.
+pub fn comm_timeout(recipe: &Recipe) -> Duration {
+    Duration::from_secs_f64(recipe.parallel.timeout_s)
+}
+
+/// Runs (or resumes) the training described by `recipe` in this process, on one rank.
 pub fn run_training(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainError> {
+    let world = thread_world(1, comm_timeout(recipe)).remove(0);
+    run_rank(recipe, opts, &world)
+}
+
+/// Runs one rank of the job `world`. On failure, tells the other ranks (so they stop instead
+/// of waiting out the timeout) and returns the error.
+pub fn run_rank(
+    recipe: &Recipe,
+    opts: &RunOptions,
+    world: &ProcessGroup,
+) -> Result<RunSummary, TrainError> {
+    let result = run_rank_inner(recipe, opts, world);
+    if let Err(e) = &result {
+        world.abort(&e.to_string());
+    }
+    result
+}
+
+fn traffic_delta(group: &ProcessGroup, before: &Traffic, out: &mut Vec<CommBytes>) {
+    for (op, t) in group.traffic() {
+        let b = before.get(op).copied().unwrap_or_default();
+        if t.payload_bytes > b.payload_bytes || t.calls > b.calls {
+            out.push(CommBytes {
+                group: group.name().to_string(),
+                op: op.to_string(),
+                payload: t.payload_bytes - b.payload_bytes,
+                wire: t.wire_bytes - b.wire_bytes,
+            });
+        }
+    }
+}
+
+fn run_rank_inner(
+    recipe: &Recipe,
+    opts: &RunOptions,
+    world: &ProcessGroup,
+) -> Result<RunSummary, TrainError> {
     if recipe.precision == Precision::Bf16 {
         return Err(TrainError::BadRecipe(
             "`precision: bf16` needs a GPU build (--features cuda); on the CPU use `precision: f32`"
                 .into(),
         ));
     }
+    let mesh = mesh_for(recipe, world.size())?;
+    let groups = mesh.groups(world)?;
+    let main = world.rank() == 0;
     let device = Device::flex().autodiff();
     let hash = recipe_hash(recipe);
     let adamw = AdamWConfig {
@@ -104,7 +227,7 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, Tr
     let run_dir = &recipe.checkpoint.dir;
     let restored = if recipe.checkpoint.resume || opts.require_resume {
         let (restored, skipped) = restore_latest(run_dir, &device)?;
-        for reason in &skipped {
+        for reason in skipped.iter().filter(|_| main) {
             eprintln!("warning: skipping checkpoint: {reason}");
         }
         restored
@@ -117,26 +240,51 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, Tr
             run_dir.display()
         )));
     }
-    let (mut model, mut opt, mut loader, start, mut tokens_seen) = match restored {
+    let (dp_rank, dp_size) = (groups.dp.rank(), groups.dp.size());
+    let loader_cfg = loader_config(recipe).with_rank(dp_rank, dp_size);
+    let (mut model, mut opt, moments, mut loader, start, mut tokens_seen) = match restored {
         Some(r) => {
-            if r.state.recipe_hash != hash {
+            if r.state.recipe_hash != hash && main {
                 eprintln!("warning: {} was written by a different recipe; continuing with the current one", r.dir.display());
             }
-            eprintln!("resuming from {} (step {})", r.dir.display(), r.state.step);
+            if main {
+                eprintln!("resuming from {} (step {})", r.dir.display(), r.state.step);
+            }
             let mut opt = AdamW::new(adamw);
             opt.steps = r.state.step;
-            opt.state = r.moments;
-            let loader = DataLoader::from_state(loader_config(recipe), &r.state.loader)?;
-            (r.model, opt, loader, r.state.step, r.state.tokens_seen)
+            let loader = DataLoader::from_state(loader_cfg, &r.state.loader)?;
+            (
+                r.model,
+                opt,
+                r.moments,
+                loader,
+                r.state.step,
+                r.state.tokens_seen,
+            )
         }
         None => {
             let model = build_model(recipe, &device)?;
-            let loader = DataLoader::new(loader_config(recipe))?;
-            (model, AdamW::new(adamw), loader, 0, 0)
+            let loader = DataLoader::new(loader_cfg)?;
+            (model, AdamW::new(adamw), Default::default(), loader, 0, 0)
         }
     };
     check_data(recipe, &loader, &model)?;
     validate_layout(&recipe.parallel, &model.config).map_err(TrainError::BadRecipe)?;
+    let zero = recipe.parallel.zero_stage == 1;
+    let mut dp = if dp_size > 1 || zero {
+        let bucket = ((recipe.parallel.bucket_mb * 1024.0 * 1024.0) / 4.0).max(1.0) as usize;
+        let inner = device.clone().inner();
+        let dp = DataParallel::new(
+            world, &groups.dp, &mut model, zero, bucket, &moments, &inner,
+        );
+        if !zero {
+            opt.state = moments;
+        }
+        Some(dp)
+    } else {
+        opt.state = moments;
+        None
+    };
     let t = &recipe.train;
     let weights = AuxWeights {
         load_balancing: recipe
@@ -146,19 +294,33 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, Tr
             .unwrap_or(0.0),
         z_loss: recipe.moe.z_loss_coef,
     };
-    let mesh = serde_json::json!({"dp": 1, "tp": 1, "ep": 1, "pp": 1});
-    let mut metrics = MetricsSink::open(
-        &recipe.logging.dir,
-        recipe.logging.tensorboard,
-        recipe.logging.progress,
-        t.steps,
-        start,
-    )?;
+    let s = mesh.sizes;
+    let mesh_json = serde_json::json!({
+        "dp": s.dp, "tp": s.tp, "ep": s.ep, "pp": s.pp,
+        "zero_stage": recipe.parallel.zero_stage,
+    });
+    let mut metrics = if main {
+        Some(MetricsSink::open(
+            &recipe.logging.dir,
+            recipe.logging.tensorboard,
+            recipe.logging.progress,
+            t.steps,
+            start,
+        )?)
+    } else {
+        None
+    };
     let end = opts
         .stop_after
         .map_or(t.steps, |n| (start + n).min(t.steps));
     let mut last_loss = f64::NAN;
     for step in start..end {
+        if let Some(f) = opts
+            .fault
+            .filter(|f| f.rank == world.rank() && f.step == step + 1)
+        {
+            f.fire();
+        }
         let lr = learning_rate(recipe.optim.lr, &recipe.schedule, step, t.steps);
         let began = Instant::now();
         let mut micro = Vec::with_capacity(t.grad_accum);
@@ -171,6 +333,7 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, Tr
             })?;
             micro.push(MicroBatch::from_samples(&samples, &device));
         }
+        let traffic_before = (groups.dp.traffic(), world.traffic());
         let result = train_step(
             &mut model,
             &mut opt,
@@ -178,42 +341,52 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, Tr
             lr,
             recipe.optim.grad_clip,
             weights,
-        );
+            dp.as_mut(),
+        )?;
+        let mut comm = Vec::new();
+        if world.size() > 1 {
+            traffic_delta(&groups.dp, &traffic_before.0, &mut comm);
+            traffic_delta(world, &traffic_before.1, &mut comm);
+        }
         tokens_seen += result.tokens;
         last_loss = result.loss;
         let elapsed = began.elapsed().as_secs_f64().max(1e-9);
-        metrics.log_step(&StepMetrics {
-            step: step + 1,
-            loss: result.loss,
-            lr,
-            grad_norm: result.grad_norm,
-            tokens: result.tokens,
-            tokens_per_s: result.tokens as f64 / elapsed,
-            aux_loss: result.aux_loss,
-            z_loss: result.z_loss,
-            expert_load: result
-                .expert_counts
-                .iter()
-                .map(|(layer, counts)| LayerLoad {
-                    layer: *layer,
-                    max: counts.iter().copied().max().unwrap_or(0) as f64,
-                    mean: counts.iter().sum::<u64>() as f64 / counts.len().max(1) as f64,
-                })
-                .collect(),
-        })?;
         let done = step + 1;
-        if let (Some(eval_dir), true) = (
-            &recipe.data.eval,
-            t.eval_every > 0 && done.is_multiple_of(t.eval_every),
-        ) {
-            let r = evaluate(
-                &model,
-                eval_dir,
-                recipe.data.seq_len,
-                t.micro_batch_size,
-                t.eval_batches,
-            )?;
-            metrics.log_eval(done, r.loss)?;
+        if let Some(metrics) = &mut metrics {
+            metrics.log_step(&StepMetrics {
+                step: done,
+                loss: result.loss,
+                lr,
+                grad_norm: result.grad_norm,
+                tokens: result.tokens,
+                tokens_per_s: result.tokens as f64 / elapsed,
+                aux_loss: result.aux_loss,
+                z_loss: result.z_loss,
+                expert_load: result
+                    .expert_counts
+                    .iter()
+                    .map(|(layer, counts)| LayerLoad {
+                        layer: *layer,
+                        max: counts.iter().copied().max().unwrap_or(0) as f64,
+                        mean: counts.iter().sum::<u64>() as f64 / counts.len().max(1) as f64,
+                    })
+                    .collect(),
+                comm,
+            })?;
+            // Evaluation runs on rank 0 only, on the same samples as a one-rank run.
+            if let (Some(eval_dir), true) = (
+                &recipe.data.eval,
+                t.eval_every > 0 && done.is_multiple_of(t.eval_every),
+            ) {
+                let r = evaluate(
+                    &model,
+                    eval_dir,
+                    recipe.data.seq_len,
+                    t.micro_batch_size,
+                    t.eval_batches,
+                )?;
+                metrics.log_eval(done, r.loss)?;
+            }
         }
         let every = recipe.checkpoint.every;
         if done == t.steps || (every > 0 && done.is_multiple_of(every)) {
@@ -229,14 +402,20 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, Tr
                 run_dir,
                 &mut model,
                 &opt,
+                dp.as_ref(),
                 &state,
-                mesh.clone(),
+                mesh_json.clone(),
                 recipe.checkpoint.keep_last,
+                world,
             )?;
-            metrics.println(&format!("saved {}", dir.display()));
+            if let Some(metrics) = &mut metrics {
+                metrics.println(&format!("saved {}", dir.display()));
+            }
         }
     }
-    metrics.finish()?;
+    if let Some(metrics) = metrics {
+        metrics.finish()?;
+    }
     Ok(RunSummary {
         start_step: start,
         end_step: end,

@@ -6,8 +6,10 @@ use moeru_models::loss::{next_token_targets, token_loss_sum};
 use moeru_models::params::to_f32_vec;
 use moeru_models::{Batch, Qwen3Model};
 
+use crate::data_parallel::DataParallel;
 use crate::grads::GradBuffer;
 use crate::optim::AdamW;
+use moeru_parallel::CommError;
 
 /// Model inputs plus next-token targets and their mask (1 = the target counts).
 pub struct MicroBatch {
@@ -88,7 +90,9 @@ pub struct StepResult {
 ///
 /// The LM loss is token-weighted over the whole global batch (each micro-batch contributes
 /// its token-loss sum / all target tokens), so accumulation equals one big batch; the router
-/// losses are averaged over micro-batches.
+/// losses are averaged over micro-batches. Under data parallelism (`dp`) the global batch is
+/// every rank's micro-batches: target counts and reported values are summed over ranks and
+/// the gradients over the DP group, so the step equals the single-rank step on all of them.
 pub fn train_step(
     model: &mut Qwen3Model,
     opt: &mut AdamW,
@@ -96,10 +100,17 @@ pub fn train_step(
     lr: f64,
     clip: f64,
     weights: AuxWeights,
-) -> StepResult {
-    let targets: usize = micro.iter().map(|m| m.target_count).sum();
-    let denom = targets.max(1) as f32;
-    let n = micro.len() as f64;
+    dp: Option<&mut DataParallel>,
+) -> Result<StepResult, CommError> {
+    let mut counts = [
+        micro.iter().map(|m| m.target_count).sum::<usize>() as f64,
+        micro.len() as f64,
+    ];
+    if let Some(dp) = &dp {
+        dp.sum(&mut counts)?;
+    }
+    let denom = counts[0].max(1.0) as f32;
+    let n = counts[1];
     let mut grads = GradBuffer::default();
     let mut result = StepResult::default();
     for mb in micro {
@@ -128,9 +139,44 @@ pub fn train_step(
         let g = loss.backward();
         grads.accumulate(model, &g);
     }
-    result.grad_norm = grads.clip(clip);
-    opt.step(model, &mut grads, lr);
-    result
+    match dp {
+        None => {
+            result.grad_norm = grads.clip(clip);
+            opt.step(model, &mut grads, lr);
+        }
+        Some(dp) => {
+            result.grad_norm = dp.step(model, opt, &mut grads, lr, clip)?;
+            sum_over_ranks(&mut result, dp)?;
+        }
+    }
+    Ok(result)
+}
+
+/// The reported values of the whole global batch, identical on every rank.
+fn sum_over_ranks(r: &mut StepResult, dp: &DataParallel) -> Result<(), CommError> {
+    let mut v = vec![
+        r.loss,
+        r.aux_loss.unwrap_or(0.0),
+        r.z_loss.unwrap_or(0.0),
+        r.tokens as f64,
+    ];
+    v.extend(
+        r.expert_counts
+            .iter()
+            .flat_map(|(_, c)| c.iter().map(|&x| x as f64)),
+    );
+    dp.sum(&mut v)?;
+    r.loss = v[0];
+    r.aux_loss = r.aux_loss.map(|_| v[1]);
+    r.z_loss = r.z_loss.map(|_| v[2]);
+    r.tokens = v[3] as u64;
+    let mut it = v[4..].iter();
+    for (_, counts) in &mut r.expert_counts {
+        for c in counts.iter_mut() {
+            *c = *it.next().unwrap_or(&0.0) as u64;
+        }
+    }
+    Ok(())
 }
 
 fn add_counts(

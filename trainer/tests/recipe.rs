@@ -66,7 +66,15 @@ fn minimal_recipe_gets_defaults() {
     assert!(r.checkpoint.resume && r.logging.progress && r.logging.tensorboard);
     assert_eq!(
         (r.parallel.dp, r.parallel.tp, r.parallel.ep, r.parallel.pp),
-        (1, 1, 1, 1)
+        (0, 1, 1, 1)
+    );
+    assert_eq!(
+        (
+            r.parallel.zero_stage,
+            r.parallel.bucket_mb,
+            r.parallel.timeout_s
+        ),
+        (0, 25.0, 600.0)
     );
     assert_eq!((r.moe.aux_loss_coef, r.moe.z_loss_coef), (None, 0.0));
     assert_eq!(r.precision, Precision::F32);
@@ -389,6 +397,16 @@ model:
     assert_ne!(h, recipe::recipe_hash(&c));
     let d = ok(MINIMAL, &["model.architecture.hidden_size=9"]);
     assert_ne!(h, recipe::recipe_hash(&d));
+    // The layout and `checkpoint.resume` do not change the training math.
+    let e = ok(
+        MINIMAL,
+        &[
+            "parallel.dp=4",
+            "parallel.zero_stage=1",
+            "checkpoint.resume=false",
+        ],
+    );
+    assert_eq!(h, recipe::recipe_hash(&e));
 }
 
 #[test]

@@ -17,5 +17,5 @@ mod tests;
 pub use crc::{crc32c, masked_crc32c};
 pub use error::MetricsError;
 pub use jsonl::{read_metrics, METRICS_FILE};
-pub use record::{LayerLoad, StepMetrics};
+pub use record::{CommBytes, LayerLoad, StepMetrics};
 pub use sink::MetricsSink;

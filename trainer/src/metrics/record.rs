@@ -27,6 +27,17 @@ pub struct StepMetrics {
     pub aux_loss: Option<f64>,
     pub z_loss: Option<f64>,
     pub expert_load: Vec<LayerLoad>,
+    /// Bytes this rank's collectives moved this step, by group and op.
+    pub comm: Vec<CommBytes>,
+}
+
+/// One op's traffic on one process group during a step (see `moeru_parallel::OpTraffic`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommBytes {
+    pub group: String,
+    pub op: String,
+    pub payload: u64,
+    pub wire: u64,
 }
 
 impl StepMetrics {
@@ -55,6 +66,21 @@ impl StepMetrics {
                 .collect();
             obj.insert("expert_load".into(), Value::Array(loads));
         }
+        if !self.comm.is_empty() {
+            let mut groups = Map::new();
+            for c in &self.comm {
+                let ops = groups
+                    .entry(c.group.clone())
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if let Value::Object(ops) = ops {
+                    ops.insert(
+                        c.op.clone(),
+                        json!({ "payload": c.payload, "wire": c.wire }),
+                    );
+                }
+            }
+            obj.insert("comm".into(), Value::Object(groups));
+        }
         Value::Object(obj)
     }
 
@@ -81,7 +107,21 @@ impl StepMetrics {
                 })
                 .collect::<Option<Vec<_>>>()?,
         };
+        let mut comm = Vec::new();
+        if let Some(Value::Object(groups)) = v.get("comm") {
+            for (group, ops) in groups {
+                for (op, t) in ops.as_object()? {
+                    comm.push(CommBytes {
+                        group: group.clone(),
+                        op: op.clone(),
+                        payload: t.get("payload")?.as_u64()?,
+                        wire: t.get("wire")?.as_u64()?,
+                    });
+                }
+            }
+        }
         Some(StepMetrics {
+            comm,
             step: v.get("step")?.as_u64()?,
             loss: f("loss")?,
             lr: f("lr")?,
@@ -107,6 +147,13 @@ impl StepMetrics {
         }
         if let Some(z) = self.z_loss {
             out.push(("train/z_loss".to_string(), z as f32));
+        }
+        let mut wire = std::collections::BTreeMap::new();
+        for c in &self.comm {
+            *wire.entry(&c.group).or_insert(0) += c.wire;
+        }
+        for (group, bytes) in wire {
+            out.push((format!("comm/{group}_wire_bytes"), bytes as f32));
         }
         for l in &self.expert_load {
             out.push((format!("moe/layer{}/load_max", l.layer), l.max as f32));

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::{read_metrics, LayerLoad, MetricsError, MetricsSink, StepMetrics, METRICS_FILE};
+use super::{
+    read_metrics, CommBytes, LayerLoad, MetricsError, MetricsSink, StepMetrics, METRICS_FILE,
+};
 
 /// Floats whose shortest decimal forms are awkward to parse back exactly.
 const AWKWARD: [f64; 6] = [
@@ -36,6 +38,16 @@ fn metrics(step: u64, moe: bool) -> StepMetrics {
                     mean: 64.0 / 3.0,
                 })
                 .collect()
+        } else {
+            Vec::new()
+        },
+        comm: if moe {
+            vec![CommBytes {
+                group: "dp".into(),
+                op: "all_reduce".into(),
+                payload: 4 * step,
+                wire: 2 * step,
+            }]
         } else {
             Vec::new()
         },

@@ -150,7 +150,8 @@ pub struct LoggingSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParallelSection {
-    #[serde(default = "default_one")]
+    /// Data-parallel ranks; 0 = every rank that tp × pp leave (the launch's world size).
+    #[serde(default)]
     pub dp: usize,
     #[serde(default = "default_one")]
     pub tp: usize,
@@ -158,6 +159,15 @@ pub struct ParallelSection {
     pub ep: usize,
     #[serde(default = "default_one")]
     pub pp: usize,
+    /// 0: every DP rank keeps the whole optimizer state; 1: ZeRO-1, sharded over DP ranks.
+    #[serde(default)]
+    pub zero_stage: u8,
+    /// Gradient bucket size in MiB for the DP all-reduce / reduce-scatter.
+    #[serde(default = "default_bucket_mb")]
+    pub bucket_mb: f64,
+    /// Seconds any collective may wait before every rank fails with a diagnostic.
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -184,6 +194,12 @@ fn default_true() -> bool {
 }
 fn default_one() -> usize {
     1
+}
+fn default_bucket_mb() -> f64 {
+    25.0
+}
+fn default_timeout_s() -> f64 {
+    600.0
 }
 fn default_lr() -> f64 {
     3e-4
@@ -223,10 +239,13 @@ impl Default for ScheduleSection {
 impl Default for ParallelSection {
     fn default() -> Self {
         Self {
-            dp: 1,
+            dp: 0,
             tp: 1,
             ep: 1,
             pp: 1,
+            zero_stage: 0,
+            bucket_mb: default_bucket_mb(),
+            timeout_s: default_timeout_s(),
         }
     }
 }

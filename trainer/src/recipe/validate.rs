@@ -71,7 +71,36 @@ pub fn validate(r: &Recipe) -> Result<(), Violation> {
         " (1 = no accumulation)",
     )?;
     let p = &r.parallel;
-    at_least("parallel.dp", p.dp as u64, 1, " (1 = no parallelism)")?;
+    if p.zero_stage > 1 {
+        return Err(Violation {
+            key: "parallel.zero_stage",
+            msg: format!(
+                "is {}; moeru has ZeRO stage 0 (off) and 1 (optimizer state sharded over DP ranks)",
+                p.zero_stage
+            ),
+            related: &[],
+        });
+    }
+    if !(p.bucket_mb > 0.0 && p.bucket_mb.is_finite()) {
+        return Err(Violation {
+            key: "parallel.bucket_mb",
+            msg: format!(
+                "is {}; it must be a positive number of MiB, e.g. 25",
+                p.bucket_mb
+            ),
+            related: &[],
+        });
+    }
+    if !(p.timeout_s > 0.0 && p.timeout_s.is_finite()) {
+        return Err(Violation {
+            key: "parallel.timeout_s",
+            msg: format!(
+                "is {}; it must be a positive number of seconds, e.g. 600",
+                p.timeout_s
+            ),
+            related: &[],
+        });
+    }
     at_least("parallel.tp", p.tp as u64, 1, " (1 = no parallelism)")?;
     at_least("parallel.ep", p.ep as u64, 1, " (1 = no parallelism)")?;
     at_least("parallel.pp", p.pp as u64, 1, " (1 = no parallelism)")?;

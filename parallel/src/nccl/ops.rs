@@ -1,0 +1,217 @@
+//! The collectives of `NcclComm`, each staged through `NcclComm::run`.
+
+use std::ffi::c_int;
+use std::sync::TryLockError;
+use std::time::Instant;
+
+use super::api::{backend, describe, nccl_dtype, nccl_op, Config, IN_PROGRESS, SUCCESS, UINT8};
+use super::NcclComm;
+use crate::comm::{Communicator, DType, GroupInfo, ReduceOp};
+use crate::error::Result;
+
+impl Communicator for NcclComm {
+    fn info(&self) -> &GroupInfo {
+        &self.info
+    }
+
+    fn all_reduce(&self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        self.reduce("all_reduce", buf, dtype, op)
+    }
+
+    fn all_gather(&self, send: &[u8], recv: &mut [u8]) -> Result<()> {
+        let n = self.info.size();
+        if recv.len() != send.len() * n {
+            return Err(self.bad(
+                "all_gather",
+                format!(
+                    "recv has {} bytes, expected {n} × {}",
+                    recv.len(),
+                    send.len()
+                ),
+            ));
+        }
+        let (api, len) = (self.api, send.len());
+        // SAFETY (closure): `s` holds `len` bytes, `r` n × `len`.
+        self.run("all_gather", Some(send), recv, |c, s, r, st| unsafe {
+            (api.all_gather)(s, r, len, UINT8, c, st)
+        })
+    }
+
+    fn reduce_scatter(
+        &self,
+        send: &[u8],
+        recv: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let (n, len) = (self.info.size(), recv.len());
+        if send.len() != len * n || !len.is_multiple_of(dtype.size()) {
+            return Err(self.bad(
+                "reduce_scatter",
+                format!(
+                    "send has {} bytes, recv {len}, group of {n}, {dtype:?}",
+                    send.len()
+                ),
+            ));
+        }
+        let (api, count) = (self.api, len / dtype.size());
+        self.run("reduce_scatter", Some(send), recv, |c, s, r, st| {
+            // SAFETY: `s` holds n × `count` elements, `r` `count`.
+            unsafe { (api.reduce_scatter)(s, r, count, nccl_dtype(dtype), nccl_op(op), c, st) }
+        })
+    }
+
+    /// Grouped ncclSend/ncclRecv. Sizes are not cross-checked: a rank whose `recv_sizes`
+    /// disagree with its peers' `send_sizes` hangs until the timeout.
+    fn all_to_all(
+        &self,
+        send: &[u8],
+        send_sizes: &[usize],
+        recv_sizes: &[usize],
+    ) -> Result<Vec<u8>> {
+        let n = self.info.size();
+        if send_sizes.len() != n
+            || recv_sizes.len() != n
+            || send_sizes.iter().sum::<usize>() != send.len()
+        {
+            return Err(self.bad(
+                "all_to_all",
+                format!(
+                    "{} send sizes for {} bytes, {} recv sizes, group of {n}",
+                    send_sizes.len(),
+                    send.len(),
+                    recv_sizes.len()
+                ),
+            ));
+        }
+        let mut out = vec![0u8; recv_sizes.iter().sum()];
+        let api = self.api;
+        self.run("all_to_all", Some(send), &mut out, |c, s, r, st| {
+            let (mut so, mut ro) = (0, 0);
+            // SAFETY: offsets stay within the `send` and `out` sized buffers; a group brackets
+            // the point-to-point calls so they progress together.
+            unsafe {
+                let mut rc = (api.group_start)();
+                for j in 0..n {
+                    if rc == SUCCESS && send_sizes[j] > 0 {
+                        rc = (api.send)(s.byte_add(so), send_sizes[j], UINT8, j as c_int, c, st);
+                    }
+                    if rc == SUCCESS && recv_sizes[j] > 0 {
+                        rc = (api.recv)(r.byte_add(ro), recv_sizes[j], UINT8, j as c_int, c, st);
+                    }
+                    (so, ro) = (so + send_sizes[j], ro + recv_sizes[j]);
+                }
+                let end = (api.group_end)();
+                if rc == SUCCESS {
+                    end
+                } else {
+                    rc
+                }
+            }
+        })?;
+        Ok(out)
+    }
+
+    fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()> {
+        let n = self.info.size();
+        if root >= n {
+            return Err(self.bad(
+                "broadcast",
+                format!("root {root} is outside the group of {n}"),
+            ));
+        }
+        let (api, len) = (self.api, buf.len());
+        // SAFETY (closure): `r` holds `len` bytes.
+        self.run("broadcast", None, buf, |c, _, r, st| unsafe {
+            (api.broadcast)(r, r, len, UINT8, root as c_int, c, st)
+        })
+    }
+
+    /// NCCL has no tags: `tag` is ignored, and messages between two ranks match in the order
+    /// they were posted. Unlike the CPU backends the send completes only once `dst` receives.
+    fn send(&self, buf: &[u8], dst: usize, _tag: u32) -> Result<()> {
+        if dst >= self.info.size() {
+            return Err(self.bad("send/recv", format!("destination {dst}")));
+        }
+        let (api, len) = (self.api, buf.len());
+        // SAFETY (closure): `s` holds `len` bytes.
+        self.run("send/recv", Some(buf), &mut [], |c, s, _, st| unsafe {
+            (api.send)(s, len, UINT8, dst as c_int, c, st)
+        })
+    }
+
+    /// `tag` is ignored, as for `send`.
+    fn recv(&self, buf: &mut [u8], src: usize, _tag: u32) -> Result<()> {
+        if src >= self.info.size() {
+            return Err(self.bad("send/recv", format!("source {src}")));
+        }
+        let (api, len) = (self.api, buf.len());
+        // SAFETY (closure): `r` holds `len` bytes.
+        self.run("send/recv", Some(&[]), buf, |c, _, r, st| unsafe {
+            (api.recv)(r, len, UINT8, src as c_int, c, st)
+        })
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.reduce("barrier", &mut [0u8; 4], DType::F32, ReduceOp::Sum)
+    }
+
+    fn split(&self, color: u32, name: &str) -> Result<Box<dyn Communicator>> {
+        Ok(Box::new(self.split_nccl(color, name)?))
+    }
+
+    /// Aborts the NCCL communicator at once, or at the next poll of an op in flight. NCCL does
+    /// not tell the peers: their pending ops fail with a remote error or time out.
+    fn abort(&self, reason: &str) {
+        *self.abort_request.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_string());
+        let mut st = match self.state.try_lock() {
+            Ok(st) => st,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return,
+        };
+        self.kill(&mut st, format!("aborted on this rank: {reason}"));
+    }
+}
+
+impl NcclComm {
+    /// ncclCommSplit keyed by this rank, after an all_gather of the colors to learn the members.
+    pub(super) fn split_nccl(&self, color: u32, name: &str) -> Result<NcclComm> {
+        let op = "split";
+        let key = c_int::try_from(color)
+            .map_err(|_| self.bad(op, format!("color {color} is over {}", c_int::MAX)))?;
+        let mut colors = vec![0u8; 4 * self.info.size()];
+        self.all_gather(&color.to_le_bytes(), &mut colors)?;
+        let members: Vec<usize> = colors
+            .chunks_exact(4)
+            .zip(&self.info.members)
+            .filter(|(c, _)| *c == color.to_le_bytes())
+            .map(|(_, &m)| m)
+            .collect();
+        let me = self.info.world_rank();
+        let info = GroupInfo {
+            name: name.to_string(),
+            rank: members.iter().position(|&m| m == me).unwrap_or(0),
+            members,
+        };
+        let deadline = Instant::now() + self.timeout;
+        let stream = self.ctx.new_stream().map_err(self.cuda(op))?;
+        let mut st = self.begin(op)?;
+        let (mut new, mut cfg) = (std::ptr::null_mut(), Config::nonblocking());
+        // SAFETY: the parent handle is live; `new` and `cfg` outlive the call.
+        let rc =
+            unsafe { (self.api.split)(st.comm, key, self.info.rank as c_int, &mut new, &mut cfg) };
+        if (rc != SUCCESS && rc != IN_PROGRESS) || new.is_null() {
+            let detail = format!("{}: {}", self.here(op), describe(self.api, rc, st.comm));
+            self.kill(&mut st, detail.clone());
+            return Err(backend(detail));
+        }
+        let child = NcclComm::new(self.api, info, self.ctx.clone(), stream, self.timeout, new);
+        if let Err(e) = self.wait(&mut st, op, deadline, || Ok(true)) {
+            child.kill(&mut child.lock(), e.to_string());
+            return Err(e);
+        }
+        drop(st);
+        child.wait(&mut child.lock(), op, deadline, || Ok(true))?;
+        Ok(child)
+    }
+}

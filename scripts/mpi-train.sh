@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Data parallelism over MPI: the smoke recipe under `mpirun -n 2` and `-n 4 --oversubscribe`
+# (plain DP and ZeRO-1) against the one-rank run of the same global batch of 8 sequences:
+# losses per step and final weights within 1e-5 (tests/interop/compare_runs.py).
+# Needs a moeru built with `--features mpi` at target/debug/moeru, Open MPI, and Python with
+# numpy + safetensors.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export OMPI_MCA_btl_vader_single_copy_mechanism="${OMPI_MCA_btl_vader_single_copy_mechanism:-none}"
+bin=target/debug/moeru
+out=$(mktemp -d)
+steps=10
+
+run() { # name, grad_accum, launcher...
+    local name=$1 accum=$2
+    shift 2
+    "$@" "$bin" train recipes/smoke-tiny-moe.yaml \
+        --set train.steps=$steps --set train.micro_batch_size=2 --set train.grad_accum="$accum" \
+        --set data.seq_len=64 --set data.eval=null --set train.eval_every=0 \
+        --set checkpoint.every=$steps --set checkpoint.dir="$out/$name/ckpt" \
+        --set logging.dir="$out/$name/logs" --set logging.progress=false \
+        --set logging.tensorboard=false ${ZERO:+--set parallel.zero_stage=1}
+}
+
+run one 4 env
+run mpi2 2 mpirun -n 2
+ZERO=1 run mpi2-zero1 2 mpirun -n 2
+run mpi4 1 mpirun -n 4 --oversubscribe
+ZERO=1 run mpi4-zero1 1 mpirun -n 4 --oversubscribe
+for r in mpi2 mpi2-zero1 mpi4 mpi4-zero1; do
+    python3 tests/interop/compare_runs.py "$out/one" "$out/$r" $steps
+done
+rm -rf "$out"

@@ -1,0 +1,51 @@
+"""Compares two moeru runs: per-step losses (metrics.jsonl) and the final checkpoint's weights.
+
+    python3 compare_runs.py RUN_A RUN_B STEP [--tol 1e-5]
+
+RUN_x is a folder with logs/metrics.jsonl and ckpt/step-NNNNNN/model.safetensors. Exits 1
+when a loss or a weight differs by more than the tolerance.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+
+def losses(run: Path):
+    out = []
+    for line in (run / "logs" / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out.append(rec["loss"])
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("a", type=Path)
+    ap.add_argument("b", type=Path)
+    ap.add_argument("step", type=int)
+    ap.add_argument("--tol", type=float, default=1e-5)
+    args = ap.parse_args()
+    la, lb = losses(args.a), losses(args.b)
+    if len(la) != len(lb) or not la:
+        sys.exit(f"{args.a}: {len(la)} steps logged, {args.b}: {len(lb)}")
+    loss_diff = max(abs(x - y) for x, y in zip(la, lb))
+    ckpt = f"ckpt/step-{args.step:06d}/model.safetensors"
+    wa, wb = load_file(str(args.a / ckpt)), load_file(str(args.b / ckpt))
+    if sorted(wa) != sorted(wb):
+        sys.exit("the checkpoints hold different tensors")
+    weight_diff = max(float(np.max(np.abs(wa[k] - wb[k]))) for k in wa)
+    print(f"{args.a.name} vs {args.b.name}: {len(la)} steps, max loss diff {loss_diff:.2e}, "
+          f"max weight diff {weight_diff:.2e}")
+    if loss_diff > args.tol or weight_diff > args.tol:
+        sys.exit(f"differences above {args.tol}")
+    if la[-1] > la[0] - 0.1:
+        sys.exit(f"the loss did not fall ({la[0]} -> {la[-1]})")
+
+
+if __name__ == "__main__":
+    main()

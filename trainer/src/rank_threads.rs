@@ -1,0 +1,49 @@
+//! A job's ranks as threads of this process: the CPU default of `moeru launch` and the
+//! harness for many-rank tests.
+
+use std::sync::mpsc;
+
+use crate::error::TrainError;
+use crate::recipe::schema::Recipe;
+use crate::run::{comm_timeout, mesh_for, run_rank, RunOptions, RunSummary};
+
+/// `ranks` ranks as threads of this process; returns rank 0's summary, or the first error.
+pub fn run_threads(
+    recipe: &Recipe,
+    opts: &RunOptions,
+    ranks: usize,
+) -> Result<RunSummary, TrainError> {
+    mesh_for(recipe, ranks)?;
+    let (tx, rx) = mpsc::channel();
+    for (rank, world) in moeru_parallel::thread_world(ranks, comm_timeout(recipe))
+        .into_iter()
+        .enumerate()
+    {
+        let (recipe, opts, tx) = (recipe.clone(), opts.clone(), tx.clone());
+        std::thread::Builder::new()
+            .name(format!("rank-{rank}"))
+            .spawn(move || {
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_rank(&recipe, &opts, &world)
+                }))
+                .unwrap_or_else(|_| {
+                    let msg = format!("rank {rank} panicked");
+                    world.abort(&msg);
+                    Err(TrainError::Invalid(msg))
+                });
+                let _ = tx.send((rank, result));
+            })
+            .map_err(|e| TrainError::Invalid(format!("cannot start rank {rank}: {e}")))?;
+    }
+    drop(tx);
+    let mut summary = None;
+    // The first error ends the job; a rank that hangs is not waited for (the process exits).
+    for (rank, result) in rx {
+        match result {
+            Ok(s) if rank == 0 => summary = Some(s),
+            Ok(_) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    summary.ok_or_else(|| TrainError::Invalid("rank 0 did not report".into()))
+}
