@@ -21,7 +21,7 @@ use crate::peft_config::{
     config_json, peft_key, PeftAdapterConfig, PeftError, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
     PEFT_PREFIX,
 };
-use crate::tensor_file::{write_tensors, TensorFile};
+use crate::tensor_file::{write_tensors, OwnedTensor, TensorFile};
 
 /// Loads the PEFT LoRA adapter in `dir` onto `model` (which must have none yet): the base is
 /// frozen and the adapter's A/B become the trainable parameters. Returns the adapter's config.
@@ -56,13 +56,12 @@ pub fn load_peft_adapter(
     Ok(cfg)
 }
 
-/// Writes the model's adapters into `dir` (created if needed; the two files are replaced
-/// atomically) as peft's `save_pretrained` would, so `PeftModel.from_pretrained` loads them.
-pub fn save_peft_adapter(
-    dir: &Path,
+/// The two files of a PEFT adapter as peft's `save_pretrained` writes them: the tensors of
+/// `adapter_model.safetensors` and the JSON of `adapter_config.json`.
+pub fn peft_adapter_files(
     model: &mut Qwen3Model,
     base_model_name_or_path: &str,
-) -> Result<(), PeftError> {
+) -> Result<(Vec<(String, OwnedTensor)>, Value), PeftError> {
     let cfg = model.lora_config().cloned().ok_or_else(|| {
         PeftError::Unrepresentable("the model has no LoRA adapters attached".into())
     })?;
@@ -94,6 +93,17 @@ pub fn save_peft_adapter(
         .into_iter()
         .map(|(name, t)| (format!("{PEFT_PREFIX}{name}"), t))
         .collect();
+    Ok((tensors, json))
+}
+
+/// Writes the model's adapters into `dir` (created if needed; the two files are replaced
+/// atomically) as peft's `save_pretrained` would, so `PeftModel.from_pretrained` loads them.
+pub fn save_peft_adapter(
+    dir: &Path,
+    model: &mut Qwen3Model,
+    base_model_name_or_path: &str,
+) -> Result<(), PeftError> {
+    let (tensors, json) = peft_adapter_files(model, base_model_name_or_path)?;
     std::fs::create_dir_all(dir).map_err(|e| CheckpointError::io(dir, e))?;
     let tmp = |f: &str| dir.join(format!(".{f}.tmp-{}", std::process::id()));
     write_tensors(&tmp(ADAPTER_WEIGHTS), &tensors)?;

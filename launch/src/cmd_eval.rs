@@ -4,11 +4,17 @@ use burn::tensor::Device;
 use moeru_checkpoints::load_hf_model;
 use moeru_trainer::eval::evaluate;
 
+use crate::adapters::{base_of, is_adapter, load_with_adapter};
+
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// Hugging Face model folder or a moeru checkpoint (step-NNNNNN folder).
+    /// Hugging Face model folder or a moeru checkpoint (step-NNNNNN folder); a LoRA
+    /// checkpoint is evaluated on its base (from its adapter_config.json).
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT LoRA adapter folder (peft's or moeru's) to evaluate on top of --model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// A folder written by `moeru data prepare`.
     #[arg(long)]
     data: PathBuf,
@@ -22,7 +28,15 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
-    let model = load_hf_model(&args.model, &Device::flex())?;
+    let device = Device::flex();
+    let model = match &args.adapter {
+        Some(adapter) => load_with_adapter(&args.model, adapter, &device)?,
+        None if is_adapter(&args.model) => {
+            let base = base_of(&args.model, None)?;
+            load_with_adapter(&base, &args.model, &device)?
+        }
+        None => load_hf_model(&args.model, &device)?,
+    };
     let r = evaluate(
         &model,
         &args.data,

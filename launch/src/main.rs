@@ -1,5 +1,6 @@
 //! `moeru`: one binary for training, post-training and running Qwen3 / Qwen3-MoE models.
 
+mod adapters;
 mod cmd_eval;
 mod cmd_export;
 mod cmd_forward;
@@ -33,7 +34,8 @@ enum Command {
     Eval(cmd_eval::EvalArgs),
     /// Run a model folder on token ids and write logits and loss (parity checks, debugging).
     Forward(cmd_forward::ForwardArgs),
-    /// Write a Hugging Face folder from a model folder or a training checkpoint.
+    /// Write a Hugging Face folder from a model folder or a training checkpoint (with
+    /// --merge-lora: LoRA adapters folded into their base).
     Export(cmd_export::ExportArgs),
     /// Prepare and inspect token datasets.
     #[command(subcommand)]

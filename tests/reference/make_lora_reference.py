@@ -6,6 +6,7 @@ Needs torch, transformers (5.x), peft (>= 0.18; made with 0.21) and safetensors.
   tests/reference/lora/<case>/adapter_config.json, adapter_model.safetensors   (save_pretrained)
   tests/reference/lora/<case>/reference.safetensors   inputs, logits, losses, LoRA gradients and
                                                       peft's merged weights of every adapted tensor
+and lora/smoke-base-peft/ (an adapter on recipes/smoke/base that the trainer continues).
 The adapter is made by get_peft_model, its A and B then overwritten with seeded random values
 (B non-zero, so the adapter changes the output), saved, and loaded back with
 PeftModel.from_pretrained: the reference is what peft computes from the files, in float64.
@@ -149,12 +150,41 @@ def make(case, spec, gen):
           f"{sum(k.startswith('merged.') for k in tensors)} merged tensors")
 
 
+def make_smoke_adapter():
+    """A peft adapter on the smoke base (recipes/smoke/base) for moeru to continue training:
+    lora/smoke-base-peft/ with reference.safetensors holding input ids and peft's logits."""
+    folder = os.path.join(HERE, "lora", "smoke-base-peft")
+    shutil.rmtree(folder, ignore_errors=True)
+    gen = torch.Generator().manual_seed(2026)
+    base = lambda: AutoModelForCausalLM.from_pretrained(
+        "recipes/smoke/base", dtype=torch.float32, attn_implementation="eager",
+        experts_implementation="eager")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=ALL)
+    model = get_peft_model(base(), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(folder)
+    os.remove(os.path.join(folder, "README.md"))
+    sort_config_lists(folder)
+    model = PeftModel.from_pretrained(base(), folder).double().eval()
+    ids = torch.randint(0, 300, (BATCH, SEQ), generator=gen)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    save_file({"input_ids": ids.to(torch.int64).contiguous(),
+               "logits": logits.to(torch.float32).contiguous()},
+              os.path.join(folder, "reference.safetensors"))
+    print(f"smoke-base-peft: logits {tuple(logits.shape)}")
+
+
 def main():
     os.chdir(os.path.join(HERE, "..", ".."))
     gen = torch.Generator().manual_seed(4321)
     torch.manual_seed(4321)
     for case, spec in CASES.items():
         make(case, spec, gen)
+    make_smoke_adapter()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 //! What a training checkpoint holds and how it is restored: model weights (moeru's in-memory
-//! names, experts stacked), AdamW moments, config.json and the trainer state.
+//! names, experts stacked) and config.json, or for a LoRA run the adapters in PEFT's layout
+//! (adapter_model.safetensors, adapter_config.json); AdamW moments; the trainer state.
 //!
 //! Moments are saved whole (`optim.safetensors`, one tensor pair per parameter) or, under
 //! ZeRO-1, as one file per DP rank (`optim-dpRRR-of-NNN.safetensors`: that rank's flat shard
@@ -11,9 +12,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
+use moeru_checkpoints::peft_config::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use moeru_checkpoints::{
     begin_checkpoint, commit_checkpoint, latest_valid_checkpoint, load_hf_model, named_tensors,
-    write_contents, CheckpointContents, CheckpointError, OwnedTensor, TensorFile,
+    peft_adapter_files, write_contents, CheckpointContents, CheckpointError, OwnedTensor,
+    TensorFile,
 };
 use moeru_data::LoaderState;
 use moeru_models::params::to_f32_vec;
@@ -23,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data_parallel::DataParallel;
 use crate::error::TrainError;
+use crate::lora::BaseFingerprint;
 use crate::optim::{AdamW, Moments};
 
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -47,6 +51,9 @@ pub struct TrainerState {
     pub seed: u64,
     /// Learning rate of the last step taken.
     pub lr: f64,
+    /// LoRA runs: the frozen base the adapters belong to (the checkpoint holds no base).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_base: Option<BaseFingerprint>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,13 +90,23 @@ pub fn save(
     world.barrier()?;
     let mut contents = CheckpointContents::default();
     if main {
-        contents
-            .tensors
-            .push((MODEL_FILE.into(), named_tensors(model)));
-        contents.json.push((
-            "config.json".into(),
-            serde_json::Value::Object(model.config.to_export_json()),
-        ));
+        match &state.lora_base {
+            // LoRA: PEFT's adapter folder layout; the frozen base stays where it was loaded.
+            Some(base) => {
+                let (tensors, config) = peft_adapter_files(model, &base.path)?;
+                contents.tensors.push((ADAPTER_WEIGHTS.into(), tensors));
+                contents.json.push((ADAPTER_CONFIG.into(), config));
+            }
+            None => {
+                contents
+                    .tensors
+                    .push((MODEL_FILE.into(), named_tensors(model)));
+                contents.json.push((
+                    "config.json".into(),
+                    serde_json::Value::Object(model.config.to_export_json()),
+                ));
+            }
+        }
         contents.json.push((
             STATE_FILE.into(),
             serde_json::to_value(state).expect("state serialises"),
@@ -182,7 +199,9 @@ fn whole_moments(state: &BTreeMap<String, Moments>) -> Vec<(String, OwnedTensor)
 /// A verified checkpoint found in a run folder.
 pub struct Restored {
     pub dir: PathBuf,
-    pub model: Qwen3Model,
+    /// The trained model; `None` for a LoRA checkpoint, whose adapters (PEFT files in `dir`)
+    /// go onto the base the recipe loads (see `state.lora_base`).
+    pub model: Option<Qwen3Model>,
     /// Whole moments per parameter, whatever DP size and ZeRO setting wrote them.
     pub moments: BTreeMap<String, Moments>,
     pub state: TrainerState,
@@ -199,7 +218,11 @@ pub fn restore_latest(
     let Some((_, dir)) = latest.found else {
         return Ok((None, skipped));
     };
-    let model = load_hf_model(&dir, device)?;
+    let model = if dir.join(ADAPTER_CONFIG).exists() {
+        None
+    } else {
+        Some(load_hf_model(&dir, device)?)
+    };
     let state_path = dir.join(STATE_FILE);
     let text =
         std::fs::read_to_string(&state_path).map_err(|e| CheckpointError::io(&state_path, e))?;

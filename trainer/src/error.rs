@@ -25,6 +25,11 @@ pub enum TrainError {
     Invalid(String),
     #[error(transparent)]
     Comm(#[from] moeru_parallel::CommError),
+    #[error(transparent)]
+    Peft(#[from] moeru_checkpoints::PeftError),
+    /// LoRA targets the model cannot take (the message names `lora.target_modules`).
+    #[error("recipe {0}")]
+    Lora(#[from] moeru_models::LoraError),
 }
 
 impl TrainError {
@@ -32,7 +37,7 @@ impl TrainError {
     pub fn exit_code(&self) -> u8 {
         match self {
             TrainError::Recipe(e) => e.exit_code(),
-            TrainError::BadRecipe(_) => 2,
+            TrainError::BadRecipe(_) | TrainError::Lora(_) => 2,
             _ => 1,
         }
     }

@@ -18,7 +18,7 @@ pub struct EvalResult {
     pub target_tokens: u64,
 }
 
-/// A copy of `model` without autodiff, so evaluation records no graph.
+/// A copy of `model` (adapters included) without autodiff, so evaluation records no graph.
 pub fn inference_copy(model: &Qwen3Model) -> Qwen3Model {
     struct Strip;
     impl ParamVisitor for Strip {
@@ -27,7 +27,7 @@ pub fn inference_copy(model: &Qwen3Model) -> Qwen3Model {
         }
     }
     let mut copy = model.clone();
-    copy.visit_params(&mut Strip);
+    copy.all_params().visit_params(&mut Strip);
     copy
 }
 

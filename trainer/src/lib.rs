@@ -6,8 +6,10 @@ pub mod checkpoint;
 pub mod data_parallel;
 pub mod error;
 pub mod eval;
+pub mod fault;
 pub mod grads;
 pub mod layout;
+pub mod lora;
 pub mod metrics;
 pub mod optim;
 pub mod rank_threads;
@@ -17,5 +19,6 @@ pub mod schedule;
 pub mod step;
 
 pub use error::TrainError;
+pub use fault::{Fault, FaultKind};
 pub use rank_threads::run_threads;
-pub use run::{run_rank, run_training, Fault, FaultKind, RunOptions, RunSummary};
+pub use run::{run_rank, run_training, RunOptions, RunSummary};

@@ -5,79 +5,25 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
-use moeru_checkpoints::load_hf_model;
+use moeru_checkpoints::{load_hf_model, load_peft_adapter};
 use moeru_data::{DataLoader, LoaderConfig, PackMode};
 use moeru_models::init::RandomInit;
-use moeru_models::{Qwen3Config, Qwen3Model};
+use moeru_models::{DropoutKey, Qwen3Config, Qwen3Model};
 use moeru_parallel::{thread_world, DeviceMesh, MeshSizes, ProcessGroup, Traffic};
 
-use crate::checkpoint::{restore_latest, save, TrainerState};
+use crate::checkpoint::{restore_latest, save, Restored, TrainerState};
 use crate::data_parallel::DataParallel;
 use crate::error::TrainError;
 use crate::eval::evaluate;
+use crate::fault::Fault;
 use crate::layout::validate_layout;
+use crate::lora::{attach, check_base, fingerprint, BaseFingerprint, TrainableSizes};
 use crate::metrics::{CommBytes, LayerLoad, MetricsSink, StepMetrics};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::recipe::recipe_hash;
 use crate::recipe::schema::{Precision, Recipe, TaskKind};
 use crate::schedule::learning_rate;
 use crate::step::{train_step, AuxWeights, MicroBatch};
-
-/// A test hook: make one rank misbehave at one step (`MOERU_FAULT`, see `Fault::parse`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Fault {
-    pub kind: FaultKind,
-    pub rank: usize,
-    /// 1-based step about to run when the fault fires.
-    pub step: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FaultKind {
-    /// The process kills itself with SIGKILL.
-    Kill,
-    /// The rank stops participating (sleeps forever).
-    Stall,
-}
-
-impl Fault {
-    /// `kill:RANK:STEP` or `stall:RANK:STEP`.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let parts: Vec<&str> = text.split(':').collect();
-        let bad = || format!("MOERU_FAULT={text:?}: expected kill:RANK:STEP or stall:RANK:STEP");
-        let [kind, rank, step] = parts.as_slice() else {
-            return Err(bad());
-        };
-        let kind = match *kind {
-            "kill" => FaultKind::Kill,
-            "stall" => FaultKind::Stall,
-            _ => return Err(bad()),
-        };
-        Ok(Self {
-            kind,
-            rank: rank.parse().map_err(|_| bad())?,
-            step: step.parse().map_err(|_| bad())?,
-        })
-    }
-
-    fn fire(&self) {
-        match self.kind {
-            FaultKind::Kill => {
-                eprintln!(
-                    "fault injection: rank {} kills itself at step {}",
-                    self.rank, self.step
-                );
-                let _ = std::process::Command::new("kill")
-                    .args(["-9", &std::process::id().to_string()])
-                    .status();
-                std::thread::sleep(Duration::from_secs(3600));
-            }
-            FaultKind::Stall => loop {
-                std::thread::sleep(Duration::from_secs(3600));
-            },
-        }
-    }
-}
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -94,6 +40,8 @@ pub struct RunSummary {
     pub start_step: u64,
     pub end_step: u64,
     pub last_loss: f64,
+    /// Trainable parameters and optimizer state of this rank.
+    pub sizes: TrainableSizes,
 }
 
 fn build_model(recipe: &Recipe, device: &Device) -> Result<Qwen3Model, TrainError> {
@@ -111,6 +59,33 @@ fn build_model(recipe: &Recipe, device: &Device) -> Result<Qwen3Model, TrainErro
         _ => Err(TrainError::BadRecipe(
             "`model`: set exactly one of `path` and `architecture`".into(),
         )),
+    }
+}
+
+/// The model of checkpoint `r`: its full weights, or for a LoRA checkpoint the recipe's base
+/// (checked against the recorded fingerprint) with the checkpoint's adapters.
+fn restored_model(
+    recipe: &Recipe,
+    model: Option<Qwen3Model>,
+    r: &Restored,
+    device: &Device,
+) -> Result<(Qwen3Model, Option<BaseFingerprint>), TrainError> {
+    let dir = r.dir.display();
+    match (model, &recipe.lora, &recipe.model.path) {
+        (Some(model), None, _) => Ok((model, None)),
+        (None, Some(_), Some(path)) => {
+            let mut model = build_model(recipe, device)?;
+            let base = fingerprint(&mut model, path);
+            check_base(&r.dir, r.state.lora_base.as_ref(), &base, path)?;
+            load_peft_adapter(&r.dir, &mut model)?;
+            Ok((model, Some(base)))
+        }
+        (Some(_), Some(_), _) => Err(TrainError::Invalid(format!(
+            "{dir} holds a fully trained model, but the recipe has a `lora` section; remove `lora` to continue that run, or set a fresh `checkpoint.dir` to fine-tune it with LoRA"
+        ))),
+        (None, None, _) | (None, Some(_), None) => Err(TrainError::Invalid(format!(
+            "{dir} holds LoRA adapters (adapter_model.safetensors), but the recipe has no `lora` section and `model.path`; restore the run's `lora` section, or set a fresh `checkpoint.dir`"
+        ))),
     }
 }
 
@@ -242,32 +217,44 @@ fn run_rank_inner(
     }
     let (dp_rank, dp_size) = (groups.dp.rank(), groups.dp.size());
     let loader_cfg = loader_config(recipe).with_rank(dp_rank, dp_size);
-    let (mut model, mut opt, moments, mut loader, start, mut tokens_seen) = match restored {
-        Some(r) => {
-            if r.state.recipe_hash != hash && main {
-                eprintln!("warning: {} was written by a different recipe; continuing with the current one", r.dir.display());
+    let (mut model, mut opt, moments, mut loader, start, mut tokens_seen, lora_base) =
+        match restored {
+            Some(mut r) => {
+                if r.state.recipe_hash != hash && main {
+                    eprintln!("warning: {} was written by a different recipe; continuing with the current one", r.dir.display());
+                }
+                if main {
+                    eprintln!("resuming from {} (step {})", r.dir.display(), r.state.step);
+                }
+                let (model, lora_base) = restored_model(recipe, r.model.take(), &r, &device)?;
+                let mut opt = AdamW::new(adamw);
+                opt.steps = r.state.step;
+                let loader = DataLoader::from_state(loader_cfg, &r.state.loader)?;
+                (
+                    model,
+                    opt,
+                    r.moments,
+                    loader,
+                    r.state.step,
+                    r.state.tokens_seen,
+                    lora_base,
+                )
             }
-            if main {
-                eprintln!("resuming from {} (step {})", r.dir.display(), r.state.step);
+            None => {
+                let mut model = build_model(recipe, &device)?;
+                let lora_base = match (&recipe.lora, &recipe.model.path) {
+                    (Some(l), Some(path)) => {
+                        let base = fingerprint(&mut model, path);
+                        attach(l, &mut model, recipe.model.init_seed)?;
+                        Some(base)
+                    }
+                    _ => None,
+                };
+                let loader = DataLoader::new(loader_cfg)?;
+                let moments = Default::default();
+                (model, AdamW::new(adamw), moments, loader, 0, 0, lora_base)
             }
-            let mut opt = AdamW::new(adamw);
-            opt.steps = r.state.step;
-            let loader = DataLoader::from_state(loader_cfg, &r.state.loader)?;
-            (
-                r.model,
-                opt,
-                r.moments,
-                loader,
-                r.state.step,
-                r.state.tokens_seen,
-            )
-        }
-        None => {
-            let model = build_model(recipe, &device)?;
-            let loader = DataLoader::new(loader_cfg)?;
-            (model, AdamW::new(adamw), Default::default(), loader, 0, 0)
-        }
-    };
+        };
     check_data(recipe, &loader, &model)?;
     validate_layout(&recipe.parallel, &model.config).map_err(TrainError::BadRecipe)?;
     let zero = recipe.parallel.zero_stage == 1;
@@ -275,7 +262,13 @@ fn run_rank_inner(
         let bucket = ((recipe.parallel.bucket_mb * 1024.0 * 1024.0) / 4.0).max(1.0) as usize;
         let inner = device.clone().inner();
         let dp = DataParallel::new(
-            world, &groups.dp, &mut model, zero, bucket, &moments, &inner,
+            world,
+            &groups.dp,
+            &mut model.trainable(),
+            zero,
+            bucket,
+            &moments,
+            &inner,
         );
         if !zero {
             opt.state = moments;
@@ -285,6 +278,15 @@ fn run_rank_inner(
         opt.state = moments;
         None
     };
+    let sizes = TrainableSizes::of(
+        &mut model,
+        dp.as_ref()
+            .and_then(|d| d.zero.as_ref())
+            .map(|z| z.ranges.iter().map(|r| r.len()).sum()),
+    );
+    if main {
+        eprintln!("{}", sizes.line(model.lora_config().is_some()));
+    }
     let t = &recipe.train;
     let weights = AuxWeights {
         load_balancing: recipe
@@ -324,14 +326,21 @@ fn run_rank_inner(
         let lr = learning_rate(recipe.optim.lr, &recipe.schedule, step, t.steps);
         let began = Instant::now();
         let mut micro = Vec::with_capacity(t.grad_accum);
-        for _ in 0..t.grad_accum {
+        for m in 0..t.grad_accum {
             let samples = loader.next_batch()?.ok_or_else(|| {
                 TrainError::Invalid(format!(
                     "{}: the dataset ran out of samples",
                     recipe.data.train.display()
                 ))
             })?;
-            micro.push(MicroBatch::from_samples(&samples, &device));
+            let mut mb = MicroBatch::from_samples(&samples, &device);
+            // The global micro-batch index: the same mask for the same sequences at any DP size.
+            let index = (step * t.grad_accum as u64 + m as u64) * dp_size as u64 + dp_rank as u64;
+            mb.dropout = Some(DropoutKey {
+                seed: t.seed,
+                counter: index,
+            });
+            micro.push(mb);
         }
         let traffic_before = (groups.dp.traffic(), world.traffic());
         let result = train_step(
@@ -390,6 +399,20 @@ fn run_rank_inner(
         }
         let every = recipe.checkpoint.every;
         if done == t.steps || (every > 0 && done.is_multiple_of(every)) {
+            // The digest of the base as it is now, so a checkpoint proves the base stayed frozen.
+            let lora_base = match (&lora_base, &recipe.model.path) {
+                (Some(start), Some(path)) => {
+                    let now = fingerprint(&mut model, path);
+                    if now != *start {
+                        return Err(TrainError::Invalid(format!(
+                            "the frozen LoRA base changed during training (weights sha256 {} at start, {} at step {done}); this is a bug in moeru, please report it",
+                            start.sha256, now.sha256
+                        )));
+                    }
+                    Some(now)
+                }
+                _ => None,
+            };
             let state = TrainerState {
                 step: done,
                 tokens_seen,
@@ -397,6 +420,7 @@ fn run_rank_inner(
                 recipe_hash: hash.clone(),
                 seed: t.seed,
                 lr,
+                lora_base,
             };
             let dir = save(
                 run_dir,
@@ -420,5 +444,6 @@ fn run_rank_inner(
         start_step: start,
         end_step: end,
         last_loss,
+        sizes,
     })
 }

@@ -4,7 +4,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use moeru_data::PackedSample;
 use moeru_models::loss::{next_token_targets, token_loss_sum};
 use moeru_models::params::to_f32_vec;
-use moeru_models::{Batch, Qwen3Model};
+use moeru_models::{Batch, DropoutKey, Qwen3Model};
 
 use crate::data_parallel::DataParallel;
 use crate::grads::GradBuffer;
@@ -18,6 +18,8 @@ pub struct MicroBatch {
     pub mask: Tensor<2>,
     pub target_count: usize,
     pub tokens: usize,
+    /// Which LoRA dropout mask the forward draws (`None`: no dropout).
+    pub dropout: Option<DropoutKey>,
 }
 
 impl MicroBatch {
@@ -49,6 +51,7 @@ impl MicroBatch {
             mask: Tensor::from_data(TensorData::new(mask, [b, s]), device),
             target_count,
             tokens: b * s,
+            dropout: None,
         }
     }
 
@@ -62,6 +65,7 @@ impl MicroBatch {
             mask,
             target_count: b * (s - 1),
             tokens: b * s,
+            dropout: None,
         }
     }
 }
@@ -93,6 +97,7 @@ pub struct StepResult {
 /// losses are averaged over micro-batches. Under data parallelism (`dp`) the global batch is
 /// every rank's micro-batches: target counts and reported values are summed over ranks and
 /// the gradients over the DP group, so the step equals the single-rank step on all of them.
+/// With LoRA attached only the adapters train, each micro-batch with its own dropout mask.
 pub fn train_step(
     model: &mut Qwen3Model,
     opt: &mut AdamW,
@@ -114,6 +119,7 @@ pub fn train_step(
     let mut grads = GradBuffer::default();
     let mut result = StepResult::default();
     for mb in micro {
+        model.set_lora_dropout(mb.dropout);
         let out = model.forward(&mb.batch);
         let lm = token_loss_sum(
             out.hidden,
@@ -137,15 +143,17 @@ pub fn train_step(
         add_counts(&mut result.expert_counts, &out.router);
         result.tokens += mb.tokens as u64;
         let g = loss.backward();
-        grads.accumulate(model, &g);
+        // Only what trains gets gradients and optimizer state (LoRA: the adapters).
+        grads.accumulate(&mut model.trainable(), &g);
     }
+    model.set_lora_dropout(None);
     match dp {
         None => {
             result.grad_norm = grads.clip(clip);
-            opt.step(model, &mut grads, lr);
+            opt.step(&mut model.trainable(), &mut grads, lr);
         }
         Some(dp) => {
-            result.grad_norm = dp.step(model, opt, &mut grads, lr, clip)?;
+            result.grad_norm = dp.step(&mut model.trainable(), opt, &mut grads, lr, clip)?;
             sum_over_ranks(&mut result, dp)?;
         }
     }

@@ -427,7 +427,7 @@ fn to_yaml_round_trips() {
 fn full_json() -> serde_json::Value {
     let r = ok(
         &with("  seq_len: 16", "  seq_len: 16\n  eval: e"),
-        &["moe.aux_loss_coef=0.01"],
+        &["moe.aux_loss_coef=0.01", "lora.rank=4", "lora.adapter=a"],
     );
     serde_json::to_value(r).unwrap()
 }
@@ -497,6 +497,7 @@ fn key_table_required_and_kinds_match_schema() {
             Kind::OptPath => vec!["p".into(), serde_json::Value::Null],
             Kind::Enum(values) => values.iter().map(|s| (*s).into()).collect(),
             Kind::FloatPair => vec![serde_json::json!([0.5, 1])],
+            Kind::StrList => vec![serde_json::json!(["a", "b"]), serde_json::json!([])],
             Kind::FreeMap => vec![
                 serde_json::json!({"a": [1, {"b": null}]}),
                 serde_json::Value::Null,

@@ -123,6 +123,16 @@ impl Checker<'_> {
                 }
                 Ok(pair.into())
             }
+            (Kind::StrList, Value::Seq(items)) => {
+                let mut list = Vec::new();
+                for item in items {
+                    match &item.value {
+                        Value::Str(s) => list.push(J::String(s.clone())),
+                        v => return Err(self.wrong(path, &item.origin, kind, v, "")),
+                    }
+                }
+                Ok(J::Array(list))
+            }
             (Kind::FreeMap, Value::Map(_)) => {
                 node.value.to_json().map_err(|x| RecipeError::WrongType {
                     at: self.place(&node.origin),

@@ -25,6 +25,8 @@ pub enum Kind {
     FloatPair,
     /// A free-form mapping (config.json fields) or null; any key inside is allowed.
     FreeMap,
+    /// A list of strings.
+    StrList,
 }
 
 impl Kind {
@@ -44,6 +46,7 @@ impl Kind {
             }
             Kind::FloatPair => "a list of two numbers, e.g. [0.9, 0.95]".into(),
             Kind::FreeMap => "a mapping of config.json fields, or null".into(),
+            Kind::StrList => "a list of strings, e.g. [q_proj, v_proj]".into(),
         }
     }
 }
@@ -140,6 +143,13 @@ pub const KEYS: &[Key] = &[
     key("moe.aux_loss_coef", OptFloat, false, ""),
     key("moe.z_loss_coef", Float, false, ""),
     key("precision", Enum(&["f32", "bf16"]), false, ""),
+    key("lora", Section, false, ""),
+    key("lora.rank", UInt, false, ""),
+    key("lora.alpha", Float, false, ""),
+    key("lora.dropout", Float, false, ""),
+    key("lora.target_modules", StrList, false, ""),
+    key("lora.use_rslora", Bool, false, ""),
+    key("lora.adapter", OptPath, false, ""),
 ];
 
 /// The key at `path`, if the schema has one.

@@ -23,6 +23,9 @@ pub struct Recipe {
     pub moe: MoeSection,
     #[serde(default)]
     pub precision: Precision,
+    /// LoRA fine-tuning: present (even empty, `lora:`) trains adapters on a frozen base.
+    #[serde(default)]
+    pub lora: Option<LoraSection>,
 }
 
 /// Either a Hugging Face folder (`path`) or an architecture plus `init_seed` for from-scratch
@@ -181,6 +184,29 @@ pub struct MoeSection {
     pub z_loss_coef: f64,
 }
 
+/// Adapters `y = xW + s·(x A) B` on a frozen base, s = alpha / rank (alpha / √rank with
+/// rsLoRA). On a MoE model `gate_proj`/`up_proj`/`down_proj` mean the experts and `gate` the
+/// router, as in peft with transformers 5.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    #[serde(default = "default_lora_rank")]
+    pub rank: usize,
+    #[serde(default = "default_lora_alpha")]
+    pub alpha: f64,
+    /// Dropout on the adapters' input (attention and dense MLP targets only).
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default = "default_lora_targets")]
+    pub target_modules: Vec<String>,
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// A PEFT adapter folder to start from instead of fresh adapters; its adapter_config.json
+    /// then sets ranks, alphas, dropout and targets.
+    #[serde(default)]
+    pub adapter: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -200,6 +226,25 @@ fn default_bucket_mb() -> f64 {
 }
 fn default_timeout_s() -> f64 {
     600.0
+}
+fn default_lora_rank() -> usize {
+    8
+}
+fn default_lora_alpha() -> f64 {
+    16.0
+}
+fn default_lora_targets() -> Vec<String> {
+    [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn default_lr() -> f64 {
     3e-4
@@ -255,6 +300,19 @@ impl Default for MoeSection {
         Self {
             aux_loss_coef: None,
             z_loss_coef: 0.0,
+        }
+    }
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        Self {
+            rank: default_lora_rank(),
+            alpha: default_lora_alpha(),
+            dropout: 0.0,
+            target_modules: default_lora_targets(),
+            use_rslora: false,
+            adapter: None,
         }
     }
 }

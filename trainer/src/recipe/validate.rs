@@ -1,7 +1,7 @@
 //! Checks across values that types alone cannot express (ranges, exclusive keys, keys that
 //! need other keys). Each failure names the key, its value and the fix.
 
-use super::schema::Recipe;
+use super::schema::{LoraSection, Recipe};
 
 /// A failed check: the key it is about and the message (without the key).
 #[derive(Debug, Clone, PartialEq)]
@@ -157,6 +157,9 @@ pub fn validate(r: &Recipe) -> Result<(), Violation> {
         non_negative("moe.aux_loss_coef", c)?;
     }
     non_negative("moe.z_loss_coef", r.moe.z_loss_coef)?;
+    if let Some(l) = &r.lora {
+        validate_lora(l, r.model.path.is_some())?;
+    }
     if t.eval_every > 0 && d.eval.is_none() {
         return Err(Violation {
             key: "train.eval_every",
@@ -166,6 +169,61 @@ pub fn validate(r: &Recipe) -> Result<(), Violation> {
                 t.eval_every
             ),
             related: &["data.eval"],
+        });
+    }
+    Ok(())
+}
+
+fn validate_lora(l: &LoraSection, has_path: bool) -> Result<(), Violation> {
+    if !has_path {
+        return Err(Violation {
+            key: "lora",
+            msg: "trains adapters on a pretrained model, but `model.path` is not set; point \
+                  `model.path` at the base model's Hugging Face folder (`model.architecture` \
+                  builds a random model)"
+                .into(),
+            related: &["model.path", "model.architecture"],
+        });
+    }
+    at_least("lora.rank", l.rank as u64, 1, "")?;
+    if !(l.alpha > 0.0 && l.alpha.is_finite()) {
+        return Err(Violation {
+            key: "lora.alpha",
+            msg: format!(
+                "is {}; it must be greater than 0 (e.g. 2 × lora.rank)",
+                l.alpha
+            ),
+            related: &[],
+        });
+    }
+    if !(0.0..1.0).contains(&l.dropout) {
+        return Err(Violation {
+            key: "lora.dropout",
+            msg: format!("is {}; it must be in [0, 1)", l.dropout),
+            related: &[],
+        });
+    }
+    if l.target_modules.is_empty() {
+        return Err(Violation {
+            key: "lora.target_modules",
+            msg: "is empty; name at least one of q_proj, k_proj, v_proj, o_proj, gate_proj, \
+                  up_proj, down_proj, gate"
+                .into(),
+            related: &[],
+        });
+    }
+    if let Some(t) = l
+        .target_modules
+        .iter()
+        .find(|t| !moeru_models::lora::KNOWN_TARGETS.contains(&t.as_str()))
+    {
+        return Err(Violation {
+            key: "lora.target_modules",
+            msg: format!(
+                "names `{t}`; known targets are q_proj, k_proj, v_proj, o_proj, gate_proj, \
+                 up_proj, down_proj and gate (the MoE router)"
+            ),
+            related: &[],
         });
     }
     Ok(())
