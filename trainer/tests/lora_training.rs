@@ -367,3 +367,24 @@ fn a_peft_adapter_gives_peft_logits_and_continues_training() {
         "{moved}"
     );
 }
+
+#[test]
+fn lora_pretraining_on_plain_text_lowers_the_loss() {
+    let out = tempfile::tempdir().unwrap();
+    let text = workspace().join("recipes/smoke/data/train");
+    train(
+        out.path(),
+        &[
+            "data.task=pretrain".into(),
+            format!("data.train={}", text.display()),
+            "lora.target_modules=[q_proj, v_proj]".into(),
+            "train.steps=8".into(),
+            "checkpoint.every=0".into(),
+        ],
+    );
+    let l = losses(out.path());
+    assert!(l[7] < l[0], "{l:?}");
+    assert!(step_dir(out.path(), 8)
+        .join("adapter_model.safetensors")
+        .exists());
+}

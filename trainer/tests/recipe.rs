@@ -427,7 +427,13 @@ fn to_yaml_round_trips() {
 fn full_json() -> serde_json::Value {
     let r = ok(
         &with("  seq_len: 16", "  seq_len: 16\n  eval: e"),
-        &["moe.aux_loss_coef=0.01", "lora.rank=4", "lora.adapter=a"],
+        &[
+            "moe.aux_loss_coef=0.01",
+            "model.architecture=null",
+            "model.path=m",
+            "lora.rank=4",
+            "lora.adapter=a",
+        ],
     );
     serde_json::to_value(r).unwrap()
 }
@@ -489,6 +495,7 @@ fn key_table_required_and_kinds_match_schema() {
         // A sample of what the table accepts must deserialize too.
         let samples: Vec<serde_json::Value> = match k.kind {
             Kind::Section => vec![],
+            Kind::OptSection => vec![serde_json::Value::Null],
             Kind::UInt => vec![3.into()],
             Kind::Float => vec![0.5.into(), 2.into()],
             Kind::OptFloat => vec![0.5.into(), serde_json::Value::Null],
@@ -528,4 +535,22 @@ fn committed_recipes_load() {
         }
     }
     assert!(n > 0, "no recipes in {}", dir.display());
+}
+
+#[test]
+fn lora_section_is_on_as_a_mapping_and_off_as_null() {
+    let base = ["model.architecture=null", "model.path=m"];
+    let on = ok(MINIMAL, &[base[0], base[1], "lora={}"]);
+    assert_eq!(on.lora, Some(Default::default()));
+    let off = ok(MINIMAL, &[base[0], base[1], "lora.rank=4", "lora=null"]);
+    assert_eq!(off.lora, None);
+    let e = err(MINIMAL, &["lora.rank=4"]);
+    assert!(e.contains("`lora`") && e.contains("model.path"), "{e}");
+    let e = err(MINIMAL, &[base[0], base[1], "lora.target_modules=[qproj]"]);
+    assert!(
+        e.contains("lora.target_modules") && e.contains("qproj"),
+        "{e}"
+    );
+    let e = err(MINIMAL, &[base[0], base[1], "lora.dropout=1.5"]);
+    assert!(e.contains("lora.dropout") && e.contains("1.5"), "{e}");
 }

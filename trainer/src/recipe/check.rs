@@ -92,7 +92,10 @@ impl Checker<'_> {
         let node = &e.node;
         let wrong = || self.wrong(path, &node.origin, kind, &node.value, "");
         match (kind, &node.value) {
-            (Kind::Section, Value::Map(entries)) => self.map(path, entries, &e.origin),
+            (Kind::Section | Kind::OptSection, Value::Map(entries)) => {
+                self.map(path, entries, &e.origin)
+            }
+            (Kind::OptSection, Value::Null) => Ok(J::Null),
             // An empty section (`optim:` with everything commented out) means all defaults.
             (Kind::Section, Value::Null) => self.map(path, &[], &e.origin),
             (Kind::UInt, Value::Int(i)) if *i >= 0 => Ok(J::from(*i)),

@@ -8,6 +8,8 @@
 pub enum Kind {
     /// A mapping of further keys.
     Section,
+    /// A mapping of further keys, or null for "off" (the section is optional as a whole).
+    OptSection,
     /// A non-negative integer (u64 / usize).
     UInt,
     /// A finite number.
@@ -34,6 +36,7 @@ impl Kind {
     pub fn expected(self) -> String {
         match self {
             Kind::Section => "a mapping of keys".into(),
+            Kind::OptSection => "a mapping of keys, or null (off)".into(),
             Kind::UInt => "a non-negative integer".into(),
             Kind::Float => "a number".into(),
             Kind::OptFloat => "a number or null".into(),
@@ -143,7 +146,7 @@ pub const KEYS: &[Key] = &[
     key("moe.aux_loss_coef", OptFloat, false, ""),
     key("moe.z_loss_coef", Float, false, ""),
     key("precision", Enum(&["f32", "bf16"]), false, ""),
-    key("lora", Section, false, ""),
+    key("lora", OptSection, false, ""),
     key("lora.rank", UInt, false, ""),
     key("lora.alpha", Float, false, ""),
     key("lora.dropout", Float, false, ""),

@@ -23,8 +23,9 @@ pub struct Recipe {
     pub moe: MoeSection,
     #[serde(default)]
     pub precision: Precision,
-    /// LoRA fine-tuning: present (even empty, `lora:`) trains adapters on a frozen base.
-    #[serde(default)]
+    /// LoRA fine-tuning: a mapping (`lora: {}` for every default) trains adapters on a frozen
+    /// base; absent or null, the whole model trains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraSection>,
 }
 
