@@ -52,10 +52,18 @@ CASES = {
 }
 
 
-def load_base(name):
+def load_base(name, folder=None):
     return AutoModelForCausalLM.from_pretrained(
-        f"tests/reference/models/{name}", dtype=torch.float32, attn_implementation="eager",
-        experts_implementation="eager")
+        folder or f"tests/reference/models/{name}", dtype=torch.float32,
+        attn_implementation="eager", experts_implementation="eager")
+
+
+def randomize_adapters(model, gen, scale):
+    """Seeded random A and B (B non-zero, so the adapter changes the output)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(scale * torch.randn(p.shape, generator=gen))
 
 
 def lora_name(peft_name):
@@ -86,10 +94,7 @@ def make(case, spec, gen):
     folder = os.path.join(HERE, "lora", case)
     shutil.rmtree(folder, ignore_errors=True)
     model = get_peft_model(load_base(spec["model"]), LoraConfig(**spec["config"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    randomize_adapters(model, gen, 0.2)
     model.save_pretrained(folder)
     os.remove(os.path.join(folder, "README.md"))  # a generated model card, not needed
     sort_config_lists(folder)
@@ -156,15 +161,10 @@ def make_smoke_adapter():
     folder = os.path.join(HERE, "lora", "smoke-base-peft")
     shutil.rmtree(folder, ignore_errors=True)
     gen = torch.Generator().manual_seed(2026)
-    base = lambda: AutoModelForCausalLM.from_pretrained(
-        "recipes/smoke/base", dtype=torch.float32, attn_implementation="eager",
-        experts_implementation="eager")
+    base = lambda: load_base(None, "recipes/smoke/base")
     config = LoraConfig(r=4, lora_alpha=8, target_modules=ALL)
     model = get_peft_model(base(), config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    randomize_adapters(model, gen, 0.05)
     model.save_pretrained(folder)
     os.remove(os.path.join(folder, "README.md"))
     sort_config_lists(folder)
