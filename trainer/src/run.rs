@@ -66,12 +66,11 @@ fn build_model(recipe: &Recipe, device: &Device) -> Result<Qwen3Model, TrainErro
 /// (checked against the recorded fingerprint) with the checkpoint's adapters.
 fn restored_model(
     recipe: &Recipe,
-    model: Option<Qwen3Model>,
-    r: &Restored,
+    r: &mut Restored,
     device: &Device,
 ) -> Result<(Qwen3Model, Option<BaseFingerprint>), TrainError> {
     let dir = r.dir.display();
-    match (model, &recipe.lora, &recipe.model.path) {
+    match (r.model.take(), &recipe.lora, &recipe.model.path) {
         (Some(model), None, _) => Ok((model, None)),
         (None, Some(_), Some(path)) => {
             let mut model = build_model(recipe, device)?;
@@ -226,7 +225,7 @@ fn run_rank_inner(
                 if main {
                     eprintln!("resuming from {} (step {})", r.dir.display(), r.state.step);
                 }
-                let (model, lora_base) = restored_model(recipe, r.model.take(), &r, &device)?;
+                let (model, lora_base) = restored_model(recipe, &mut r, &device)?;
                 let mut opt = AdamW::new(adamw);
                 opt.steps = r.state.step;
                 let loader = DataLoader::from_state(loader_cfg, &r.state.loader)?;

@@ -293,23 +293,21 @@ fn mismatched_checkpoints_are_refused() {
 
     // The base changed under the run: one weight nudged.
     let path = base.join("model.safetensors");
-    let mut t: Vec<_> = TensorFile::open(&path)
-        .unwrap()
+    let file = TensorFile::open(&path).unwrap();
+    let mut owned: Vec<_> = file
         .shapes()
         .into_iter()
-        .map(|(n, _)| n)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .map(|n| {
-            let (v, s) = TensorFile::open(&path).unwrap().f32(&n).unwrap();
-            (n, v, s)
+        .map(|(n, shape)| {
+            let (v, _) = file.f32(&n).unwrap();
+            (n, v, shape)
         })
         .collect();
-    t[0].1[0] += 1e-3;
-    let owned: Vec<_> = t
+    owned[0].1[0] += 1e-3;
+    let owned: Vec<_> = owned
         .into_iter()
         .map(|(n, v, s)| (n, moeru_checkpoints::OwnedTensor::f32(&v, s)))
         .collect();
+    drop(file);
     write_tensors(&path, &owned).unwrap();
     let e = err(&r);
     assert!(e.contains("sha256") && e.contains("model.path"), "{e}");

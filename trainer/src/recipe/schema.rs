@@ -234,18 +234,13 @@ fn default_lora_rank() -> usize {
 fn default_lora_alpha() -> f64 {
     16.0
 }
+/// Every projection; the MoE router (`gate`) only when asked for.
 fn default_lora_targets() -> Vec<String> {
-    [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ]
-    .map(String::from)
-    .to_vec()
+    moeru_models::lora::KNOWN_TARGETS
+        .iter()
+        .filter(|t| **t != "gate")
+        .map(|t| t.to_string())
+        .collect()
 }
 fn default_lr() -> f64 {
     3e-4

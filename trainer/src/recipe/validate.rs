@@ -1,6 +1,8 @@
 //! Checks across values that types alone cannot express (ranges, exclusive keys, keys that
 //! need other keys). Each failure names the key, its value and the fix.
 
+use moeru_models::lora::KNOWN_TARGETS;
+
 use super::schema::{LoraSection, Recipe};
 
 /// A failed check: the key it is about and the message (without the key).
@@ -206,22 +208,23 @@ fn validate_lora(l: &LoraSection, has_path: bool) -> Result<(), Violation> {
     if l.target_modules.is_empty() {
         return Err(Violation {
             key: "lora.target_modules",
-            msg: "is empty; name at least one of q_proj, k_proj, v_proj, o_proj, gate_proj, \
-                  up_proj, down_proj, gate"
-                .into(),
+            msg: format!(
+                "is empty; name at least one of {}",
+                KNOWN_TARGETS.join(", ")
+            ),
             related: &[],
         });
     }
     if let Some(t) = l
         .target_modules
         .iter()
-        .find(|t| !moeru_models::lora::KNOWN_TARGETS.contains(&t.as_str()))
+        .find(|t| !KNOWN_TARGETS.contains(&t.as_str()))
     {
         return Err(Violation {
             key: "lora.target_modules",
             msg: format!(
-                "names `{t}`; known targets are q_proj, k_proj, v_proj, o_proj, gate_proj, \
-                 up_proj, down_proj and gate (the MoE router)"
+                "names `{t}`; known targets are {} (`gate` is the MoE router)",
+                KNOWN_TARGETS.join(", ")
             ),
             related: &[],
         });
