@@ -6,6 +6,7 @@ use crate::config::Qwen3Config;
 use crate::layers::rms_norm;
 use crate::lora::{lora_linear, LoraAdapter, LoraSlot};
 use crate::params::{ParamSource, ParamVisitor, Params};
+use crate::precision::{f32, like, scale, Precision};
 use crate::rope::apply_rope;
 
 #[derive(Debug, Clone)]
@@ -34,6 +35,8 @@ pub struct AttentionContext {
     /// Additive mask `[batch, 1, 1, seq, seq]`: 0 where allowed, -inf where blocked (every row
     /// keeps its own position, so no row is all -inf; exp(-inf) = 0 skips libm's underflow path).
     pub bias: Tensor<5>,
+    /// The dtype matmuls run in.
+    pub precision: Precision,
 }
 
 impl Attention {
@@ -77,6 +80,8 @@ impl Attention {
     pub fn forward(&self, x: Tensor<3>, ctx: &AttentionContext) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let p = ctx.precision;
+        let x = p.mm(x);
         let bias = |i: usize| self.biases.as_ref().map(|bs| &bs[i]);
         let heads = |w: &Tensor<2>, i: usize, n: usize| {
             lora_linear(x.clone(), w, bias(i), &self.lora[i])
@@ -93,10 +98,12 @@ impl Attention {
         // Query heads g·rep..(g+1)·rep share kv head g; grouping them avoids repeating k and v.
         let rep = nh / nkv;
         let q = q.reshape([b, nkv, rep * s, hd]);
-        let scores = q.matmul(k.swap_dims(2, 3)) * (hd as f64).powf(-0.5);
+        // Scaled in the matmul dtype, as transformers' eager attention does under autocast.
+        let scores = p.mm(q).matmul(p.mm(k).swap_dims(2, 3));
+        let scores = f32(scale(scores, (hd as f64).powf(-0.5)));
         let scores = scores.reshape([b, nkv, rep, s, s]) + ctx.bias.clone();
         let probs = softmax(scores, 4).reshape([b, nkv, rep * s, s]);
-        let out = probs
+        let out = like(probs, &v)
             .matmul(v)
             .reshape([b, nh, s, hd])
             .swap_dims(1, 2)

@@ -8,6 +8,7 @@ use crate::layers::{rms_norm, swiglu};
 use crate::lora::{lora_linear, LoraAdapter, LoraSlot};
 use crate::moe::{MoeBlock, RouterStats};
 use crate::params::{ParamSource, ParamVisitor, Params};
+use crate::precision::f32;
 
 /// A dense SwiGLU MLP with `[out, in]` projections.
 #[derive(Debug, Clone)]
@@ -146,13 +147,15 @@ impl DecoderLayer {
         let attn = self
             .self_attn
             .forward(rms_norm(x.clone(), &self.input_layernorm, self.eps), ctx);
-        let x = x + attn;
+        // The residual stream stays f32 (as under autocast, where f32 + bf16 is f32).
+        let x = x + f32(attn);
         let normed = rms_norm(x.clone(), &self.post_attention_layernorm, self.eps);
+        let p = ctx.precision;
         match &self.mlp {
-            Mlp::Dense(mlp) => (x + mlp.forward(normed), None),
+            Mlp::Dense(mlp) => (x + f32(mlp.forward(p.mm(normed))), None),
             Mlp::Moe(moe) => {
                 let [b, s, h] = normed.dims();
-                let (y, stats) = moe.forward(normed.reshape([b * s, h]));
+                let (y, stats) = moe.forward(normed.reshape([b * s, h]), p);
                 (x + y.reshape([b, s, h]), Some(stats))
             }
         }

@@ -2,14 +2,21 @@
 
 use burn::tensor::{activation::silu, Tensor};
 
-/// `x · Wᵀ (+ b)` for `x [.., in]` and `w [out, in]` (transformers' `nn.Linear` layout).
+use crate::precision::{f32, like, round_to};
+
+/// `x · Wᵀ (+ b)` for `x [.., in]` and `w [out, in]` (transformers' `nn.Linear` layout),
+/// computed in the dtype of `x` (the weights are cast to it; see `precision`).
 pub fn linear<const D: usize>(x: Tensor<D>, w: &Tensor<2>, bias: Option<&Tensor<1>>) -> Tensor<D> {
     let dims = x.dims();
     let rows: usize = dims[..D - 1].iter().product();
     let [out, inp] = w.dims();
-    let y = x.reshape([rows, inp]).matmul(w.clone().transpose());
+    let w = like(w.clone(), &x);
+    let y = x.reshape([rows, inp]).matmul(w.transpose());
     let y = match bias {
-        Some(b) => y + b.clone().unsqueeze::<2>(),
+        Some(b) => {
+            let b = like(b.clone(), &y);
+            y + b.unsqueeze::<2>()
+        }
         None => y,
     };
     let mut shape = dims;
@@ -17,16 +24,22 @@ pub fn linear<const D: usize>(x: Tensor<D>, w: &Tensor<2>, bias: Option<&Tensor<
     y.reshape(shape)
 }
 
-/// RMSNorm over the last dimension: `w · x / sqrt(mean(x²) + eps)`, as Qwen3RMSNorm.
+/// RMSNorm over the last dimension in f32: `w · x / sqrt(mean(x²) + eps)`, as Qwen3RMSNorm
+/// (whose f32 weight times the normalised input is f32 under autocast too).
 pub fn rms_norm<const D: usize>(x: Tensor<D>, w: &Tensor<1>, eps: f64) -> Tensor<D> {
+    let input = x.dtype();
+    let x = f32(x);
     let variance = x.clone().square().mean_dim(D - 1);
     let x = x * variance.add_scalar(eps).sqrt().recip();
-    x * w.clone().unsqueeze::<D>()
+    // transformers rounds the normalised input back to the input dtype before the weight.
+    f32(round_to(x, input)) * w.clone().unsqueeze::<D>()
 }
 
 /// `down(silu(gate) ⊙ up)` given the gate and up projections already computed.
 pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
-    silu(gate) * up
+    // silu in f32, rounded once to the input dtype (as torch does for bf16 inputs).
+    let dtype = gate.dtype();
+    round_to(silu(f32(gate)), dtype) * up
 }
 
 /// `log Σ_j exp(x_ij)` per row of `x [rows, cols]`, stabilised by the (detached) row max.

@@ -16,6 +16,7 @@ pub mod loss;
 pub mod model;
 pub mod moe;
 pub mod params;
+pub mod precision;
 pub mod rope;
 
 pub use batch::Batch;
@@ -24,3 +25,4 @@ pub use lora::{DropoutKey, LoraAdapter, LoraConfig, LoraError, LoraSite};
 pub use lora_model::{AllParams, Trainable};
 pub use model::{ForwardOutput, Qwen3Model};
 pub use params::{ParamSource, ParamVisitor, Params};
+pub use precision::Precision;

@@ -20,6 +20,7 @@ use crate::config::Qwen3Config;
 use crate::init::{name_hash, SplitMix64};
 use crate::layers::linear;
 use crate::params::{param_from_data, ParamSource};
+use crate::precision::{like, scale};
 
 /// What `lora.target_modules` may name. On a MoE model `gate_proj`/`up_proj`/`down_proj` mean
 /// the experts and `gate` the router, as peft rewrites them for transformers 5.
@@ -222,15 +223,15 @@ impl LoraAdapter {
     /// `s · (dropout(x) · Aᵀ) · Bᵀ` for `x [.., in]`.
     pub fn apply<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let x = self.drop(x);
-        linear(linear(x, &self.a, None), &self.b, None).mul_scalar(self.scale)
+        scale(linear(linear(x, &self.a, None), &self.b, None), self.scale)
     }
 
     /// Per-expert `s · (x_e · A_eᵀ) · B_eᵀ` for `x [E, C, in]` → `[E, C, out]`.
     pub fn apply_experts(&self, x: Tensor<3>) -> Tensor<3> {
         let (a, b) = self.per_expert();
-        x.matmul(a.swap_dims(1, 2))
-            .matmul(b.swap_dims(1, 2))
-            .mul_scalar(self.scale)
+        let (a, b) = (like(a, &x), like(b, &x));
+        let y = x.matmul(a.swap_dims(1, 2)).matmul(b.swap_dims(1, 2));
+        scale(y, self.scale)
     }
 
     /// `(A [E, r, in], B [E, out, r])` from PEFT's flattened layout.
@@ -268,7 +269,9 @@ impl LoraAdapter {
         let mask: Vec<f32> = (0..n)
             .map(|_| if rng.next_unit() > p { keep } else { 0.0 })
             .collect();
-        x.clone() * Tensor::<D>::from_data(TensorData::new(mask, dims), &x.device())
+        let mask = Tensor::<D>::from_data(TensorData::new(mask, dims), &x.device());
+        let mask = like(mask, &x);
+        x * mask
     }
 }
 

@@ -3,6 +3,7 @@
 use burn::tensor::{Int, Tensor};
 
 use crate::layers::logsumexp_rows;
+use crate::precision::{f32, like};
 
 /// Rows per chunk such that a chunk's logits stay under ~64 Mi elements.
 fn chunk_rows(vocab: usize) -> usize {
@@ -41,7 +42,8 @@ pub fn causal_lm_loss(
 }
 
 /// Σ over masked-in positions of the token cross-entropy (see [`causal_lm_loss`]); training
-/// divides by the target count of the whole global batch.
+/// divides by the target count of the whole global batch. The logits matmul runs in the dtype
+/// of `hidden`; the softmax and the sum run in f32.
 pub fn token_loss_sum(
     hidden: Tensor<3>,
     weight: &Tensor<2>,
@@ -54,14 +56,15 @@ pub fn token_loss_sum(
     let targets = targets.reshape([rows, 1]);
     let mask = mask.reshape([rows]);
     let step = chunk_rows(weight.dims()[0]);
+    let weight = like(weight.clone(), &hidden);
     let mut total: Option<Tensor<1>> = None;
     let mut start = 0;
     while start < rows {
         let len = step.min(rows - start);
-        let logits = hidden
+        let logits = f32(hidden
             .clone()
             .narrow(0, start, len)
-            .matmul(weight.clone().transpose());
+            .matmul(weight.clone().transpose()));
         let lse = logsumexp_rows(logits.clone());
         let picked = logits
             .gather(1, targets.clone().narrow(0, start, len))

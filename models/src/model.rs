@@ -1,6 +1,6 @@
 //! Qwen3ForCausalLM / Qwen3MoeForCausalLM: embeddings, decoder layers, final norm, LM head.
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Int, Tensor};
 
 use crate::attention::AttentionContext;
 use crate::batch::Batch;
@@ -8,9 +8,10 @@ use crate::config::Qwen3Config;
 use crate::decoder::DecoderLayer;
 use crate::layers::{linear, rms_norm};
 use crate::lora::LoraConfig;
-use crate::loss::{causal_lm_loss, next_token_targets};
+use crate::loss::{next_token_targets, token_loss_sum};
 use crate::moe::{load_balancing_loss, router_z_loss, RouterStats};
 use crate::params::{ParamSource, ParamVisitor, Params};
+use crate::precision::{f32, Precision};
 use crate::rope::{inverse_frequencies, rope_tables};
 
 #[derive(Debug, Clone)]
@@ -24,6 +25,8 @@ pub struct Qwen3Model {
     inv_freq: Vec<f32>,
     /// Set once LoRA adapters are attached (see `lora_model.rs`); the base is then frozen.
     pub(crate) lora: Option<LoraConfig>,
+    /// The dtype matmuls run in; parameters stay f32 either way.
+    precision: Precision,
 }
 
 /// What a forward pass returns besides logits, which are computed on demand.
@@ -66,7 +69,17 @@ impl Qwen3Model {
             lm_head,
             inv_freq,
             lora: None,
+            precision: Precision::F32,
         })
+    }
+
+    /// Runs later forwards with matmuls in `precision` (see `precision.rs`).
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     pub fn device(&self) -> Device {
@@ -87,7 +100,12 @@ impl Qwen3Model {
         let bias = Tensor::<3>::zeros([b, s, s], &device)
             .mask_fill(batch.attention_block_mask(), f32::NEG_INFINITY)
             .reshape([b, 1, 1, s, s]);
-        let ctx = AttentionContext { cos, sin, bias };
+        let ctx = AttentionContext {
+            cos,
+            sin,
+            bias,
+            precision: self.precision,
+        };
         let mut router = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let (next, stats) = layer.forward(x, &ctx);
@@ -111,16 +129,37 @@ impl Qwen3Model {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
-    /// Full logits `[batch, seq, vocab]`; training uses the chunked loss instead.
+    /// Full f32 logits `[batch, seq, vocab]`; training uses the chunked loss instead.
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        linear(hidden, self.lm_head_weight(), None)
+        f32(linear(
+            self.precision.mm(hidden),
+            self.lm_head_weight(),
+            None,
+        ))
+    }
+
+    /// Σ of the next-token cross-entropy over the positions where `mask` is 1 (see
+    /// [`token_loss_sum`]), with the LM head matmul in the model's precision.
+    pub fn token_loss_sum(
+        &self,
+        hidden: Tensor<3>,
+        targets: Tensor<2, Int>,
+        mask: Tensor<2>,
+    ) -> Tensor<1> {
+        token_loss_sum(
+            self.precision.mm(hidden),
+            self.lm_head_weight(),
+            targets,
+            mask,
+        )
     }
 
     /// Mean next-token cross-entropy with labels = input ids, as transformers returns for
     /// `labels=input_ids` (one document per row).
     pub fn lm_loss(&self, batch: &Batch, hidden: Tensor<3>) -> Tensor<1> {
         let (targets, mask) = next_token_targets(&batch.input_ids);
-        causal_lm_loss(hidden, self.lm_head_weight(), targets, mask)
+        let count = mask.clone().sum();
+        self.token_loss_sum(hidden, targets, mask) / count
     }
 }
 

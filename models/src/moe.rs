@@ -10,6 +10,7 @@ use crate::config::{MoeConfig, Qwen3Config};
 use crate::layers::{logsumexp_rows, swiglu};
 use crate::lora::{lora_linear, LoraAdapter, LoraSlot};
 use crate::params::{ParamSource, ParamVisitor, Params};
+use crate::precision::{f32, like, Precision};
 
 #[derive(Debug, Clone)]
 pub struct MoeBlock {
@@ -107,8 +108,9 @@ impl MoeBlock {
         self.gate.dims()[0]
     }
 
-    /// `x [tokens, hidden]` → `[tokens, hidden]` and the router statistics.
-    pub fn forward(&self, x: Tensor<2>) -> (Tensor<2>, RouterStats) {
+    /// `x [tokens, hidden]` (f32) → `[tokens, hidden]` (f32) and the router statistics. The
+    /// router runs in f32; the experts' matmuls in `precision`.
+    pub fn forward(&self, x: Tensor<2>, precision: Precision) -> (Tensor<2>, RouterStats) {
         let [tokens, hidden] = x.dims();
         let (experts, k) = (self.num_experts(), self.top_k);
         let device = x.device();
@@ -136,12 +138,12 @@ impl MoeBlock {
             .select(0, index(plan.slot_assignment))
             * Tensor::<1>::from_data(TensorData::new(plan.slot_valid, [experts * cap]), &device);
 
-        let routed = x
+        let routed = precision.mm(x
             .select(0, slot_token.clone())
-            .reshape([experts, cap, hidden]);
+            .reshape([experts, cap, hidden]));
         let mut gate_up = routed
             .clone()
-            .matmul(self.gate_up_proj.clone().swap_dims(1, 2));
+            .matmul(like(self.gate_up_proj.clone(), &routed).swap_dims(1, 2));
         if let Some(l) = &self.lora[1] {
             gate_up = gate_up + l.apply_experts(routed);
         }
@@ -150,11 +152,13 @@ impl MoeBlock {
             gate_up.clone().narrow(2, 0, inter),
             gate_up.narrow(2, inter, inter),
         );
-        let mut out = act.clone().matmul(self.down_proj.clone().swap_dims(1, 2));
+        let mut out = act
+            .clone()
+            .matmul(like(self.down_proj.clone(), &act).swap_dims(1, 2));
         if let Some(l) = &self.lora[2] {
             out = out + l.apply_experts(act);
         }
-        let out = out.reshape([experts * cap, hidden]) * slot_weight.unsqueeze_dim::<2>(1);
+        let out = f32(out).reshape([experts * cap, hidden]) * slot_weight.unsqueeze_dim::<2>(1);
         let y = Tensor::<2>::zeros([tokens, hidden], &device).select_assign(
             0,
             slot_token,

@@ -4,7 +4,6 @@ use std::path::Path;
 
 use burn::tensor::Tensor;
 use moeru_data::{DataLoader, LoaderConfig, PackMode};
-use moeru_models::loss::token_loss_sum;
 use moeru_models::params::{to_f32_vec, ParamVisitor, Params};
 use moeru_models::Qwen3Model;
 
@@ -53,7 +52,7 @@ pub fn evaluate(
         };
         let mb = MicroBatch::from_samples(&samples, &device);
         let hidden = model.forward(&mb.batch).hidden;
-        let loss = token_loss_sum(hidden, model.lm_head_weight(), mb.targets, mb.mask);
+        let loss = model.token_loss_sum(hidden, mb.targets, mb.mask);
         sum += to_f32_vec(loss)[0] as f64;
         count += mb.target_count as u64;
         batches += 1;

@@ -2,7 +2,7 @@
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use moeru_data::PackedSample;
-use moeru_models::loss::{next_token_targets, token_loss_sum};
+use moeru_models::loss::next_token_targets;
 use moeru_models::params::to_f32_vec;
 use moeru_models::{Batch, DropoutKey, Qwen3Model};
 
@@ -121,13 +121,9 @@ pub fn train_step(
     for mb in micro {
         model.set_lora_dropout(mb.dropout);
         let out = model.forward(&mb.batch);
-        let lm = token_loss_sum(
-            out.hidden,
-            model.lm_head_weight(),
-            mb.targets.clone(),
-            mb.mask.clone(),
-        )
-        .div_scalar(denom);
+        let lm = model
+            .token_loss_sum(out.hidden, mb.targets.clone(), mb.mask.clone())
+            .div_scalar(denom);
         result.loss += to_f32_vec(lm.clone())[0] as f64;
         let mut loss = lm;
         if let Some(aux) = out.aux_loss {

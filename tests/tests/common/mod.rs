@@ -94,3 +94,12 @@ pub fn folder_tensors(
     }
     out
 }
+
+/// transformers' outputs for reference model `name` under torch.autocast(bfloat16)
+/// (make_bf16_reference.py).
+pub fn outputs_bf16(name: &str) -> TensorFile {
+    let path = reference_dir()
+        .join("outputs-bf16")
+        .join(format!("{name}.safetensors"));
+    TensorFile::open(&path).unwrap_or_else(|e| panic!("{e}"))
+}
