@@ -1,6 +1,5 @@
 use std::path::PathBuf;
 
-use burn::tensor::Device;
 use moeru_checkpoints::load_hf_model;
 use moeru_trainer::eval::evaluate;
 
@@ -25,11 +24,13 @@ pub struct EvalArgs {
     /// Stop after this many micro-batches (0 = the whole dataset).
     #[arg(long, default_value_t = 0)]
     max_batches: u64,
+    #[command(flatten)]
+    compute: crate::compute::ComputeArgs,
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
-    let device = Device::flex();
-    let model = match &args.adapter {
+    let device = args.compute.open()?;
+    let mut model = match &args.adapter {
         Some(adapter) => load_with_adapter(&args.model, adapter, &device)?,
         None if is_adapter(&args.model) => {
             let base = base_of(&args.model, None)?;
@@ -37,6 +38,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         }
         None => load_hf_model(&args.model, &device)?,
     };
+    model.set_precision(args.compute.precision);
     let r = evaluate(
         &model,
         &args.data,

@@ -1,7 +1,6 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use burn::tensor::Device;
 use moeru_checkpoints::{load_hf_model, write_tensors, OwnedTensor, TensorFile};
 use moeru_models::params::to_f32_vec;
 use moeru_models::Batch;
@@ -17,11 +16,14 @@ pub struct ForwardArgs {
     /// Output safetensors: `logits` [batch, seq, vocab], `loss` [1], and for MoE `aux_loss` [1].
     #[arg(long)]
     out: PathBuf,
+    #[command(flatten)]
+    compute: crate::compute::ComputeArgs,
 }
 
 pub fn run(args: ForwardArgs) -> anyhow::Result<()> {
-    let device = Device::flex();
-    let model = load_hf_model(&args.model, &device)?;
+    let device = args.compute.open()?;
+    let mut model = load_hf_model(&args.model, &device)?;
+    model.set_precision(args.compute.precision);
     let input = TensorFile::open(&args.input)?;
     let in_path = args.input.display();
     if !input.shapes().iter().any(|(n, _)| n == "input_ids") {

@@ -10,6 +10,10 @@ pub struct TrainArgs {
     /// Override a recipe key, e.g. `--set train.steps=50` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
+    /// The device: `cpu`, `cuda` (one GPU per local rank) or `cuda:N`; the same as
+    /// `--set device=...`.
+    #[arg(long)]
+    device: Option<String>,
     /// Require a checkpoint to resume from (by default a run resumes when its checkpoint
     /// folder holds a valid checkpoint and `checkpoint.resume` is true).
     #[arg(long)]
@@ -31,11 +35,16 @@ pub fn fault_from_env() -> Result<Option<Fault>, TrainError> {
 }
 
 pub fn run(args: TrainArgs) -> Result<(), TrainError> {
-    let recipe = recipe::load(&args.recipe, &args.overrides)?;
+    let mut overrides = args.overrides;
+    if let Some(device) = args.device {
+        overrides.push(format!("device={device}"));
+    }
+    let recipe = recipe::load(&args.recipe, &overrides)?;
     let opts = RunOptions {
         require_resume: args.resume,
         stop_after: args.stop_after,
         fault: fault_from_env()?,
+        local_rank: None,
     };
     let summary = crate::ranks::run_job(&recipe, &opts)?;
     if summary.end_step >= summary.start_step {

@@ -1,11 +1,13 @@
 //! `moeru`: one binary for training, post-training and running Qwen3 / Qwen3-MoE models.
 
 mod adapters;
+mod cmd_bench;
 mod cmd_eval;
 mod cmd_export;
 mod cmd_forward;
 mod cmd_launch;
 mod cmd_train;
+mod compute;
 mod ranks;
 
 use std::process::ExitCode;
@@ -37,6 +39,9 @@ enum Command {
     /// Write a Hugging Face folder from a model folder or a training checkpoint (with
     /// --merge-lora: LoRA adapters folded into their base).
     Export(cmd_export::ExportArgs),
+    /// Training throughput, model TFLOP/s, MFU and peak memory of a model shape on random
+    /// tokens (bench/shapes.json).
+    Bench(cmd_bench::BenchArgs),
     /// Prepare and inspect token datasets.
     #[command(subcommand)]
     Data(moeru_data::cli::DataCommand),
@@ -56,6 +61,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => report(cmd_eval::run(args)),
         Command::Forward(args) => report(cmd_forward::run(args)),
         Command::Export(args) => report(cmd_export::run(args)),
+        Command::Bench(args) => report(cmd_bench::run(args)),
         Command::Data(cmd) => report(moeru_data::cli::run_data_command(cmd).map_err(Into::into)),
     }
 }

@@ -13,7 +13,11 @@ pub fn run_job(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainEr
     match env {
         Some(env) if env.world_size > 1 => {
             let world = join(&env, recipe)?;
-            run_rank(recipe, opts, &world)
+            let opts = RunOptions {
+                local_rank: Some(env.local_rank),
+                ..opts.clone()
+            };
+            run_rank(recipe, &opts, &world)
         }
         _ => {
             let p = &recipe.parallel;

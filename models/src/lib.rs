@@ -8,6 +8,7 @@ pub mod attention;
 pub mod batch;
 pub mod config;
 pub mod decoder;
+pub mod device;
 pub mod init;
 pub mod layers;
 pub mod lora;
@@ -21,6 +22,7 @@ pub mod rope;
 
 pub use batch::Batch;
 pub use config::{ConfigError, MoeConfig, Qwen3Config};
+pub use device::{DeviceSpec, GpuInfo};
 pub use lora::{DropoutKey, LoraAdapter, LoraConfig, LoraError, LoraSite};
 pub use lora_model::{AllParams, Trainable};
 pub use model::{ForwardOutput, Qwen3Model};

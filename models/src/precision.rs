@@ -4,8 +4,9 @@
 
 use burn::tensor::{DType, FloatDType, Tensor};
 
-/// The dtype matmuls run in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// The dtype matmuls run in (recipe key `precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Precision {
     #[default]
     F32,

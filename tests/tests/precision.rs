@@ -53,7 +53,10 @@ fn check(name: &str) {
     let rel = relative_error(&logits, &f32s(&refs, "logits").0);
     let rel_f32 = relative_error(&logits, &f32s(&f32_refs, "logits").0);
     eprintln!("{name}: logits vs autocast {rel:.2e} relative; vs f32 {rel_f32:.2e}");
-    assert!(rel <= LOGITS_REL_TOL, "{name}: logits off by {rel:e} (relative)");
+    assert!(
+        rel <= LOGITS_REL_TOL,
+        "{name}: logits off by {rel:e} (relative)"
+    );
     // The matmuls really ran in bf16: the answer is autocast's, not the f32 one.
     assert!(
         rel_f32 > 3.0 * rel,

@@ -2,6 +2,7 @@
 //! resume, metrics and evaluation. Model math lives in `moeru-models`; files in
 //! `moeru-checkpoints`; data in `moeru-data`.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod data_parallel;
 pub mod error;

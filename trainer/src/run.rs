@@ -5,10 +5,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
+
 use moeru_checkpoints::{load_hf_model, load_peft_adapter};
 use moeru_data::{DataLoader, LoaderConfig, PackMode};
 use moeru_models::init::RandomInit;
-use moeru_models::{DropoutKey, Qwen3Config, Qwen3Model};
+use moeru_models::{DeviceSpec, DropoutKey, Qwen3Config, Qwen3Model};
 use moeru_parallel::{thread_world, DeviceMesh, MeshSizes, ProcessGroup, Traffic};
 
 use crate::checkpoint::{restore_latest, save, Restored, TrainerState};
@@ -33,6 +34,9 @@ pub struct RunOptions {
     pub stop_after: Option<u64>,
     /// Test hook (see `Fault`).
     pub fault: Option<Fault>,
+    /// This process's index among the ranks of its node (picks the GPU for `device: cuda`);
+    /// None: the world rank (ranks as threads of one process).
+    pub local_rank: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -181,16 +185,17 @@ fn run_rank_inner(
     opts: &RunOptions,
     world: &ProcessGroup,
 ) -> Result<RunSummary, TrainError> {
-    if recipe.precision == Precision::Bf16 {
-        return Err(TrainError::BadRecipe(
-            "`precision: bf16` needs a GPU build (--features cuda); on the CPU use `precision: f32`"
-                .into(),
-        ));
-    }
     let mesh = mesh_for(recipe, world.size())?;
     let groups = mesh.groups(world)?;
     let main = world.rank() == 0;
-    let device = Device::flex().autodiff();
+    let spec: DeviceSpec = recipe.device.parse().map_err(TrainError::BadRecipe)?;
+    let device = spec
+        .open(opts.local_rank.unwrap_or(world.rank()))
+        .map_err(TrainError::BadRecipe)?
+        .autodiff();
+    if main && recipe.precision == Precision::Bf16 && !spec.is_cuda() {
+        eprintln!("note: `precision: bf16` on the CPU rounds as a GPU run does but runs slower than f32; it is there to check numerics");
+    }
     let hash = recipe_hash(recipe);
     let adamw = AdamWConfig {
         beta1: recipe.optim.betas[0],
@@ -254,6 +259,7 @@ fn run_rank_inner(
                 (model, AdamW::new(adamw), moments, loader, 0, 0, lora_base)
             }
         };
+    model.set_precision(recipe.precision);
     check_data(recipe, &loader, &model)?;
     validate_layout(&recipe.parallel, &model.config).map_err(TrainError::BadRecipe)?;
     let zero = recipe.parallel.zero_stage == 1;

@@ -153,6 +153,25 @@ fn wrong_type_in_file_names_key_expected_and_found() {
 }
 
 #[test]
+fn device_key() {
+    assert_eq!(ok(MINIMAL, &[]).device, "cpu");
+    assert_eq!(ok(&format!("{MINIMAL}device: cuda\n"), &[]).device, "cuda");
+    let msg = err(&format!("{MINIMAL}device: tpu:0\n"), &[]);
+    assert!(
+        msg.contains("`device`")
+            && msg.contains("`tpu:0` is not a device; use `cpu`, `cuda` or `cuda:N`"),
+        "{msg}"
+    );
+    let msg = err(MINIMAL, &["device=cuda:x"]);
+    assert!(msg.contains("`cuda:x` is not a device"), "{msg}");
+    let msg = err(&format!("{MINIMAL}device: 3\n"), &[]);
+    assert!(
+        msg.contains("`device`: expected a string, found 3"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn missing_required_keys_and_sections() {
     let msg = err(&with("logging:\n  dir: logs\n", ""), &[]);
     assert_eq!(
@@ -235,6 +254,7 @@ fn overrides_change_values() {
             "optim.lr=1e-3",
             "moe.aux_loss_coef=0.01",
             "precision=bf16",
+            "device=cuda:1",
             "logging={dir: other}",
         ],
     );
@@ -250,6 +270,7 @@ fn overrides_change_values() {
     assert_eq!(r.schedule.kind, ScheduleKind::Linear);
     assert_eq!((r.optim.lr, r.moe.aux_loss_coef), (1e-3, Some(0.01)));
     assert_eq!(r.precision, Precision::Bf16);
+    assert_eq!(r.device, "cuda:1");
     assert_eq!(r.logging.dir, Path::new("other"));
     assert!(
         r.logging.progress,
@@ -505,6 +526,7 @@ fn key_table_required_and_kinds_match_schema() {
             Kind::Enum(values) => values.iter().map(|s| (*s).into()).collect(),
             Kind::FloatPair => vec![serde_json::json!([0.5, 1])],
             Kind::StrList => vec![serde_json::json!(["a", "b"]), serde_json::json!([])],
+            Kind::Str => vec!["s".into()],
             Kind::FreeMap => vec![
                 serde_json::json!({"a": [1, {"b": null}]}),
                 serde_json::Value::Null,

@@ -103,7 +103,7 @@ impl Checker<'_> {
             (Kind::Float | Kind::OptFloat, v) if number(v).is_some() => Ok(number(v).into()),
             (Kind::OptFloat | Kind::OptPath | Kind::FreeMap, Value::Null) => Ok(J::Null),
             (Kind::Bool, Value::Bool(b)) => Ok(J::Bool(*b)),
-            (Kind::Path | Kind::OptPath, Value::Str(s)) => Ok(J::String(s.clone())),
+            (Kind::Path | Kind::OptPath | Kind::Str, Value::Str(s)) => Ok(J::String(s.clone())),
             (Kind::Enum(values), Value::Str(s)) if values.contains(&s.as_str()) => {
                 Ok(J::String(s.clone()))
             }

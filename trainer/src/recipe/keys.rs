@@ -29,6 +29,8 @@ pub enum Kind {
     FreeMap,
     /// A list of strings.
     StrList,
+    /// A string (checked further by `validate`).
+    Str,
 }
 
 impl Kind {
@@ -50,6 +52,7 @@ impl Kind {
             Kind::FloatPair => "a list of two numbers, e.g. [0.9, 0.95]".into(),
             Kind::FreeMap => "a mapping of config.json fields, or null".into(),
             Kind::StrList => "a list of strings, e.g. [q_proj, v_proj]".into(),
+            Kind::Str => "a string".into(),
         }
     }
 }
@@ -146,6 +149,7 @@ pub const KEYS: &[Key] = &[
     key("moe.aux_loss_coef", OptFloat, false, ""),
     key("moe.z_loss_coef", Float, false, ""),
     key("precision", Enum(&["f32", "bf16"]), false, ""),
+    key("device", Str, false, ""),
     key("lora", OptSection, false, ""),
     key("lora.rank", UInt, false, ""),
     key("lora.alpha", Float, false, ""),

@@ -33,7 +33,7 @@ pub fn apply(root: &mut Node, arg: &str, file: &Path) -> Result<(), RecipeError>
     };
     let is_path = matches!(
         keys::lookup(key).map(|k| k.kind),
-        Some(keys::Kind::Path | keys::Kind::OptPath)
+        Some(keys::Kind::Path | keys::Kind::OptPath | keys::Kind::Str)
     );
     let mut value = match Node::parse(text) {
         _ if text.trim().is_empty() => null,

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use moeru_models::Precision;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
@@ -23,6 +25,9 @@ pub struct Recipe {
     pub moe: MoeSection,
     #[serde(default)]
     pub precision: Precision,
+    /// `cpu`, `cuda` (one GPU per local rank) or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
     /// LoRA fine-tuning: a mapping (`lora: {}` for every default) trains adapters on a frozen
     /// base; absent or null, the whole model trains.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -208,12 +213,8 @@ pub struct LoraSection {
     pub adapter: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    #[default]
-    F32,
-    Bf16,
+fn default_device() -> String {
+    "cpu".into()
 }
 
 fn default_true() -> bool {

@@ -2,6 +2,7 @@
 //! need other keys). Each failure names the key, its value and the fix.
 
 use moeru_models::lora::KNOWN_TARGETS;
+use moeru_models::DeviceSpec;
 
 use super::schema::{LoraSection, Recipe};
 
@@ -38,6 +39,13 @@ fn non_negative(key: &'static str, value: f64) -> Result<(), Violation> {
 
 /// The first violated constraint, if any.
 pub fn validate(r: &Recipe) -> Result<(), Violation> {
+    if let Err(msg) = r.device.parse::<DeviceSpec>() {
+        return Err(Violation {
+            key: "device",
+            msg,
+            related: &[],
+        });
+    }
     match (&r.model.path, &r.model.architecture) {
         (Some(_), Some(_)) | (None, None) => {
             let which = if r.model.path.is_some() {
