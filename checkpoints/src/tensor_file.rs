@@ -70,6 +70,11 @@ impl TensorFile {
     }
 
     /// The tensor `name` converted to f32 (from F32, BF16 or F16), with its shape.
+    /// The stored dtype of tensor `name`, as safetensors spells it (`F32`, `BF16`, …).
+    pub fn dtype(&self, name: &str) -> Result<String, CheckpointError> {
+        Ok(format!("{:?}", self.view(name)?.dtype()))
+    }
+
     pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), CheckpointError> {
         let view = self.view(name)?;
         Ok((

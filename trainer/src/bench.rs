@@ -197,3 +197,86 @@ pub fn run_bench(opts: &BenchOptions, device: &Device) -> Result<BenchReport, Tr
         losses,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moeru_models::params::{ParamVisitor, Params};
+
+    /// Counts the parameters of the built model that a token's matmuls touch.
+    struct Matmuls {
+        total: f64,
+        experts_per_token: f64,
+        experts: f64,
+    }
+
+    impl ParamVisitor for Matmuls {
+        fn visit<const D: usize>(&mut self, name: &str, p: &mut burn::tensor::Tensor<D>) {
+            let n = p.dims().iter().product::<usize>() as f64;
+            if name.contains(".experts.") {
+                self.total += n * self.experts_per_token / self.experts;
+            } else if D == 2 && name != "model.embed_tokens.weight" {
+                self.total += n;
+            }
+        }
+    }
+
+    #[test]
+    fn flops_count_the_built_models_matmul_weights() {
+        for name in shape_names() {
+            let c = shape(&name).unwrap();
+            let small = Qwen3Config {
+                vocab_size: 64,
+                num_hidden_layers: c.num_hidden_layers.min(3),
+                ..c.clone()
+            };
+            let device = Device::flex();
+            let mut init = RandomInit { seed: 0, std: 0.02 };
+            if small.hidden_size > 256 {
+                // The big shapes: the formula's pieces from the config alone (no allocation).
+                assert!(active_matmul_params(&c) > 1e8, "{name}");
+                continue;
+            }
+            let mut model = Qwen3Model::new(small.clone(), &mut init, &device).unwrap();
+            let (k, e) = small.moe.as_ref().map_or((1.0, 1.0), |m| {
+                (m.num_experts_per_tok as f64, m.num_experts as f64)
+            });
+            let mut count = Matmuls {
+                total: 0.0,
+                experts_per_token: k,
+                experts: e,
+            };
+            model.visit_params(&mut count);
+            let mut expected = count.total;
+            if small.tie_word_embeddings {
+                expected += (small.vocab_size * small.hidden_size) as f64;
+            }
+            assert_eq!(active_matmul_params(&small), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn qwen3_0_6b_flops_per_token() {
+        // 28 layers × (attention 2·1024·2048 + 2·1024·1024 + MLP 3·1024·3072) + head 151936·1024,
+        // times 6, plus 12 · 28 · 16 · 128 · 4096 for attention.
+        let c = shape("qwen3-0.6b").unwrap();
+        let params = 28.0 * (2.0 * 1024.0 * 2048.0 + 2.0 * 1024.0 * 1024.0 + 3.0 * 1024.0 * 3072.0)
+            + 151936.0 * 1024.0;
+        let attention = 12.0 * 28.0 * 16.0 * 128.0 * 4096.0;
+        assert_eq!(train_flops_per_token(&c, 4096), 6.0 * params + attention);
+    }
+
+    #[test]
+    fn peaks_by_name() {
+        assert_eq!(
+            peak_tflops("NVIDIA H100 80GB HBM3", Precision::Bf16),
+            Some(989.4)
+        );
+        assert_eq!(
+            peak_tflops("NVIDIA H100 PCIe", Precision::Bf16),
+            Some(756.0)
+        );
+        assert_eq!(peak_tflops("NVIDIA H200", Precision::F32), Some(494.7));
+        assert_eq!(peak_tflops("Some CPU", Precision::Bf16), None);
+    }
+}
