@@ -5,19 +5,26 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 use common::*;
 use moeru_checkpoints::load_hf_model;
 use moeru_models::params::{ParamVisitor, Params};
 use moeru_models::Batch;
 
-const LOGITS_TOL: f32 = 1e-4;
-const LOSS_TOL: f32 = 1e-5;
-const GRAD_REL_TOL: f64 = 1e-4;
+/// On a GPU (MOERU_TEST_DEVICE=cuda) the tolerances widen to 1e-3 for TF32 matmuls.
+fn logits_tol() -> f32 {
+    tol(1e-4, 1e-3)
+}
+fn loss_tol() -> f32 {
+    tol(1e-5, 1e-3)
+}
+fn grad_rel_tol() -> f64 {
+    tol(1e-4, 1e-3)
+}
 
 fn check_forward(name: &str) {
     let refs = outputs(name);
-    let device = Device::flex();
+    let device = test_device();
     let model = load_hf_model(&model_dir(name), &device).unwrap_or_else(|e| panic!("{e}"));
     let (ids, shape) = i64s(&refs, "input_ids");
     let batch = Batch::from_ids(&ids, shape[0], shape[1], &device);
@@ -26,14 +33,14 @@ fn check_forward(name: &str) {
     let logits = to_f32_vec(model.logits(out.hidden));
 
     let diff = max_abs_diff(&logits, &f32s(&refs, "logits").0);
-    assert!(diff <= LOGITS_TOL, "{name}: max |logits diff| = {diff:e}");
+    assert!(diff <= logits_tol(), "{name}: max |logits diff| = {diff:e}");
     let ref_loss = f32s(&refs, "loss").0[0];
     eprintln!(
         "{name}: max |logits diff| {diff:.2e}, |loss diff| {:.2e}",
         (loss - ref_loss).abs()
     );
     assert!(
-        (loss - ref_loss).abs() <= LOSS_TOL,
+        (loss - ref_loss).abs() <= loss_tol(),
         "{name}: loss {loss} vs {ref_loss}"
     );
 
@@ -42,7 +49,7 @@ fn check_forward(name: &str) {
             let aux = to_f32_vec(aux)[0];
             let ref_aux = f32s(&refs, "aux_loss").0[0];
             assert!(
-                (aux - ref_aux).abs() <= LOSS_TOL,
+                (aux - ref_aux).abs() <= loss_tol(),
                 "{name}: aux {aux} vs {ref_aux}"
             );
             let (counts, cshape) = i64s(&refs, "expert_counts");
@@ -60,7 +67,7 @@ fn check_forward(name: &str) {
 
 fn check_packed(name: &str) {
     let refs = outputs(name);
-    let device = Device::flex();
+    let device = test_device();
     let model = load_hf_model(&model_dir(name), &device).unwrap_or_else(|e| panic!("{e}"));
     let (ids, shape) = i64s(&refs, "packed_input_ids");
     let (pos, _) = i64s(&refs, "packed_position_ids");
@@ -69,7 +76,7 @@ fn check_packed(name: &str) {
     let logits = to_f32_vec(model.logits(model.forward(&batch).hidden));
     let diff = max_abs_diff(&logits, &f32s(&refs, "packed_logits").0);
     assert!(
-        diff <= LOGITS_TOL,
+        diff <= logits_tol(),
         "{name}: packed max |logits diff| = {diff:e}"
     );
 }
@@ -90,7 +97,7 @@ impl ParamVisitor for Grads<'_> {
 
 fn check_gradients(name: &str) {
     let refs = outputs(name);
-    let device = Device::flex().autodiff();
+    let device = test_device().autodiff();
     let mut model = load_hf_model(&model_dir(name), &device).unwrap_or_else(|e| panic!("{e}"));
     let (ids, shape) = i64s(&refs, "input_ids");
     let batch = Batch::from_ids(&ids, shape[0], shape[1], &device);
@@ -102,7 +109,7 @@ fn check_gradients(name: &str) {
     let total = to_f32_vec(loss.clone())[0];
     let ref_total = f32s(&refs, "total_loss").0[0];
     assert!(
-        (total - ref_total).abs() <= LOSS_TOL,
+        (total - ref_total).abs() <= loss_tol(),
         "{name}: total loss {total} vs {ref_total}"
     );
 
@@ -129,7 +136,7 @@ fn check_gradients(name: &str) {
         let reference = f32s(&refs, &format!("grad.{pname}")).0;
         let rel = relative_error(grad, &reference);
         assert!(
-            rel <= GRAD_REL_TOL,
+            rel <= grad_rel_tol(),
             "{name}: gradient of {pname} off by {rel:e} (relative)"
         );
         if rel > worst.0 {

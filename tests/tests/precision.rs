@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{DType, Tensor};
 use common::*;
 use moeru_checkpoints::load_hf_model;
 use moeru_models::params::{ParamVisitor, Params};
@@ -39,7 +39,7 @@ impl ParamVisitor for Grads<'_> {
 fn check(name: &str) {
     let refs = outputs_bf16(name);
     let f32_refs = outputs(name);
-    let device = Device::flex().autodiff();
+    let device = test_device().autodiff();
     let mut model = load_hf_model(&model_dir(name), &device).unwrap_or_else(|e| panic!("{e}"));
     model.set_precision(Precision::Bf16);
     let (ids, shape) = i64s(&f32_refs, "input_ids");
@@ -132,7 +132,7 @@ fn moe_norm_sharded() {
 #[test]
 fn f32_is_the_default_and_unchanged() {
     let name = "qwen3-moe-mixed";
-    let device = Device::flex();
+    let device = test_device();
     let mut model = load_hf_model(&model_dir(name), &device).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(model.precision(), Precision::F32);
     let (ids, shape) = i64s(&outputs(name), "input_ids");

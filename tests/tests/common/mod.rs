@@ -12,8 +12,28 @@ pub const REFERENCE_MODELS: &[&str] = &[
     "qwen3-moe-norm-sharded",
 ];
 
+/// tests/reference, or `MOERU_REFERENCE_DIR` (a test binary carried to another machine).
 pub fn reference_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("reference")
+    match std::env::var_os("MOERU_REFERENCE_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("reference"),
+    }
+}
+
+/// The device the parity tests run on: `MOERU_TEST_DEVICE` (`cpu` unless set; `cuda` or
+/// `cuda:N` in a build with `--features cuda`).
+pub fn test_device() -> burn::tensor::Device {
+    let spec = std::env::var("MOERU_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let spec: moeru_models::DeviceSpec = spec.parse().unwrap_or_else(|e| panic!("{e}"));
+    spec.open(0).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `cpu` on the CPU, else `gpu`: GPU matmuls may run f32 as TF32 (10-bit mantissa inputs).
+pub fn tol<T>(cpu: T, gpu: T) -> T {
+    match std::env::var("MOERU_TEST_DEVICE") {
+        Ok(d) if d != "cpu" => gpu,
+        _ => cpu,
+    }
 }
 
 pub fn model_dir(name: &str) -> PathBuf {
