@@ -5,10 +5,9 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use burn::tensor::Tensor;
 use common::*;
 use moeru_checkpoints::load_hf_model;
-use moeru_models::params::{ParamVisitor, Params};
+use moeru_models::params::Params;
 use moeru_models::Batch;
 
 /// On a GPU (MOERU_TEST_DEVICE=cuda) the tolerances widen to 1e-3 for TF32 matmuls.
@@ -79,20 +78,6 @@ fn check_packed(name: &str) {
         diff <= logits_tol(),
         "{name}: packed max |logits diff| = {diff:e}"
     );
-}
-
-struct Grads<'a> {
-    grads: &'a burn::tensor::Gradients,
-    out: BTreeMap<String, Vec<f32>>,
-}
-
-impl ParamVisitor for Grads<'_> {
-    fn visit<const D: usize>(&mut self, name: &str, param: &mut Tensor<D>) {
-        let g = param
-            .grad(self.grads)
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
-        self.out.insert(name.to_string(), to_f32_vec(g));
-    }
 }
 
 fn check_gradients(name: &str) {

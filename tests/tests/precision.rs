@@ -6,10 +6,10 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use burn::tensor::{DType, Tensor};
+use burn::tensor::DType;
 use common::*;
 use moeru_checkpoints::load_hf_model;
-use moeru_models::params::{ParamVisitor, Params};
+use moeru_models::params::Params;
 use moeru_models::{Batch, Precision};
 
 /// On the CPU the forward matches autocast bit for bit (measured: 0 for all four models); the
@@ -19,22 +19,6 @@ const LOSS_TOL: f32 = 1e-3;
 /// Backward matmuls round to bf16, and burn sums bf16 bias gradients in bf16 where torch
 /// accumulates in f32 (measured worst: 2.1e-2, a q/k bias; weights ≤ 1.4e-2).
 const GRAD_REL_TOL: f64 = 3e-2;
-
-struct Grads<'a> {
-    grads: &'a burn::tensor::Gradients,
-    out: BTreeMap<String, Vec<f32>>,
-}
-
-impl ParamVisitor for Grads<'_> {
-    fn visit<const D: usize>(&mut self, name: &str, param: &mut Tensor<D>) {
-        assert_eq!(param.dtype(), DType::F32, "parameter {name} is not f32");
-        let g = param
-            .grad(self.grads)
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
-        assert_eq!(g.dtype(), DType::F32, "gradient of {name} is not f32");
-        self.out.insert(name.to_string(), to_f32_vec(g));
-    }
-}
 
 fn check(name: &str) {
     let refs = outputs_bf16(name);

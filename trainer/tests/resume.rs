@@ -1,9 +1,10 @@
-//! Checkpoints resume bit for bit, and a torn or corrupt checkpoint is skipped for the
-//! previous one. Runs the smoke recipe, shortened.
+//! Checkpoints resume bit for bit (in f32 and in bf16 mixed precision), and a torn or corrupt
+//! checkpoint is skipped for the previous one. Runs the smoke recipe, shortened.
 
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
+use moeru_checkpoints::TensorFile;
 use moeru_trainer::checkpoint::restore_latest;
 use moeru_trainer::metrics::read_metrics;
 use moeru_trainer::recipe::{self, schema::Recipe};
@@ -14,6 +15,10 @@ fn workspace() -> PathBuf {
 }
 
 fn smoke_recipe(out: &Path, steps: u64, every: u64) -> Recipe {
+    smoke_recipe_in(out, steps, every, "f32")
+}
+
+fn smoke_recipe_in(out: &Path, steps: u64, every: u64, precision: &str) -> Recipe {
     let ws = workspace();
     let data = ws.join("recipes/smoke/data");
     let overrides = [
@@ -30,6 +35,7 @@ fn smoke_recipe(out: &Path, steps: u64, every: u64) -> Recipe {
         "train.micro_batch_size=4".into(),
         "train.grad_accum=2".into(),
         "schedule.warmup_steps=2".into(),
+        format!("precision={precision}"),
     ];
     recipe::load(&ws.join("recipes/smoke-tiny-moe.yaml"), &overrides)
         .unwrap_or_else(|e| panic!("{e}"))
@@ -55,13 +61,69 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn interrupted_and_resumed_run_is_bitwise_identical() {
+    check_resume("f32");
+}
+
+#[test]
+fn interrupted_and_resumed_bf16_run_is_bitwise_identical() {
+    check_resume("bf16");
+}
+
+/// bf16 matmuls change the numbers a little, not the training: the loss follows f32's, and
+/// checkpoints hold the f32 master weights and moments.
+#[test]
+fn bf16_trains_like_f32_and_saves_f32() {
+    let (f32_run, bf16_run) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let steps = 12;
+    run_training(
+        &smoke_recipe(f32_run.path(), steps, 4),
+        &RunOptions::default(),
+    )
+    .unwrap();
+    let r = smoke_recipe_in(bf16_run.path(), steps, 4, "bf16");
+    run_training(&r, &RunOptions::default()).unwrap();
+    let value = |out: &Path| -> Vec<f64> {
+        losses(out)
+            .iter()
+            .map(|(_, l)| l.parse().unwrap())
+            .collect()
+    };
+    let (full, bf16) = (value(f32_run.path()), value(bf16_run.path()));
+    eprintln!("f32 losses {full:?}\nbf16 losses {bf16:?}");
+    assert_ne!(full, bf16, "bf16 computes differently from f32");
+    assert!(
+        bf16[11] < 0.8 * bf16[0],
+        "bf16 loss fell only {} -> {}",
+        bf16[0],
+        bf16[11]
+    );
+    for (x, y) in full.iter().zip(&bf16) {
+        assert!(
+            (x - y).abs() <= 0.005 * x,
+            "bf16 loss {y} strays from f32 {x}"
+        );
+    }
+    let ckpt = bf16_run.path().join("ckpt/step-000012");
+    for file in ["model.safetensors", "optim.safetensors"] {
+        let f = TensorFile::open(&ckpt.join(file)).unwrap();
+        for (name, _) in f.shapes() {
+            assert_eq!(f.dtype(&name).unwrap(), "F32", "{file} {name}");
+        }
+    }
+}
+
+fn check_resume(precision: &str) {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let steps = 6;
-    run_training(&smoke_recipe(a.path(), steps, 2), &RunOptions::default()).unwrap();
+    run_training(
+        &smoke_recipe_in(a.path(), steps, 2, precision),
+        &RunOptions::default(),
+    )
+    .unwrap();
 
     // Interrupted after step 3 (its checkpoint is at step 2, so step 3 is redone).
     let first = run_training(
-        &smoke_recipe(b.path(), steps, 2),
+        &smoke_recipe_in(b.path(), steps, 2, precision),
         &RunOptions {
             stop_after: Some(3),
             ..Default::default()
@@ -69,7 +131,11 @@ fn interrupted_and_resumed_run_is_bitwise_identical() {
     )
     .unwrap();
     assert_eq!(first.end_step, 3);
-    let second = run_training(&smoke_recipe(b.path(), steps, 2), &RunOptions::default()).unwrap();
+    let second = run_training(
+        &smoke_recipe_in(b.path(), steps, 2, precision),
+        &RunOptions::default(),
+    )
+    .unwrap();
     assert_eq!((second.start_step, second.end_step), (2, steps));
 
     let (la, lb) = (losses(a.path()), losses(b.path()));

@@ -123,3 +123,22 @@ pub fn outputs_bf16(name: &str) -> TensorFile {
         .join(format!("{name}.safetensors"));
     TensorFile::open(&path).unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// Every parameter's gradient by name; parameters and gradients must be f32 (the master
+/// copy, also under bf16 mixed precision).
+pub struct Grads<'a> {
+    pub grads: &'a burn::tensor::Gradients,
+    pub out: std::collections::BTreeMap<String, Vec<f32>>,
+}
+
+impl moeru_models::params::ParamVisitor for Grads<'_> {
+    fn visit<const D: usize>(&mut self, name: &str, param: &mut burn::tensor::Tensor<D>) {
+        use burn::tensor::DType;
+        assert_eq!(param.dtype(), DType::F32, "parameter {name} is not f32");
+        let g = param
+            .grad(self.grads)
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        assert_eq!(g.dtype(), DType::F32, "gradient of {name} is not f32");
+        self.out.insert(name.to_string(), to_f32_vec(g));
+    }
+}
