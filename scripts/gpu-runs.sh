@@ -1,23 +1,104 @@
 #!/usr/bin/env bash
-# Issue #7's GPU checks, run on a machine with one NVIDIA GPU (no Rust needed there):
-# the parity tests on the GPU in f32 and bf16, then moeru bench against transformers eager.
-# Build the binaries first (docs/PERFORMANCE.md, "GPU runs"), then from the repository root:
-#   bash scripts/gpu-runs.sh BIN_DIR OUT_DIR [STEPS]
-# BIN_DIR holds `moeru` and the test binaries `parity` and `precision` of a --features cuda
-# release build.
+# Issue #7's GPU checks, on a machine with one NVIDIA GPU (no Rust needed there), most
+# important first, inside one deadline so that a lease of 15 device minutes holds them:
+#   1. the parity tests on the GPU in f32 (TF32 tolerances) and the bf16 autocast tests;
+#   2. moeru bench against transformers eager, bf16, seq 4096: a dense and a MoE shape;
+#   3. a kernel-by-kernel profile of one moeru step of each (cubecl's profiling log);
+#   4. optionally (NCU=1) Nsight Compute's speed-of-light figures for a slice of one step.
+# From the repository root, with gpu-bin/ made by scripts/gpu-prepare.sh:
+#   bash scripts/gpu-runs.sh gpu-bin OUT_DIR [DEADLINE_S]
+# DEVICE=cpu SHAPES=tiny-moe SEQ=64 rehearses it here on the CPU (BIN_DIR from a CPU build).
+# Every step's output lands in OUT_DIR/gpu-runs.tgz, repacked after each step (so a run cut
+# short still returns what it finished), with the headline figures in OUT_DIR/summary.txt.
 set -uo pipefail
-BIN=$1
+BIN_SRC=$1
 OUT=${2:-gpu-out}
-STEPS=${3:-10}
+DEADLINE=${3:-540}
+SHAPES=${SHAPES:-"qwen3-1.7b qwen3-moe-16l"}
+STEPS=${STEPS:-5}
+SEQ=${SEQ:-4096}
+DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-export MOERU_REFERENCE_DIR=$PWD/tests/reference MOERU_TEST_DEVICE=cuda
-"$BIN/parity" --test-threads 1 --nocapture 2>&1 | tee "$OUT/parity.log"
-"$BIN/precision" --test-threads 1 --nocapture 2>&1 | tee "$OUT/precision.log"
-for shape in qwen3-0.6b qwen3-1.7b qwen3-moe-16l; do
-  "$BIN/moeru" bench --device cuda --precision bf16 --shape "$shape" --seq-len 4096 \
-    --steps "$STEPS" --warmup 3 --json "$OUT/moeru-$shape.json" 2>&1 | tee -a "$OUT/bench.log"
-  python3 bench/transformers_bench.py --device cuda --precision bf16 --shape "$shape" \
-    --seq-len 4096 --steps "$STEPS" --warmup 3 --json "$OUT/transformers-$shape.json" 2>&1 \
-    | tee -a "$OUT/bench.log"
+W=$(mktemp -d)
+BIN=$W/bin
+mkdir -p "$BIN"
+summary=$W/summary.txt
+
+pack() {
+  cp "$summary" "$OUT/summary.txt"
+  tar czf "$OUT/gpu-runs.tgz" -C "$W" --exclude bin --exclude '*.raw' .
+}
+note() { echo "$*" | tee -a "$summary"; }
+# step NAME BUDGET_S CMD...: runs CMD for at most BUDGET_S (less if the deadline is nearer),
+# logging to NAME.log and its exit status to the summary.
+step() {
+  local name=$1 budget=$2
+  shift 2
+  local left=$((DEADLINE - SECONDS))
+  [ "$budget" -gt "$left" ] && budget=$left
+  if [ "$budget" -lt 10 ]; then
+    note "$name: skipped (deadline)"
+    return
+  fi
+  local t0=$SECONDS
+  timeout -k 5 "$budget" "$@" >"$W/$name.log" 2>&1
+  local rc=$?
+  note "$name: exit $rc in $((SECONDS - t0)) s (budget $budget s)"
+  pack
+}
+
+for f in "$BIN_SRC"/*.xz; do
+  xz -dc "$f" >"$BIN/$(basename "$f" .xz)"
 done
+chmod +x "$BIN"/*
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$W/gpu.txt" 2>&1 ||
+  echo "no nvidia-smi" >"$W/gpu.txt"
+note "gpu: $(tail -n 1 "$W/gpu.txt")"
+pack
+
+export MOERU_REFERENCE_DIR=$PWD/tests/reference
+MOERU_TEST_DEVICE=$DEVICE step parity 120 "$BIN/parity" --test-threads 1
+grep -h "test result" "$W/parity.log" | sed 's/^/  parity: /' | tee -a "$summary"
+MOERU_TEST_DEVICE=$DEVICE step precision 90 "$BIN/precision" --test-threads 1 --nocapture
+grep -h "test result\|logits vs autocast" "$W/precision.log" | sed 's/^/  precision: /' | tee -a "$summary"
+pack
+
+for shape in $SHAPES; do
+  step "moeru-$shape" 120 "$BIN/moeru" bench --device "$DEVICE" --precision bf16 --shape "$shape" \
+    --seq-len "$SEQ" --steps "$STEPS" --warmup 2 --json "$W/moeru-$shape.json"
+  grep -h "tokens/s\|MFU\|memory" "$W/moeru-$shape.log" | sed "s/^/  moeru $shape: /" | tee -a "$summary"
+  step "transformers-$shape" 100 python3 bench/transformers_bench.py --device "$DEVICE" \
+    --precision bf16 --shape "$shape" --seq-len "$SEQ" --steps "$STEPS" --warmup 2 \
+    --json "$W/transformers-$shape.json"
+  grep -h "tokens/s\|MFU\|memory" "$W/transformers-$shape.log" | sed "s/^/  transformers $shape: /" | tee -a "$summary"
+  pack
+done
+
+# cubecl reads cubecl.toml from the working directory: profiling on for these runs only. They
+# follow the timed runs of the same shape, so autotune answers from its cache in target/.
+cat >cubecl.toml <<EOF
+[profiling.logger]
+level = "basic"
+file = "$W/kernels.raw"
+append = false
+EOF
+for shape in $SHAPES; do
+  step "profile-$shape" 75 "$BIN/moeru" bench --device "$DEVICE" --precision bf16 --shape "$shape" \
+    --seq-len "$SEQ" --steps 1 --warmup 1
+  python3 bench/kernel_profile.py "$W/kernels.raw" --top 25 --json "$W/kernels-$shape.json" \
+    >"$W/kernels-$shape.txt" 2>&1
+  head -n 12 "$W/kernels-$shape.txt" | sed "s/^/  kernels $shape: /" | tee -a "$summary"
+  rm -f "$W/kernels.raw"
+  pack
+done
+rm -f cubecl.toml
+
+if [ "${NCU:-0}" = 1 ]; then
+  shape=${SHAPES%% *}
+  # One pass per kernel: a slice of the second step (past compilation and autotune).
+  step "ncu-$shape" 120 ncu --clock-control none --section SpeedOfLight --launch-skip 3000 \
+    --launch-count 150 --csv "$BIN/moeru" bench --device "$DEVICE" --precision bf16 --shape "$shape" \
+    --seq-len "$SEQ" --steps 1 --warmup 1
+fi
+note "done in $SECONDS s"
+pack

@@ -83,6 +83,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             r.memory_source
         );
     }
+    if let Some(x) = r.expert_rows_per_routed_row {
+        println!(
+            "  MoE: the expert matmuls ran {x:.3}x the routed rows (each expert padded to the largest load)"
+        );
+    }
     if let Some(path) = &args.json {
         let json = serde_json::json!({
             "impl": "moeru",
@@ -102,6 +107,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "memory_source": r.memory_source,
             "step_seconds": r.step_seconds,
             "losses": r.losses,
+            "expert_rows_per_routed_row": r.expert_rows_per_routed_row,
         });
         std::fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;

@@ -55,7 +55,7 @@ pub struct LaunchArgs {
 }
 
 fn bad(msg: String) -> TrainError {
-    TrainError::BadRecipe(msg)
+    TrainError::Setup(msg)
 }
 
 pub fn run(args: LaunchArgs) -> Result<(), TrainError> {

@@ -28,7 +28,7 @@ pub fn fault_from_env() -> Result<Option<Fault>, TrainError> {
     let restarted = std::env::var("MOERU_RESTART_COUNT").is_ok_and(|v| v != "0");
     match std::env::var("MOERU_FAULT") {
         Ok(text) if !restarted && !text.is_empty() => {
-            Fault::parse(&text).map(Some).map_err(TrainError::BadRecipe)
+            Fault::parse(&text).map(Some).map_err(TrainError::Setup)
         }
         _ => Ok(None),
     }
@@ -47,7 +47,8 @@ pub fn run(args: TrainArgs) -> Result<(), TrainError> {
         local_rank: None,
     };
     let summary = crate::ranks::run_job(&recipe, &opts)?;
-    if summary.end_step >= summary.start_step {
+    // Every process of a multi-process job returns a summary; the job's is rank 0's.
+    if summary.rank == 0 && summary.end_step >= summary.start_step {
         eprintln!(
             "trained steps {}..{}; last loss {:.4}; checkpoints in {}",
             summary.start_step,

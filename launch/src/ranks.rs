@@ -9,7 +9,7 @@ use moeru_trainer::{run_rank, run_threads, run_training, RunOptions, RunSummary,
 /// Runs this process's part of the job described by the environment, or the whole job when
 /// the environment names none.
 pub fn run_job(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainError> {
-    let env = LaunchEnv::from_process().map_err(TrainError::BadRecipe)?;
+    let env = LaunchEnv::from_process().map_err(TrainError::Setup)?;
     match env {
         Some(env) if env.world_size > 1 => {
             let world = join(&env, recipe)?;
@@ -39,7 +39,7 @@ fn join(env: &LaunchEnv, recipe: &Recipe) -> Result<ProcessGroup, TrainError> {
         return Ok(moeru_parallel::mpi_world(timeout)?);
     }
     let Some(addr) = &env.store_addr else {
-        return Err(TrainError::BadRecipe(format!(
+        return Err(TrainError::Setup(format!(
             "launch environment: started by {:?} as rank {} of {}, but MASTER_ADDR and MASTER_PORT are not set; set them to a host and free port every rank can reach{}",
             env.launcher,
             env.rank,

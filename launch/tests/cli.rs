@@ -283,6 +283,8 @@ fn asking_for_a_gpu_without_one_fails_cleanly() {
             && msg.contains("--features cuda"),
         "{msg}"
     );
+    // The machine, not the recipe, lacks the GPU: no "recipe" prefix.
+    assert!(msg.starts_with("error: device `cuda:0`"), "{msg}");
     assert_eq!(out.status.code(), Some(2));
     assert!(!ckpt.exists() && !logs.exists(), "nothing is written");
 
@@ -384,6 +386,11 @@ fn bench_reports_throughput_flops_and_mfu() {
     assert!((f("mfu") - f("model_tflops") / 0.5).abs() < 1e-12);
     assert_eq!(r["losses"].as_array().unwrap().len(), 3);
     assert!(f("peak_memory_bytes") > 0.0);
+    // tiny-moe: 1 MoE layer of 4 experts, top-2, 32 tokens a step: at least the 64 routed
+    // rows, at most all of them on one expert (4 × 32 rows).
+    let padding = f("expert_rows_per_routed_row");
+    assert!((1.0..=2.0).contains(&padding), "{padding}");
+    assert!(stdout.contains("MoE: the expert matmuls ran"), "{stdout}");
 
     let msg = assert_clean_failure(&moeru(&["bench", "--shape", "qwen9"]));
     assert!(

@@ -90,6 +90,15 @@ fn processes_match_one_rank_and_a_killed_rank_restarts_to_the_same_weights() {
         err.contains("[rank 0]") && err.contains("[launch] rank 1: pid"),
         "{err}"
     );
+    // The job's result is reported once, by rank 0.
+    let reports: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("trained steps"))
+        .collect();
+    assert!(
+        reports.len() == 1 && reports[0].starts_with("[rank 0]"),
+        "{reports:?}"
+    );
     let (a, b) = (losses(plain.path()), losses(one.path()));
     assert_eq!(a.len(), STEPS as usize);
     let diff = a
@@ -179,6 +188,25 @@ fn a_train_rank_without_a_store_address_says_what_to_set() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
         err.contains("MASTER_ADDR and MASTER_PORT are not set"),
+        "{err}"
+    );
+    // The environment, not the recipe, is at fault.
+    assert!(err.starts_with("error: launch environment:"), "{err}");
+}
+
+#[test]
+fn bad_launch_flags_name_the_flags_not_the_recipe() {
+    let args = [
+        "launch",
+        "recipes/smoke-tiny-moe.yaml",
+        "--nproc-per-node",
+        "0",
+    ];
+    let (o, _) = moeru(&args.map(String::from), &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.starts_with("error: launch: --nproc-per-node 0 --nnodes 1 --node-rank 0:"),
         "{err}"
     );
 }

@@ -23,6 +23,11 @@ pub enum TrainError {
     BadRecipe(String),
     #[error("{0}")]
     Invalid(String),
+    /// The run cannot start as the command line, the launcher's environment or the machine
+    /// stands (launch flags, RANK/MASTER_ADDR, a device this machine lacks); not the recipe's
+    /// fault, so no "recipe" prefix. The message names the flag, variable or device and the fix.
+    #[error("{0}")]
+    Setup(String),
     #[error(transparent)]
     Comm(#[from] moeru_parallel::CommError),
     #[error(transparent)]
@@ -33,11 +38,11 @@ pub enum TrainError {
 }
 
 impl TrainError {
-    /// 2 for a bad recipe or command line, 1 otherwise.
+    /// 2 for a bad recipe or command line (a device this machine lacks included), 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
             TrainError::Recipe(e) => e.exit_code(),
-            TrainError::BadRecipe(_) | TrainError::Lora(_) => 2,
+            TrainError::BadRecipe(_) | TrainError::Lora(_) | TrainError::Setup(_) => 2,
             _ => 1,
         }
     }

@@ -46,6 +46,8 @@ pub struct RunSummary {
     pub last_loss: f64,
     /// Trainable parameters and optimizer state of this rank.
     pub sizes: TrainableSizes,
+    /// World rank of the process or thread that ran it (the CLI reports rank 0's only).
+    pub rank: usize,
 }
 
 fn build_model(recipe: &Recipe, device: &Device) -> Result<Qwen3Model, TrainError> {
@@ -191,7 +193,7 @@ fn run_rank_inner(
     let spec: DeviceSpec = recipe.device.parse().map_err(TrainError::BadRecipe)?;
     let device = spec
         .open(opts.local_rank.unwrap_or(world.rank()))
-        .map_err(TrainError::BadRecipe)?
+        .map_err(TrainError::Setup)?
         .autodiff();
     if main && recipe.precision == Precision::Bf16 && !spec.is_cuda() {
         eprintln!("note: `precision: bf16` on the CPU rounds as a GPU run does but runs slower than f32; it is there to check numerics");
@@ -450,5 +452,6 @@ fn run_rank_inner(
         end_step: end,
         last_loss,
         sizes,
+        rank: world.rank(),
     })
 }
