@@ -113,6 +113,12 @@ fn gpu_info(index: usize, spec: DeviceSpec) -> Result<GpuInfo, String> {
             "device `{spec}`: CUDA is missing: libcuda.so.1 (the NVIDIA driver) was not found; run on a machine with an NVIDIA GPU and its driver, or on the CPU (`device: cpu`, `--device cpu`)"
         ));
     }
+    // burn compiles its kernels at run time with NVRTC, which cudarc would also panic on.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(format!(
+            "device `{spec}`: NVRTC (libnvrtc.so, CUDA's run-time compiler, which builds moeru's GPU kernels) was not found; install the CUDA toolkit or pip's nvidia-cuda-nvrtc and put the folder holding libnvrtc.so.* on LD_LIBRARY_PATH, or run on the CPU (`device: cpu`, `--device cpu`)"
+        ));
+    }
     let driver =
         |e: cudarc::driver::DriverError| format!("device `{spec}`: the CUDA driver failed: {e}");
     init().map_err(driver)?;

@@ -2,12 +2,10 @@
 //! (tests/reference/make_bf16_reference.py): logits, losses and every gradient, with f32
 //! parameters and f32 gradients.
 
-mod common;
-
 use std::collections::BTreeMap;
 
+use crate::common::*;
 use burn::tensor::DType;
-use common::*;
 use moeru_checkpoints::load_hf_model;
 use moeru_models::params::Params;
 use moeru_models::{Batch, Precision};

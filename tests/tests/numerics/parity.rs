@@ -1,11 +1,9 @@
 //! moeru against transformers on the committed reference models: logits, loss, aux loss,
 //! expert loads, packed documents and every parameter gradient.
 
-mod common;
-
 use std::collections::BTreeMap;
 
-use common::*;
+use crate::common::*;
 use moeru_checkpoints::load_hf_model;
 use moeru_models::params::Params;
 use moeru_models::Batch;
