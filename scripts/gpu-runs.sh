@@ -14,7 +14,7 @@ set -uo pipefail
 BIN_SRC=$1
 OUT=${2:-gpu-out}
 DEADLINE=${3:-540}
-SHAPES=${SHAPES:-"qwen3-1.7b qwen3-moe-16l"}
+SHAPES=${SHAPES:-"qwen3-1.7b qwen3-moe-12l"}
 STEPS=${STEPS:-5}
 SEQ=${SEQ:-4096}
 DEVICE=${DEVICE:-cuda}

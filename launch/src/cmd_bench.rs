@@ -7,7 +7,7 @@ use crate::compute::ComputeArgs;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// A model shape from bench/shapes.json (tiny-moe, qwen3-0.6b, qwen3-1.7b, qwen3-moe-16l).
+    /// A model shape from bench/shapes.json (tiny-moe, qwen3-0.6b, qwen3-1.7b, qwen3-moe-12l, qwen3-moe-16l).
     #[arg(long)]
     shape: String,
     #[arg(long, default_value_t = 4096)]
@@ -85,7 +85,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(x) = r.expert_rows_per_routed_row {
         println!(
-            "  MoE: the expert matmuls ran {x:.3}x the routed rows (each expert padded to the largest load)"
+            "  MoE: the expert matmuls ran {x:.3}x the routed rows (padding in the per-group expert buffers)"
         );
     }
     if let Some(path) = &args.json {

@@ -19,6 +19,7 @@ pub mod moe;
 pub mod params;
 pub mod precision;
 pub mod rope;
+pub mod routing;
 
 pub use batch::Batch;
 pub use config::{ConfigError, MoeConfig, Qwen3Config};

@@ -14,7 +14,7 @@
 //!
 //! Scaling is `alpha / r`, or `alpha / √r` with rsLoRA (per site: rank and alpha may differ).
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::Qwen3Config;
 use crate::init::{name_hash, SplitMix64};
@@ -226,9 +226,13 @@ impl LoraAdapter {
         scale(linear(linear(x, &self.a, None), &self.b, None), self.scale)
     }
 
-    /// Per-expert `s · (x_e · A_eᵀ) · B_eᵀ` for `x [E, C, in]` → `[E, C, out]`.
-    pub fn apply_experts(&self, x: Tensor<3>) -> Tensor<3> {
-        let (a, b) = self.per_expert();
+    /// Per-expert `s · (x_e · A_eᵀ) · B_eᵀ` for `x [n, C, in]` → `[n, C, out]`, where batch
+    /// entry i is expert `experts[i]` (`None`: all E experts in order).
+    pub fn apply_experts(&self, x: Tensor<3>, experts: Option<Tensor<1, Int>>) -> Tensor<3> {
+        let (mut a, mut b) = self.per_expert();
+        if let Some(ids) = experts {
+            (a, b) = (a.select(0, ids.clone()), b.select(0, ids));
+        }
         let (a, b) = (like(a, &x), like(b, &x));
         let y = x.matmul(a.swap_dims(1, 2)).matmul(b.swap_dims(1, 2));
         scale(y, self.scale)

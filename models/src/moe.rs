@@ -1,8 +1,9 @@
 //! The sparse MoE block of Qwen3-MoE: f32 router softmax, top-k, optional renormalisation,
 //! stacked experts, dropless.
 //!
-//! Routed tokens are laid out per expert in a `[E, C, H]` buffer (C = the largest expert load),
-//! so all experts run as one batched matmul; padding slots carry weight 0.
+//! Routed tokens are laid out per expert in `[experts, capacity, hidden]` buffers, so experts
+//! run as batched matmuls; routing.rs decides how experts are grouped into those buffers
+//! (one over all experts while loads are even) and padding slots carry weight 0.
 
 use burn::tensor::{activation::softmax, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
@@ -10,7 +11,8 @@ use crate::config::{MoeConfig, Qwen3Config};
 use crate::layers::{logsumexp_rows, swiglu};
 use crate::lora::{lora_linear, LoraAdapter, LoraSlot};
 use crate::params::{ParamSource, ParamVisitor, Params};
-use crate::precision::{f32, like, Precision};
+use crate::precision::{f32, Precision};
+use crate::routing::{ExpertGroup, RoutingPlan};
 
 #[derive(Debug, Clone)]
 pub struct MoeBlock {
@@ -38,46 +40,8 @@ pub struct RouterStats {
     pub expert_counts: Vec<u64>,
     /// Number of tokens routed.
     pub tokens: usize,
-}
-
-/// Where each routed (token, k) pair sits in the per-expert buffer.
-struct RoutingPlan {
-    capacity: usize,
-    /// Source token of each slot (0 for padding).
-    slot_token: Vec<i64>,
-    /// Index into the flattened `[T·k]` routing weights (0 for padding).
-    slot_assignment: Vec<i64>,
-    /// 1 for a real slot, 0 for padding.
-    slot_valid: Vec<f32>,
-    counts: Vec<u64>,
-}
-
-impl RoutingPlan {
-    fn new(expert_of: &[i64], top_k: usize, experts: usize) -> Self {
-        let mut counts = vec![0u64; experts];
-        for &e in expert_of {
-            counts[e as usize] += 1;
-        }
-        let capacity = counts.iter().copied().max().unwrap_or(0).max(1) as usize;
-        let slots = experts * capacity;
-        let mut plan = Self {
-            capacity,
-            slot_token: vec![0; slots],
-            slot_assignment: vec![0; slots],
-            slot_valid: vec![0.0; slots],
-            counts,
-        };
-        let mut fill = vec![0usize; experts];
-        for (a, &e) in expert_of.iter().enumerate() {
-            let e = e as usize;
-            let slot = e * capacity + fill[e];
-            fill[e] += 1;
-            plan.slot_token[slot] = (a / top_k) as i64;
-            plan.slot_assignment[slot] = a as i64;
-            plan.slot_valid[slot] = 1.0;
-        }
-        plan
-    }
+    /// Rows the expert matmuls computed, padding included (`tokens · top_k` without padding).
+    pub computed_rows: u64,
 }
 
 impl MoeBlock {
@@ -129,53 +93,77 @@ impl MoeBlock {
             .try_into_vec_as::<i64>()
             .expect("top-k indices are integers");
         let plan = RoutingPlan::new(&expert_of, k, experts);
-        let cap = plan.capacity;
-        let index =
-            |v: Vec<i64>| Tensor::<1, Int>::from_data(TensorData::new(v, [experts * cap]), &device);
-        let slot_token = index(plan.slot_token);
-        let slot_weight = weights
-            .reshape([tokens * k])
-            .select(0, index(plan.slot_assignment))
-            * Tensor::<1>::from_data(TensorData::new(plan.slot_valid, [experts * cap]), &device);
-
-        let routed = precision.mm(x
-            .select(0, slot_token.clone())
-            .reshape([experts, cap, hidden]));
-        let mut gate_up = routed
-            .clone()
-            .matmul(like(self.gate_up_proj.clone(), &routed).swap_dims(1, 2));
-        if let Some(l) = &self.lora[1] {
-            gate_up = gate_up + l.apply_experts(routed);
+        let weights = weights.reshape([tokens * k]);
+        // Cast once (to the dtype of the routed activations): every group gathers from these.
+        let gate_up_proj = precision.mm(self.gate_up_proj.clone());
+        let down_proj = precision.mm(self.down_proj.clone());
+        let mut y = Tensor::<2>::zeros([tokens, hidden], &device);
+        for group in &plan.groups {
+            let out =
+                self.group_forward(group, &x, &weights, [&gate_up_proj, &down_proj], precision);
+            y = y.select_assign(
+                0,
+                index(&group.slot_token, &device),
+                out,
+                IndexingUpdateOp::Add,
+            );
         }
-        let inter = gate_up.dims()[2] / 2;
-        let act = swiglu(
-            gate_up.clone().narrow(2, 0, inter),
-            gate_up.narrow(2, inter, inter),
-        );
-        let mut out = act
-            .clone()
-            .matmul(like(self.down_proj.clone(), &act).swap_dims(1, 2));
-        if let Some(l) = &self.lora[2] {
-            out = out + l.apply_experts(act);
-        }
-        let out = f32(out).reshape([experts * cap, hidden]) * slot_weight.unsqueeze_dim::<2>(1);
-        let y = Tensor::<2>::zeros([tokens, hidden], &device).select_assign(
-            0,
-            slot_token,
-            out,
-            IndexingUpdateOp::Add,
-        );
         let stats = RouterStats {
             prob_sum: probs.sum_dim(0).reshape([experts]),
             z_sum,
             expert_counts: plan.counts,
             tokens,
+            computed_rows: plan.computed_rows,
         };
         (y, stats)
     }
 }
 
 impl MoeBlock {
+    /// The weighted expert outputs `[slots, hidden]` (f32) of one group's slots.
+    fn group_forward(
+        &self,
+        group: &ExpertGroup,
+        x: &Tensor<2>,
+        weights: &Tensor<1>,
+        [gate_up_proj, down_proj]: [&Tensor<3>; 2],
+        precision: Precision,
+    ) -> Tensor<2> {
+        let device = x.device();
+        let hidden = x.dims()[1];
+        let (cap, slots) = (group.capacity, group.slot_token.len());
+        let n = slots / cap;
+        let members = group.experts.as_ref().map(|e| index(e, &device));
+        let pick = |w: &Tensor<3>| match &members {
+            Some(ids) => w.clone().select(0, ids.clone()),
+            None => w.clone(),
+        };
+        let valid =
+            Tensor::<1>::from_data(TensorData::new(group.slot_valid.clone(), [slots]), &device);
+        let slot_weight = weights
+            .clone()
+            .select(0, index(&group.slot_assignment, &device))
+            * valid;
+        let routed = precision.mm(x
+            .clone()
+            .select(0, index(&group.slot_token, &device))
+            .reshape([n, cap, hidden]));
+        let mut gate_up = routed.clone().matmul(pick(gate_up_proj).swap_dims(1, 2));
+        if let Some(l) = &self.lora[1] {
+            gate_up = gate_up + l.apply_experts(routed, members.clone());
+        }
+        let inter = gate_up.dims()[2] / 2;
+        let act = swiglu(
+            gate_up.clone().narrow(2, 0, inter),
+            gate_up.narrow(2, inter, inter),
+        );
+        let mut out = act.clone().matmul(pick(down_proj).swap_dims(1, 2));
+        if let Some(l) = &self.lora[2] {
+            out = out + l.apply_experts(act, members);
+        }
+        f32(out).reshape([slots, hidden]) * slot_weight.unsqueeze_dim::<2>(1)
+    }
+
     pub(crate) fn lora_slot(&mut self, param: &str) -> Option<LoraSlot<'_>> {
         let rest = param.strip_prefix(self.prefix.as_str())?;
         let (i, dims) = match rest {
@@ -215,6 +203,10 @@ impl Params for MoeBlock {
         v.visit(&format!("{p}.experts.gate_up_proj"), &mut self.gate_up_proj);
         v.visit(&format!("{p}.experts.down_proj"), &mut self.down_proj);
     }
+}
+
+fn index(v: &[i64], device: &burn::tensor::Device) -> Tensor<1, Int> {
+    Tensor::<1, Int>::from_data(TensorData::new(v.to_vec(), [v.len()]), device)
 }
 
 /// Router z-loss (ST-MoE): mean over the rows of every MoE layer of logsumexp(logits)².

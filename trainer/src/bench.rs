@@ -121,19 +121,13 @@ pub struct BenchReport {
     pub memory_source: &'static str,
     pub losses: Vec<f64>,
     /// MoE shapes: rows the expert matmuls computed per routed (token, expert) row over the
-    /// timed steps (see `expert_rows_per_routed_row`).
+    /// timed steps.
     pub expert_rows_per_routed_row: Option<f64>,
 }
 
-/// The MoE layer pads every expert's rows to the largest expert load (models/src/moe.rs), so
-/// its expert matmuls run `Σ_layers E · max_e load / Σ_layers Σ_e load` times the rows the
-/// FLOP count credits; 1 is no padding. `None` without MoE layers.
-pub fn expert_rows_per_routed_row<'a>(layers: impl IntoIterator<Item = &'a [u64]>) -> Option<f64> {
-    let (mut computed, mut routed) = (0u64, 0u64);
-    for counts in layers {
-        computed += counts.len() as u64 * counts.iter().copied().max().unwrap_or(0);
-        routed += counts.iter().sum::<u64>();
-    }
+/// Rows the expert matmuls computed per routed (token, expert) row: 1 is no padding (see
+/// models/src/routing.rs). `None` without MoE layers.
+pub fn expert_rows_per_routed_row(computed: u64, routed: u64) -> Option<f64> {
     (routed > 0).then(|| computed as f64 / routed as f64)
 }
 
@@ -180,7 +174,7 @@ pub fn run_bench(opts: &BenchOptions, device: &Device) -> Result<BenchReport, Tr
         MicroBatch::from_ids(&ids, b, s, device)
     };
     let (mut step_seconds, mut losses, mut peak) = (Vec::new(), Vec::new(), None::<u64>);
-    let mut expert_loads: Vec<Vec<u64>> = Vec::new();
+    let (mut expert_rows, mut routed_rows) = (0u64, 0u64);
     for step in 0..opts.warmup + opts.steps {
         let micro = [next_batch()];
         let _ = device.sync();
@@ -194,7 +188,8 @@ pub fn run_bench(opts: &BenchOptions, device: &Device) -> Result<BenchReport, Tr
         }
         if step >= opts.warmup {
             step_seconds.push(secs);
-            expert_loads.extend(r.expert_counts.into_iter().map(|(_, counts)| counts));
+            expert_rows += r.expert_rows_computed;
+            routed_rows += r.expert_counts.iter().flat_map(|(_, c)| c).sum::<u64>();
         }
     }
     let (peak_memory_bytes, memory_source) = match peak {
@@ -212,9 +207,7 @@ pub fn run_bench(opts: &BenchOptions, device: &Device) -> Result<BenchReport, Tr
         peak_memory_bytes,
         memory_source,
         losses,
-        expert_rows_per_routed_row: expert_rows_per_routed_row(
-            expert_loads.iter().map(Vec::as_slice),
-        ),
+        expert_rows_per_routed_row: expert_rows_per_routed_row(expert_rows, routed_rows),
     })
 }
 
@@ -284,17 +277,6 @@ mod tests {
             + 151936.0 * 1024.0;
         let attention = 12.0 * 28.0 * 16.0 * 128.0 * 4096.0;
         assert_eq!(train_flops_per_token(&c, 4096), 6.0 * params + attention);
-    }
-
-    #[test]
-    fn expert_padding_counts_rows_up_to_the_largest_load() {
-        // Layer 1: 4 experts padded to 5 rows for 2+5+3+2 = 12 routed; layer 2: balanced.
-        let layers: [&[u64]; 2] = [&[2, 5, 3, 2], &[3, 3, 3, 3]];
-        assert_eq!(
-            expert_rows_per_routed_row(layers),
-            Some((20.0 + 12.0) / 24.0)
-        );
-        assert_eq!(expert_rows_per_routed_row(std::iter::empty()), None);
     }
 
     #[test]

@@ -87,6 +87,8 @@ pub struct StepResult {
     pub grad_norm: f64,
     /// Tokens routed to each expert, per MoE layer, summed over micro-batches.
     pub expert_counts: Vec<(usize, Vec<u64>)>,
+    /// Rows this rank's expert matmuls computed, padding included, over all MoE layers.
+    pub expert_rows_computed: u64,
     pub tokens: u64,
 }
 
@@ -137,6 +139,7 @@ pub fn train_step(
             }
         }
         add_counts(&mut result.expert_counts, &out.router);
+        result.expert_rows_computed += out.router.iter().map(|(_, s)| s.computed_rows).sum::<u64>();
         result.tokens += mb.tokens as u64;
         let g = loss.backward();
         // Only what trains gets gradients and optimizer state (LoRA: the adapters).
