@@ -65,7 +65,7 @@ chmod +x "$BIN"/*
 have() { [ -x "$BIN/$1" ] || { note "$2: skipped (no $1 in $BIN_SRC)"; false; }; }
 export MOERU_REFERENCE_DIR=$PWD/tests/reference
 if have numerics "parity and bf16 tests"; then
-  MOERU_TEST_DEVICE=$DEVICE step numerics 180 "$BIN/numerics" --test-threads 1 --nocapture
+  MOERU_TEST_DEVICE=$DEVICE step numerics 150 "$BIN/numerics" --test-threads 1 --nocapture
   grep -h "test result\|logits vs autocast\|FAILED\|panicked" "$W/numerics.log" |
     sed 's/^/  numerics: /' | tee -a "$summary"
   pack
