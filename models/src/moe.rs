@@ -99,14 +99,16 @@ impl MoeBlock {
         let down_proj = precision.mm(self.down_proj.clone());
         let mut y = Tensor::<2>::zeros([tokens, hidden], &device);
         for group in &plan.groups {
-            let out =
-                self.group_forward(group, &x, &weights, [&gate_up_proj, &down_proj], precision);
-            y = y.select_assign(
-                0,
-                index(&group.slot_token, &device),
-                out,
-                IndexingUpdateOp::Add,
+            let slot_token = index(&group.slot_token, &device);
+            let out = self.group_forward(
+                group,
+                &x,
+                slot_token.clone(),
+                &weights,
+                [&gate_up_proj, &down_proj],
+                precision,
             );
+            y = y.select_assign(0, slot_token, out, IndexingUpdateOp::Add);
         }
         let stats = RouterStats {
             prob_sum: probs.sum_dim(0).reshape([experts]),
@@ -120,11 +122,13 @@ impl MoeBlock {
 }
 
 impl MoeBlock {
-    /// The weighted expert outputs `[slots, hidden]` (f32) of one group's slots.
+    /// The weighted expert outputs `[slots, hidden]` (f32) of one group's slots
+    /// (`slot_token`: `group.slot_token` on the device).
     fn group_forward(
         &self,
         group: &ExpertGroup,
         x: &Tensor<2>,
+        slot_token: Tensor<1, Int>,
         weights: &Tensor<1>,
         [gate_up_proj, down_proj]: [&Tensor<3>; 2],
         precision: Precision,
@@ -144,10 +148,7 @@ impl MoeBlock {
             .clone()
             .select(0, index(&group.slot_assignment, &device))
             * valid;
-        let routed = precision.mm(x
-            .clone()
-            .select(0, index(&group.slot_token, &device))
-            .reshape([n, cap, hidden]));
+        let routed = precision.mm(x.clone().select(0, slot_token).reshape([n, cap, hidden]));
         let mut gate_up = routed.clone().matmul(pick(gate_up_proj).swap_dims(1, 2));
         if let Some(l) = &self.lora[1] {
             gate_up = gate_up + l.apply_experts(routed, members.clone());
