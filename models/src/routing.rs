@@ -30,12 +30,6 @@ pub struct ExpertGroup {
     pub slot_valid: Vec<f32>,
 }
 
-impl ExpertGroup {
-    pub fn len(&self, all_experts: usize) -> usize {
-        self.experts.as_ref().map_or(all_experts, Vec::len)
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct RoutingPlan {
     pub groups: Vec<ExpertGroup>,
@@ -82,10 +76,8 @@ impl RoutingPlan {
             group.slot_assignment[slot] = a as i64;
             group.slot_valid[slot] = 1.0;
         }
-        let computed_rows = groups
-            .iter()
-            .map(|g| (g.len(experts) * g.capacity) as u64)
-            .sum();
+        // Every slot is a row the matmuls compute, padding included.
+        let computed_rows = groups.iter().map(|g| g.slot_token.len() as u64).sum();
         Self {
             groups,
             counts,
