@@ -13,9 +13,10 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_btl_vader_single_copy_mechanism="${OMPI_MCA_btl_vader_single_copy_mechanism:-none}"
 
 echo "building the MPI test binary"
-# The same command as .ci/run's MPI build (whole workspace, all targets), so features unify
-# the same way and nothing is rebuilt; the test target's artifact line names the executable.
-bin=$(cargo build --workspace --all-targets --features moeru/mpi --message-format=json |
+# The same command as .ci/run's MPI build, so features unify the same way and nothing is
+# rebuilt; the test target's artifact line names the executable.
+bin=$(cargo build -p moeru -p moeru-parallel --features moeru/mpi --bin moeru --test mpi \
+    --message-format=json |
     grep '"reason":"compiler-artifact"' | grep '"kind":\["test"\]' | grep '"name":"mpi"' |
     sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
 [ -x "$bin" ] || { echo "no test executable found" >&2; exit 1; }
