@@ -1,12 +1,13 @@
 //! Grouped-query self-attention with QK-norm, as Qwen3Attention.
 
-use burn::tensor::{activation::softmax, Device, Tensor};
+use burn::tensor::{Device, Tensor};
 
+use crate::attention_core::{block_positions, causal_attention};
 use crate::config::Qwen3Config;
 use crate::layers::rms_norm;
 use crate::lora::{lora_linear, LoraAdapter, LoraSlot};
 use crate::params::{ParamSource, ParamVisitor, Params};
-use crate::precision::{f32, like, scale, Precision};
+use crate::precision::Precision;
 use crate::rope::apply_rope;
 
 #[derive(Debug, Clone)]
@@ -96,15 +97,10 @@ impl Attention {
         let k = apply_rope(k, &ctx.cos, &ctx.sin);
 
         // Query heads g·rep..(g+1)·rep share kv head g; grouping them avoids repeating k and v.
-        let rep = nh / nkv;
-        let q = q.reshape([b, nkv, rep * s, hd]);
-        // Scaled in the matmul dtype, as transformers' eager attention does under autocast.
-        let scores = p.mm(q).matmul(p.mm(k).swap_dims(2, 3));
-        let scores = f32(scale(scores, (hd as f64).powf(-0.5)));
-        let scores = scores.reshape([b, nkv, rep, s, s]) + ctx.bias.clone();
-        let probs = softmax(scores, 4).reshape([b, nkv, rep * s, s]);
-        let out = like(probs, &v)
-            .matmul(v)
+        let q = p.mm(q).reshape([b, nkv, nh / nkv, s, hd]);
+        let block = block_positions(q.dims());
+        let scale = (hd as f64).powf(-0.5);
+        let out = causal_attention(q, p.mm(k), p.mm(v), ctx.bias.clone(), scale, block)
             .reshape([b, nh, s, hd])
             .swap_dims(1, 2)
             .reshape([b, s, nh * hd]);

@@ -5,6 +5,7 @@
 //! transformers load-balancing loss. Nothing here communicates; parallelism wraps these types.
 
 pub mod attention;
+pub mod attention_core;
 pub mod batch;
 pub mod config;
 pub mod decoder;

@@ -247,7 +247,7 @@ mod tests {
             let mut init = RandomInit { seed: 0, std: 0.02 };
             if small.hidden_size > 256 {
                 // The big shapes: the formula's pieces from the config alone (no allocation).
-                assert!(active_matmul_params(&c) > 1e8, "{name}");
+                assert!(active_matmul_params(&c) > 1e7, "{name}");
                 continue;
             }
             let mut model = Qwen3Model::new(small.clone(), &mut init, &device).unwrap();
