@@ -4,7 +4,9 @@
 #   1. the parity tests on the GPU in f32 (TF32 tolerances) and the bf16 autocast tests;
 #   2. moeru bench against transformers eager, bf16, seq 4096: a dense and a MoE shape;
 #   3. a kernel-by-kernel profile of one moeru step of each (cubecl's profiling log);
-#   4. optionally (NCU=1) Nsight Compute's speed-of-light figures for a slice of one step.
+#   4. moeru alone on MOERU_ONLY shapes (default qwen3-moe-16l: transformers eager does not fit
+#      it at seq 4096; moeru's blocked attention should, docs/PERFORMANCE.md);
+#   5. optionally (NCU=1) Nsight Compute's speed-of-light figures for a slice of one step.
 # From the repository root, with gpu-bin/ made by scripts/gpu-prepare.sh:
 #   bash scripts/gpu-runs.sh gpu-bin OUT_DIR [DEADLINE_S]
 # DEVICE=cpu SHAPES=tiny-moe SEQ=64 rehearses it here on the CPU (BIN_DIR from a CPU build).
@@ -15,6 +17,7 @@ BIN_SRC=$1
 OUT=${2:-gpu-out}
 DEADLINE=${3:-540}
 SHAPES=${SHAPES:-"qwen3-1.7b qwen3-moe-12l"}
+MOERU_ONLY=${MOERU_ONLY-qwen3-moe-16l}
 STEPS=${STEPS:-5}
 SEQ=${SEQ:-4096}
 DEVICE=${DEVICE:-cuda}
@@ -101,6 +104,13 @@ for shape in $SHAPES; do
   pack
 done
 rm -f cubecl.toml
+
+for shape in $MOERU_ONLY; do
+  step "moeru-$shape" 120 "$BIN/moeru" bench --device "$DEVICE" --precision bf16 --shape "$shape" \
+    --seq-len "$SEQ" --steps "$STEPS" --warmup 2 --json "$W/moeru-$shape.json"
+  grep -h "tokens/s\|MFU\|memory\|MoE:\|rror" "$W/moeru-$shape.log" | sed "s/^/  moeru $shape: /" | tee -a "$summary"
+  pack
+done
 
 if [ "${NCU:-0}" = 1 ]; then
   shape=${SHAPES%% *}
