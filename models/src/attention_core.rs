@@ -5,9 +5,9 @@
 //! q, k, v and the mask, and works on blocks of query positions, so forward and backward hold
 //! one block's scores at a time; a block skips the keys after its last query, which the causal
 //! mask blocks for all its rows. The arithmetic is the plain expression's (the reference the
-//! tests compare against): scores in the matmul dtype, scaled there, softmax in f32 with the
-//! additive mask, probabilities cast back for the product with v. Backward accumulates the
-//! k and v gradients over blocks in f32.
+//! tests compare against): scores in the matmul dtype, the scale applied in f32 and rounded
+//! once, softmax in f32 with the additive mask, probabilities rounded to the matmul dtype for
+//! the product with v. Backward sums the k and v gradients over blocks in f32.
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
