@@ -254,10 +254,11 @@ impl<B: Backend + CausalAttentionOps, C: CheckpointStrategy> CausalAttentionOps 
 
 #[cfg(test)]
 mod tests {
-    use burn::tensor::{activation::softmax, Bool, Device, FloatDType, Int, Tensor, TensorData};
+    use burn::tensor::{activation::softmax, Device, FloatDType, Tensor, TensorData};
 
     use super::{block_positions, causal_attention};
     use crate::precision::{cast_to, f32, like, scale};
+    use crate::Batch;
 
     const DIMS: [usize; 5] = [2, 2, 3, 7, 4];
 
@@ -284,17 +285,15 @@ mod tests {
         Tensor::from_data(TensorData::new(v, dims), device)
     }
 
-    /// Causal with two documents in the second sequence (positions 0..3 and 3..7).
+    /// The model's own mask (Batch::attention_block_mask) with two documents in the second
+    /// sequence (positions 0..3 and 3..7), as the additive bias the model builds.
     fn mask_bias(device: &Device) -> Tensor<5> {
         let [b, _, _, n, _] = DIMS;
-        let idx = Tensor::<1, Int>::arange(0..n as i64, device);
-        let query = idx.clone().reshape([1, n, 1]).expand([b, n, n]);
-        let key = idx.reshape([1, 1, n]).expand([b, n, n]);
-        let docs: Tensor<2, Int> = Tensor::from_data([[0i64; 7], [0, 0, 0, 1, 1, 1, 1]], device);
-        let other = docs.clone().reshape([b, n, 1]).expand([b, n, n]);
-        let other: Tensor<3, Bool> = other.not_equal(docs.reshape([b, 1, n]).expand([b, n, n]));
+        let positions = [[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 0, 1, 2, 3]].concat();
+        let documents = [[0; 7], [0, 0, 0, 1, 1, 1, 1]].concat();
+        let batch = Batch::packed(&[0; 14], &positions, &documents, b, n, device);
         Tensor::<3>::zeros([b, n, n], device)
-            .mask_fill(key.greater(query).bool_or(other), f32::NEG_INFINITY)
+            .mask_fill(batch.attention_block_mask(), f32::NEG_INFINITY)
             .reshape([b, 1, 1, n, n])
     }
 
