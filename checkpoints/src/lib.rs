@@ -17,7 +17,7 @@ pub use peft_adapter::{
 };
 pub use peft_config::{PeftAdapterConfig, PeftError};
 pub use run_checkpoint::{
-    begin_checkpoint, commit_checkpoint, latest_valid_checkpoint, save_checkpoint,
-    verify_checkpoint, write_contents, CheckpointContents, LatestCheckpoint, Manifest,
+    begin_checkpoint, commit_checkpoint, latest_valid_checkpoint, verify_checkpoint,
+    write_contents, CheckpointContents, LatestCheckpoint, Manifest,
 };
 pub use tensor_file::{write_tensors, OwnedTensor, TensorFile};

@@ -64,20 +64,6 @@ fn sha256_file(path: &Path) -> Result<(u64, String), CheckpointError> {
     Ok((bytes, hex))
 }
 
-/// Writes checkpoint `step` under `run_dir` and points `latest` at it; then deletes the oldest
-/// checkpoints beyond `keep_last` (0 keeps all). Returns the checkpoint folder.
-pub fn save_checkpoint(
-    run_dir: &Path,
-    step: u64,
-    mesh: serde_json::Value,
-    contents: CheckpointContents,
-    keep_last: usize,
-) -> Result<PathBuf, CheckpointError> {
-    let tmp = begin_checkpoint(run_dir, step, &std::process::id().to_string())?;
-    write_contents(&tmp, &contents)?;
-    commit_checkpoint(run_dir, &tmp, step, mesh, keep_last)
-}
-
 /// Creates the empty temp folder `step-NNNNNN.tmp-<tag>` that the files of checkpoint `step`
 /// are written into. With many ranks, one rank begins and commits, and every rank writes its
 /// own files in between (the tag must be the same for all of them).

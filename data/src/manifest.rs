@@ -1,7 +1,7 @@
 //! `manifest.json` of a prepared dataset: totals, the tokenizer's hash, and per shard its row
 //! groups, sizes and sha256. The loader plans from the manifest without opening every shard.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -99,9 +99,5 @@ impl Manifest {
             h.update(b"\n");
         }
         crate::tokenizer::hex(&h.finalize()[..8])
-    }
-
-    pub fn shard_path(&self, dir: &Path, shard: usize) -> PathBuf {
-        dir.join(&self.shards[shard].file)
     }
 }

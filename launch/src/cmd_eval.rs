@@ -30,7 +30,7 @@ pub struct EvalArgs {
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let device = args.compute.open()?;
-    let mut model = match &args.adapter {
+    let model = match &args.adapter {
         Some(adapter) => load_with_adapter(&args.model, adapter, &device)?,
         None if is_adapter(&args.model) => {
             let base = base_of(&args.model, None)?;
@@ -38,9 +38,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         }
         None => load_hf_model(&args.model, &device)?,
     };
-    model.set_precision(args.compute.precision);
     let r = evaluate(
         &model,
+        args.compute.precision,
         &args.data,
         args.seq_len,
         args.micro_batch_size,

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use moeru_checkpoints::{load_hf_model, write_tensors, OwnedTensor, TensorFile};
 use moeru_models::params::to_f32_vec;
-use moeru_models::Batch;
+use moeru_models::{Batch, ForwardCtx};
 
 #[derive(clap::Args)]
 pub struct ForwardArgs {
@@ -22,8 +22,8 @@ pub struct ForwardArgs {
 
 pub fn run(args: ForwardArgs) -> anyhow::Result<()> {
     let device = args.compute.open()?;
-    let mut model = load_hf_model(&args.model, &device)?;
-    model.set_precision(args.compute.precision);
+    let model = load_hf_model(&args.model, &device)?;
+    let ctx = ForwardCtx::new(args.compute.precision);
     let input = TensorFile::open(&args.input)?;
     let in_path = args.input.display();
     if !input.shapes().iter().any(|(n, _)| n == "input_ids") {
@@ -48,9 +48,9 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<()> {
     }
 
     let batch_in = Batch::from_ids(&ids, batch, seq, &device);
-    let output = model.forward(&batch_in);
-    let loss = model.lm_loss(&batch_in, output.hidden.clone());
-    let logits = model.logits(output.hidden);
+    let output = model.forward(&batch_in, &ctx);
+    let loss = model.lm_loss(&batch_in, output.hidden.clone(), &ctx);
+    let logits = model.logits(output.hidden, &ctx);
     let mut tensors = vec![
         (
             "logits".to_string(),

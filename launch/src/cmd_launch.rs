@@ -222,7 +222,7 @@ fn run_processes(
     (token, port): &(String, u16),
 ) -> Result<(), TrainError> {
     let exe = std::env::current_exe()
-        .map_err(|e| TrainError::Invalid(format!("launch: cannot find the moeru binary: {e}")))?;
+        .map_err(|e| TrainError::Rank(format!("launch: cannot find the moeru binary: {e}")))?;
     let mut children = Vec::new();
     for local in 0..args.nproc_per_node {
         let rank = args.node_rank * args.nproc_per_node + local;
@@ -249,7 +249,7 @@ fn run_processes(
             Ok(c) => c,
             Err(e) => {
                 stop_all(&mut children);
-                return Err(TrainError::Invalid(format!(
+                return Err(TrainError::Rank(format!(
                     "launch: cannot start rank {rank}: {e}"
                 )));
             }
@@ -271,7 +271,7 @@ fn run_processes(
                 Ok(None) => running += 1,
                 Ok(Some(status)) => failed |= !status.success(),
                 Err(e) => {
-                    return Err(TrainError::Invalid(format!(
+                    return Err(TrainError::Rank(format!(
                         "launch: waiting for rank {rank}: {e}"
                     )))
                 }
@@ -309,5 +309,5 @@ fn first_failure(children: &mut [(usize, Child)]) -> TrainError {
     let causes: Vec<String> = failures.into_iter().map(|(_, c)| c).collect();
     eprintln!("[launch] {}; stopping the other ranks", causes.join("; "));
     stop_all(children);
-    TrainError::Invalid(format!("launch: {}", causes.join("; then ")))
+    TrainError::Rank(format!("launch: {}", causes.join("; then ")))
 }

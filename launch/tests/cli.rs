@@ -1,26 +1,16 @@
 //! The `moeru` binary end to end: forward parity (f32 and bf16), export, `--device`, `bench`,
 //! and how bad input is reported.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::{moeru, p, workspace, TINY_MOE};
 use moeru_checkpoints::{write_tensors, OwnedTensor, TensorFile};
 
-fn ws() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 fn reference() -> PathBuf {
-    ws().join("tests/reference")
-}
-
-/// Runs in the workspace root, where recipes' relative data paths resolve.
-fn moeru(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moeru"))
-        .current_dir(ws())
-        .args(args)
-        .output()
-        .expect("run moeru")
+    workspace().join("tests/reference")
 }
 
 /// A failed run: non-zero exit, one `error:` line on stderr, no panic or backtrace.
@@ -41,10 +31,6 @@ fn assert_clean_failure(out: &Output) -> String {
     );
     assert!(stderr.starts_with("error:"), "{stderr}");
     stderr
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 /// `moeru forward` on reference model `name`'s input ids, with `extra` arguments.
@@ -272,7 +258,7 @@ fn asking_for_a_gpu_without_one_fails_cleanly() {
         format!("--set=logging.dir={}", p(&logs)),
     ];
     let train = |device: &str| {
-        let mut args = vec!["train", "recipes/smoke-tiny-moe.yaml", "--device", device];
+        let mut args = vec!["train", TINY_MOE, "--device", device];
         args.extend(sets.iter().map(String::as_str));
         moeru(&args)
     };
@@ -294,7 +280,7 @@ fn asking_for_a_gpu_without_one_fails_cleanly() {
         "{msg}"
     );
 
-    let model = ws().join("tests/reference/models/qwen3-dense-tied");
+    let model = workspace().join("tests/reference/models/qwen3-dense-tied");
     let out = moeru(&[
         "forward",
         "--model",

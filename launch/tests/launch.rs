@@ -3,15 +3,15 @@
 //! checkpoint with the same weights as an uninterrupted run; a silent rank makes every rank
 //! exit within the timeout plus a few seconds, with the diagnostic.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use std::path::Path;
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-const STEPS: u64 = 10;
+use common::{moeru_command, TINY_MOE};
 
-fn ws() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+const STEPS: u64 = 10;
 
 /// Global batch 8 = micro-batch 2 × grad_accum × dp.
 fn settings(out: &Path, dp: usize) -> Vec<String> {
@@ -36,8 +36,7 @@ fn settings(out: &Path, dp: usize) -> Vec<String> {
 
 fn moeru(args: &[String], envs: &[(&str, &str)]) -> (Output, Duration) {
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_moeru"))
-        .current_dir(ws())
+    let out = moeru_command()
         .args(args)
         .envs(envs.iter().copied())
         .output()
@@ -48,7 +47,7 @@ fn moeru(args: &[String], envs: &[(&str, &str)]) -> (Output, Duration) {
 fn launch(out: &Path, extra: &[&str], envs: &[(&str, &str)]) -> (Output, Duration) {
     let mut args: Vec<String> = [
         "launch",
-        "recipes/smoke-tiny-moe.yaml",
+        TINY_MOE,
         "--nproc-per-node",
         "2",
         "--spawn",
@@ -77,7 +76,7 @@ fn losses(out: &Path) -> Vec<f64> {
 #[test]
 fn processes_match_one_rank_and_a_killed_rank_restarts_to_the_same_weights() {
     let one = tempfile::tempdir().unwrap();
-    let mut args = vec!["train".to_string(), "recipes/smoke-tiny-moe.yaml".into()];
+    let mut args = vec!["train".to_string(), TINY_MOE.into()];
     args.extend(settings(one.path(), 1));
     let (o, _) = moeru(&args, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -161,7 +160,7 @@ fn a_silent_process_rank_makes_every_rank_exit_with_the_diagnostic() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("[rank 0] error: all_reduce on group `world` timed out after 3.0s on rank 0")
+        err.contains("[rank 0] error: all_reduce on group `dp` timed out after 3.0s on rank 0")
             && err.contains("still waiting for [1]"),
         "{err}"
     );
@@ -176,7 +175,7 @@ fn a_silent_process_rank_makes_every_rank_exit_with_the_diagnostic() {
 #[test]
 fn a_train_rank_without_a_store_address_says_what_to_set() {
     let (o, _) = moeru(
-        &["train".into(), "recipes/smoke-tiny-moe.yaml".into()],
+        &["train".into(), TINY_MOE.into()],
         &[
             ("RANK", "0"),
             ("WORLD_SIZE", "2"),
@@ -196,12 +195,7 @@ fn a_train_rank_without_a_store_address_says_what_to_set() {
 
 #[test]
 fn bad_launch_flags_name_the_flags_not_the_recipe() {
-    let args = [
-        "launch",
-        "recipes/smoke-tiny-moe.yaml",
-        "--nproc-per-node",
-        "0",
-    ];
+    let args = ["launch", TINY_MOE, "--nproc-per-node", "0"];
     let (o, _) = moeru(&args.map(String::from), &[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
@@ -228,7 +222,7 @@ fn sizes_that_do_not_fit_the_world_or_the_model_are_recipe_errors() {
         ),
     ];
     for (extra, want) in cases {
-        let mut args = vec!["launch".to_string(), "recipes/smoke-tiny-moe.yaml".into()];
+        let mut args = vec!["launch".to_string(), TINY_MOE.into()];
         args.extend(extra.iter().map(|s| s.to_string()));
         args.extend(["--set".into(), "logging.progress=false".into()]);
         let tmp = tempfile::tempdir().unwrap();

@@ -1,32 +1,18 @@
-//! The LoRA path of the `moeru` binary: train the tiny LoRA recipe, evaluate its checkpoint
+//! The LoRA path of the `moeru` binary: train the tests' tiny LoRA recipe, evaluate its checkpoint
 //! (alone, and as `--adapter` on the base), export it merged and check the merge.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::Path;
+
+use common::{moeru, p, workspace, LORA_SFT};
 use moeru_checkpoints::TensorFile;
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn moeru(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moeru"))
-        .current_dir(workspace())
-        .args(args)
-        .output()
-        .expect("run moeru")
-}
 
 fn ok(args: &[&str]) -> String {
     let out = moeru(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "moeru {args:?}: {stderr}");
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 fn eval_loss(model: &Path, adapter: Option<&Path>) -> f64 {
@@ -77,7 +63,7 @@ fn lora_checkpoint_evaluates_and_exports_merged() {
     let run = tmp.path().join("run");
     ok(&[
         "train",
-        "recipes/smoke-lora-sft.yaml",
+        LORA_SFT,
         "--set",
         &format!("checkpoint.dir={}", run.display()),
         "--set",

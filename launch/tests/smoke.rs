@@ -1,14 +1,13 @@
 //! The README's first command: the smoke recipe trains and its loss falls clearly.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
+
+use common::moeru_command;
 
 #[test]
 fn smoke_recipe_trains_and_loss_halves() {
-    let ws = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_moeru"))
-        .current_dir(&ws)
+    let out = moeru_command()
         .args(["train", "recipes/smoke-tiny-moe.yaml"])
         .arg(format!(
             "--set=checkpoint.dir={}",
@@ -59,8 +58,7 @@ fn smoke_recipe_trains_and_loss_halves() {
 
     // `moeru eval` on the trained checkpoint: held-out loss well below the untrained one.
     let ckpt = tmp.path().join("ckpt/step-000060");
-    let eval = Command::new(env!("CARGO_BIN_EXE_moeru"))
-        .current_dir(&ws)
+    let eval = moeru_command()
         .args(["eval", "--model", ckpt.to_str().unwrap()])
         .args([
             "--data",
@@ -88,9 +86,7 @@ fn smoke_recipe_trains_and_loss_halves() {
 /// Runs `moeru train` on the smoke recipe with one override that makes it invalid; returns
 /// stderr after checking the exit code is 2 and the message one line.
 fn failing_train(set: &str) -> String {
-    let ws = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = Command::new(env!("CARGO_BIN_EXE_moeru"))
-        .current_dir(&ws)
+    let out = moeru_command()
         .args(["train", "recipes/smoke-tiny-moe.yaml", "--set", set])
         .output()
         .unwrap();

@@ -257,7 +257,7 @@ mod tests {
     use burn::tensor::{activation::softmax, Device, FloatDType, Tensor, TensorData};
 
     use super::{block_positions, causal_attention};
-    use crate::precision::{cast_to, f32, like, scale};
+    use crate::precision::{cast_to, like, scale, to_f32};
     use crate::Batch;
 
     const DIMS: [usize; 5] = [2, 2, 3, 7, 4];
@@ -266,7 +266,7 @@ mod tests {
     fn reference(q: Tensor<5>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<5>, s: f64) -> Tensor<5> {
         let [b, g, rep, n, hd] = q.dims();
         let scores = q.reshape([b, g, rep * n, hd]).matmul(k.swap_dims(2, 3));
-        let scores = f32(scale(scores, s)).reshape([b, g, rep, n, n]) + bias;
+        let scores = to_f32(scale(scores, s)).reshape([b, g, rep, n, n]) + bias;
         let probs = softmax(scores, 4).reshape([b, g, rep * n, n]);
         like(probs, &v).matmul(v).reshape([b, g, rep, n, hd])
     }
@@ -313,9 +313,9 @@ mod tests {
             None => reference(q.clone(), k.clone(), v.clone(), bias, s),
         };
         let w = values(DIMS, 4, &device);
-        let grads = (f32(out.clone()) * w).sum().backward();
-        let vec = |t: Tensor<5>| f32(t).into_data().try_to_vec::<f32>().unwrap();
-        let vec4 = |t: Tensor<4>| f32(t).into_data().try_to_vec::<f32>().unwrap();
+        let grads = (to_f32(out.clone()) * w).sum().backward();
+        let vec = |t: Tensor<5>| to_f32(t).into_data().try_to_vec::<f32>().unwrap();
+        let vec4 = |t: Tensor<4>| to_f32(t).into_data().try_to_vec::<f32>().unwrap();
         let grad = |t: &Tensor<4>| vec4(t.grad(&grads).unwrap());
         [vec(out), vec(q.grad(&grads).unwrap()), grad(&k), grad(&v)]
     }

@@ -4,21 +4,20 @@ use burn::tensor::{Device, Tensor};
 
 use crate::attention::{Attention, AttentionContext};
 use crate::config::Qwen3Config;
+use crate::forward_ctx::ForwardCtx;
 use crate::layers::{rms_norm, swiglu};
-use crate::lora::{lora_linear, LoraAdapter, LoraSlot};
+use crate::linear::Linear;
+use crate::lora::{LoraAdapter, LoraSlot};
 use crate::moe::{MoeBlock, RouterStats};
 use crate::params::{ParamSource, ParamVisitor, Params};
-use crate::precision::f32;
+use crate::precision::to_f32;
 
-/// A dense SwiGLU MLP with `[out, in]` projections.
+/// A dense SwiGLU MLP: `down(silu(gate(x)) ⊙ up(x))`.
 #[derive(Debug, Clone)]
 pub struct DenseMlp {
-    prefix: String,
-    gate_proj: Tensor<2>,
-    up_proj: Tensor<2>,
-    down_proj: Tensor<2>,
-    /// LoRA adapters on gate, up, down.
-    lora: [Option<LoraAdapter>; 3],
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
 }
 
 impl DenseMlp {
@@ -29,59 +28,55 @@ impl DenseMlp {
         src: &mut S,
         device: &Device,
     ) -> Result<Self, S::Error> {
+        let mut proj = |n: &str, out, inp| {
+            Linear::load(src, &format!("{prefix}.{n}"), out, inp, false, device)
+        };
         Ok(Self {
-            gate_proj: src.tensor(
-                &format!("{prefix}.gate_proj.weight"),
-                [inter, hidden],
-                device,
-            )?,
-            up_proj: src.tensor(&format!("{prefix}.up_proj.weight"), [inter, hidden], device)?,
-            down_proj: src.tensor(
-                &format!("{prefix}.down_proj.weight"),
-                [hidden, inter],
-                device,
-            )?,
-            prefix: prefix.to_string(),
-            lora: Default::default(),
+            gate_proj: proj("gate_proj", inter, hidden)?,
+            up_proj: proj("up_proj", inter, hidden)?,
+            down_proj: proj("down_proj", hidden, inter)?,
         })
     }
 
-    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let gate = lora_linear(x.clone(), &self.gate_proj, None, &self.lora[0]);
-        let up = lora_linear(x, &self.up_proj, None, &self.lora[1]);
-        lora_linear(swiglu(gate, up), &self.down_proj, None, &self.lora[2])
+    /// `x [.., hidden]` (in the matmul dtype) → `[.., hidden]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>, ctx: &ForwardCtx) -> Tensor<D> {
+        let gate = self.gate_proj.forward(x.clone(), ctx);
+        let up = self.up_proj.forward(x, ctx);
+        self.down_proj.forward(swiglu(gate, up), ctx)
+    }
+
+    fn projections(&mut self) -> [&mut Linear; 3] {
+        [&mut self.gate_proj, &mut self.up_proj, &mut self.down_proj]
     }
 
     pub(crate) fn lora_slot(&mut self, param: &str) -> Option<LoraSlot<'_>> {
-        let rest = param.strip_prefix(self.prefix.as_str())?;
-        let names = [".gate_proj.weight", ".up_proj.weight", ".down_proj.weight"];
-        let i = names.iter().position(|n| *n == rest)?;
-        let w = [&self.gate_proj, &self.up_proj, &self.down_proj][i];
-        Some(LoraSlot {
-            dims: w.dims().to_vec(),
-            adapter: &mut self.lora[i],
-        })
+        self.projections()
+            .into_iter()
+            .find_map(|proj| proj.lora_slot(param))
+    }
+
+    /// The adapters of gate, up, down, in that order.
+    pub(crate) fn loras_mut(&mut self) -> impl Iterator<Item = &mut LoraAdapter> {
+        self.projections()
+            .into_iter()
+            .filter_map(|proj| proj.adapter_mut())
     }
 
     pub(crate) fn merge_lora(&mut self) {
-        let ws = [&mut self.gate_proj, &mut self.up_proj, &mut self.down_proj];
-        for (w, lora) in ws.into_iter().zip(&mut self.lora) {
-            if let Some(l) = lora.take() {
-                *w = w.clone() + l.delta();
-            }
-        }
+        self.projections().into_iter().for_each(Linear::merge_lora);
     }
 }
 
 impl Params for DenseMlp {
     fn visit_params<V: ParamVisitor>(&mut self, v: &mut V) {
-        let p = &self.prefix;
-        v.visit(&format!("{p}.gate_proj.weight"), &mut self.gate_proj);
-        v.visit(&format!("{p}.up_proj.weight"), &mut self.up_proj);
-        v.visit(&format!("{p}.down_proj.weight"), &mut self.down_proj);
+        for proj in self.projections() {
+            proj.visit_params(v);
+        }
     }
 }
 
+/// One per layer, built once: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Mlp {
     Dense(DenseMlp),
@@ -142,20 +137,19 @@ impl DecoderLayer {
     pub fn forward(
         &self,
         x: Tensor<3>,
-        ctx: &AttentionContext,
+        attn: &AttentionContext,
+        ctx: &ForwardCtx,
     ) -> (Tensor<3>, Option<RouterStats>) {
-        let attn = self
-            .self_attn
-            .forward(rms_norm(x.clone(), &self.input_layernorm, self.eps), ctx);
+        let normed = rms_norm(x.clone(), &self.input_layernorm, self.eps);
+        let attn = self.self_attn.forward(normed, attn, ctx);
         // The residual stream stays f32 (as under autocast, where f32 + bf16 is f32).
-        let x = x + f32(attn);
+        let x = x + to_f32(attn);
         let normed = rms_norm(x.clone(), &self.post_attention_layernorm, self.eps);
-        let p = ctx.precision;
         match &self.mlp {
-            Mlp::Dense(mlp) => (x + f32(mlp.forward(p.mm(normed))), None),
+            Mlp::Dense(mlp) => (x + to_f32(mlp.forward(ctx.precision.mm(normed), ctx)), None),
             Mlp::Moe(moe) => {
                 let [b, s, h] = normed.dims();
-                let (y, stats) = moe.forward(normed.reshape([b * s, h]), p);
+                let (y, stats) = moe.forward(normed.reshape([b * s, h]), ctx);
                 (x + y.reshape([b, s, h]), Some(stats))
             }
         }
@@ -179,7 +173,7 @@ impl DecoderLayer {
     pub(crate) fn loras_mut(&mut self) -> Vec<&mut LoraAdapter> {
         let mut out: Vec<&mut LoraAdapter> = self.self_attn.loras_mut().collect();
         match &mut self.mlp {
-            Mlp::Dense(m) => out.extend(m.lora.iter_mut().flatten()),
+            Mlp::Dense(m) => out.extend(m.loras_mut()),
             Mlp::Moe(m) => out.extend(m.loras_mut()),
         }
         out

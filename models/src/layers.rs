@@ -2,7 +2,7 @@
 
 use burn::tensor::{activation::silu, Tensor};
 
-use crate::precision::{f32, like, round_to};
+use crate::precision::{like, round_to, to_f32};
 
 /// `x · Wᵀ (+ b)` for `x [.., in]` and `w [out, in]` (transformers' `nn.Linear` layout),
 /// computed in the dtype of `x` (the weights are cast to it; see `precision`).
@@ -28,18 +28,19 @@ pub fn linear<const D: usize>(x: Tensor<D>, w: &Tensor<2>, bias: Option<&Tensor<
 /// (whose f32 weight times the normalised input is f32 under autocast too).
 pub fn rms_norm<const D: usize>(x: Tensor<D>, w: &Tensor<1>, eps: f64) -> Tensor<D> {
     let input = x.dtype();
-    let x = f32(x);
+    let x = to_f32(x);
     let variance = x.clone().square().mean_dim(D - 1);
     let x = x * variance.add_scalar(eps).sqrt().recip();
     // transformers rounds the normalised input back to the input dtype before the weight.
-    f32(round_to(x, input)) * w.clone().unsqueeze::<D>()
+    to_f32(round_to(x, input)) * w.clone().unsqueeze::<D>()
 }
 
-/// `down(silu(gate) ⊙ up)` given the gate and up projections already computed.
+/// `silu(gate) ⊙ up`, the SwiGLU activation, given the gate and up projections already
+/// computed (the down projection is the caller's).
 pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
     // silu in f32, rounded once to the input dtype (as torch does for bf16 inputs).
     let dtype = gate.dtype();
-    round_to(silu(f32(gate)), dtype) * up
+    round_to(silu(to_f32(gate)), dtype) * up
 }
 
 /// `log Σ_j exp(x_ij)` per row of `x [rows, cols]`, stabilised by the (detached) row max.

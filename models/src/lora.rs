@@ -192,8 +192,9 @@ pub fn adapter_names(site: &str, all: &[LoraSite]) -> (String, String) {
     (format!("{m}.lora_A.weight"), format!("{m}.lora_B.weight"))
 }
 
-/// Which dropout mask to draw: the trainer passes its seed and a counter that differs for
-/// every forward (e.g. `step · micro_batches + micro`). Each adapter mixes in its own name.
+/// Which dropout mask to draw (`ForwardCtx::dropout`): the trainer passes its seed and a
+/// counter that differs for every forward (e.g. `step · micro_batches + micro`). Each adapter
+/// mixes in its own name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DropoutKey {
     pub seed: u64,
@@ -216,13 +217,13 @@ pub struct LoraAdapter {
     /// 1 unless the site is a stacked expert weight.
     pub experts: usize,
     pub dropout: f64,
-    pub(crate) dropout_key: Option<DropoutKey>,
 }
 
 impl LoraAdapter {
-    /// `s · (dropout(x) · Aᵀ) · Bᵀ` for `x [.., in]`.
-    pub fn apply<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let x = self.drop(x);
+    /// `s · (dropout(x) · Aᵀ) · Bᵀ` for `x [.., in]`, the dropout mask drawn from `key` (none
+    /// without a key).
+    pub fn apply<const D: usize>(&self, x: Tensor<D>, key: Option<DropoutKey>) -> Tensor<D> {
+        let x = self.drop(x, key);
         scale(linear(linear(x, &self.a, None), &self.b, None), self.scale)
     }
 
@@ -261,8 +262,8 @@ impl LoraAdapter {
     }
 
     /// Inverted dropout with a mask drawn from (key, adapter name); identity without a key.
-    fn drop<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let (Some(key), true) = (self.dropout_key, self.dropout > 0.0) else {
+    fn drop<const D: usize>(&self, x: Tensor<D>, key: Option<DropoutKey>) -> Tensor<D> {
+        let (Some(key), true) = (key, self.dropout > 0.0) else {
             return x;
         };
         let dims = x.dims();
@@ -286,19 +287,6 @@ const MIX: u64 = 0xD6E8_FEB8_6659_FD93;
 pub(crate) struct LoraSlot<'a> {
     pub adapter: &'a mut Option<LoraAdapter>,
     pub dims: Vec<usize>,
-}
-
-/// `x · Wᵀ (+ b)` plus the adapter's term when there is one.
-pub(crate) fn lora_linear<const D: usize>(
-    x: Tensor<D>,
-    w: &Tensor<2>,
-    bias: Option<&Tensor<1>>,
-    lora: &Option<LoraAdapter>,
-) -> Tensor<D> {
-    match lora {
-        Some(l) => linear(x.clone(), w, bias) + l.apply(x),
-        None => linear(x, w, bias),
-    }
 }
 
 /// PEFT's default init: A ~ kaiming-uniform(a=√5) = U(±1/√fan_in), B = 0. Each A draws from

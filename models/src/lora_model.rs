@@ -9,8 +9,8 @@ use std::collections::BTreeSet;
 use burn::tensor::Tensor;
 
 use crate::lora::{
-    adapter_names, is_parameter_site, scaling, DropoutKey, LoraAdapter, LoraConfig, LoraError,
-    LoraInit, LoraSite, LoraSlot,
+    adapter_names, is_parameter_site, scaling, LoraAdapter, LoraConfig, LoraError, LoraInit,
+    LoraSite, LoraSlot,
 };
 use crate::model::Qwen3Model;
 use crate::params::{ParamSource, ParamVisitor, Params};
@@ -81,7 +81,6 @@ impl Qwen3Model {
                 scale: scaling(s.alpha, s.rank, cfg.use_rslora),
                 experts,
                 dropout: cfg.dropout,
-                dropout_key: None,
             });
         }
         for adapter in adapters {
@@ -125,14 +124,6 @@ impl Qwen3Model {
     /// inference copy without autodiff).
     pub fn all_params(&mut self) -> AllParams<'_> {
         AllParams(self)
-    }
-
-    /// Dropout on the adapters' inputs: `Some(key)` for a training forward (a new counter for
-    /// every forward), `None` for evaluation (no dropout; the default).
-    pub fn set_lora_dropout(&mut self, key: Option<DropoutKey>) {
-        for l in self.lora_adapters() {
-            l.dropout_key = key;
-        }
     }
 
     /// Folds every adapter into its base weight (W ← W + s·B·A, experts one by one) and drops

@@ -1,9 +1,10 @@
-//! Next-token cross-entropy that never materialises `[tokens, vocab]` log-probabilities at once.
+//! Next-token log-probabilities and cross-entropy that never materialise `[tokens, vocab]`
+//! logits at once.
 
 use burn::tensor::{Int, Tensor};
 
 use crate::layers::logsumexp_rows;
-use crate::precision::{f32, like};
+use crate::precision::{like, to_f32};
 
 /// Rows per chunk such that a chunk's logits stay under ~64 Mi elements.
 fn chunk_rows(vocab: usize) -> usize {
@@ -27,54 +28,80 @@ pub fn next_token_targets(input_ids: &Tensor<2, Int>) -> (Tensor<2, Int>, Tensor
     (targets, mask)
 }
 
-/// Mean over masked-in positions of `logsumexp(h·Wᵀ) − (h·Wᵀ)[target]`.
-///
-/// `hidden [batch, seq, H]`, `weight [vocab, H]`, `targets [batch, seq]`, `mask [batch, seq]`
-/// (1 = counts). Positions are ignored by the mask, never by a token id.
-pub fn causal_lm_loss(
+/// Calls `each(start, logprobs)` for consecutive row chunks of the flattened positions, with
+/// `logprobs [len] = (h·Wᵀ)[target] − logsumexp(h·Wᵀ)` (f32) of rows `start..start + len`.
+fn for_each_chunk(
     hidden: Tensor<3>,
     weight: &Tensor<2>,
     targets: Tensor<2, Int>,
-    mask: Tensor<2>,
-) -> Tensor<1> {
-    let count = mask.clone().sum();
-    token_loss_sum(hidden, weight, targets, mask) / count
+    step: usize,
+    mut each: impl FnMut(usize, Tensor<1>),
+) {
+    let [b, s, h] = hidden.dims();
+    let rows = b * s;
+    let hidden = hidden.reshape([rows, h]);
+    let targets = targets.reshape([rows, 1]);
+    let weight = like(weight.clone(), &hidden);
+    let mut start = 0;
+    while start < rows {
+        let len = step.min(rows - start);
+        let logits = to_f32(
+            hidden
+                .clone()
+                .narrow(0, start, len)
+                .matmul(weight.clone().transpose()),
+        );
+        let lse = logsumexp_rows(logits.clone());
+        let picked = logits
+            .gather(1, targets.clone().narrow(0, start, len))
+            .reshape([len]);
+        each(start, picked - lse);
+        start += len;
+    }
 }
 
-/// Σ over masked-in positions of the token cross-entropy (see [`causal_lm_loss`]); training
-/// divides by the target count of the whole global batch. The logits matmul runs in the dtype
-/// of `hidden`; the softmax and the sum run in f32.
+/// `log p(target)` `[batch, seq]` (f32, differentiable) under the logits `hidden · Wᵀ`, for
+/// `hidden [batch, seq, H]`, `weight [vocab, H]`, `targets [batch, seq]`. The logits matmul
+/// runs in the dtype of `hidden`, the log-softmax in f32, chunked over rows.
+pub fn token_logprobs(hidden: Tensor<3>, weight: &Tensor<2>, targets: Tensor<2, Int>) -> Tensor<2> {
+    let step = chunk_rows(weight.dims()[0]);
+    token_logprobs_chunked(hidden, weight, targets, step)
+}
+
+/// [`token_logprobs`] with `step` rows per chunk.
+pub(crate) fn token_logprobs_chunked(
+    hidden: Tensor<3>,
+    weight: &Tensor<2>,
+    targets: Tensor<2, Int>,
+    step: usize,
+) -> Tensor<2> {
+    let [b, s, _] = hidden.dims();
+    let mut chunks = Vec::new();
+    for_each_chunk(hidden, weight, targets, step, |_, lp| chunks.push(lp));
+    Tensor::cat(chunks, 0).reshape([b, s])
+}
+
+/// `−Σ mask · log p(target)` over all positions (see [`token_logprobs`]), the token
+/// cross-entropy summed where `mask [batch, seq]` is 1; positions are ignored by the mask, never
+/// by a token id. Training divides by the target count of the whole global batch. Summed per
+/// chunk and the chunk sums added in order, so the per-position log-probs are never kept whole.
 pub fn token_loss_sum(
     hidden: Tensor<3>,
     weight: &Tensor<2>,
     targets: Tensor<2, Int>,
     mask: Tensor<2>,
 ) -> Tensor<1> {
-    let [b, s, h] = hidden.dims();
-    let rows = b * s;
-    let hidden = hidden.reshape([rows, h]);
-    let targets = targets.reshape([rows, 1]);
+    let rows: usize = mask.dims().iter().product();
     let mask = mask.reshape([rows]);
     let step = chunk_rows(weight.dims()[0]);
-    let weight = like(weight.clone(), &hidden);
     let mut total: Option<Tensor<1>> = None;
-    let mut start = 0;
-    while start < rows {
-        let len = step.min(rows - start);
-        let logits = f32(hidden
-            .clone()
-            .narrow(0, start, len)
-            .matmul(weight.clone().transpose()));
-        let lse = logsumexp_rows(logits.clone());
-        let picked = logits
-            .gather(1, targets.clone().narrow(0, start, len))
-            .reshape([len]);
-        let part = ((lse - picked) * mask.clone().narrow(0, start, len)).sum();
-        total = Some(match total {
+    for_each_chunk(hidden, weight, targets, step, |start, lp| {
+        let len = lp.dims()[0];
+        let part = -(lp * mask.clone().narrow(0, start, len)).sum();
+        total = Some(match total.take() {
             Some(t) => t + part,
             None => part,
         });
-        start += len;
-    }
+    });
     total.expect("a batch has at least one row")
 }

@@ -6,12 +6,13 @@ use crate::attention::AttentionContext;
 use crate::batch::Batch;
 use crate::config::Qwen3Config;
 use crate::decoder::DecoderLayer;
+use crate::forward_ctx::ForwardCtx;
 use crate::layers::{linear, rms_norm};
 use crate::lora::LoraConfig;
-use crate::loss::{next_token_targets, token_loss_sum};
+use crate::loss::{next_token_targets, token_logprobs, token_loss_sum};
 use crate::moe::{load_balancing_loss, router_z_loss, RouterStats};
 use crate::params::{ParamSource, ParamVisitor, Params};
-use crate::precision::{f32, Precision};
+use crate::precision::to_f32;
 use crate::rope::{inverse_frequencies, rope_tables};
 
 #[derive(Debug, Clone)]
@@ -25,8 +26,6 @@ pub struct Qwen3Model {
     inv_freq: Vec<f32>,
     /// Set once LoRA adapters are attached (see `lora_model.rs`); the base is then frozen.
     pub(crate) lora: Option<LoraConfig>,
-    /// The dtype matmuls run in; parameters stay f32 either way.
-    precision: Precision,
 }
 
 /// What a forward pass returns besides logits, which are computed on demand.
@@ -69,25 +68,16 @@ impl Qwen3Model {
             lm_head,
             inv_freq,
             lora: None,
-            precision: Precision::F32,
         })
-    }
-
-    /// Runs later forwards with matmuls in `precision` (see `precision.rs`).
-    pub fn set_precision(&mut self, precision: Precision) {
-        self.precision = precision;
-    }
-
-    pub fn precision(&self) -> Precision {
-        self.precision
     }
 
     pub fn device(&self) -> Device {
         self.embed_tokens.device()
     }
 
-    /// Runs the decoder stack over `batch`.
-    pub fn forward(&self, batch: &Batch) -> ForwardOutput {
+    /// Runs the decoder stack over `batch` with the matmul dtype, LoRA dropout and adapters
+    /// of `ctx`.
+    pub fn forward(&self, batch: &Batch, ctx: &ForwardCtx) -> ForwardOutput {
         let [b, s] = batch.dims();
         let device = self.device();
         let ids = batch.input_ids.clone().reshape([b * s]);
@@ -100,15 +90,10 @@ impl Qwen3Model {
         let bias = Tensor::<3>::zeros([b, s, s], &device)
             .mask_fill(batch.attention_block_mask(), f32::NEG_INFINITY)
             .reshape([b, 1, 1, s, s]);
-        let ctx = AttentionContext {
-            cos,
-            sin,
-            bias,
-            precision: self.precision,
-        };
+        let attn = AttentionContext { cos, sin, bias };
         let mut router = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            let (next, stats) = layer.forward(x, &ctx);
+            let (next, stats) = layer.forward(x, &attn, ctx);
             x = next;
             if let Some(stats) = stats {
                 router.push((i, stats));
@@ -130,24 +115,37 @@ impl Qwen3Model {
     }
 
     /// Full f32 logits `[batch, seq, vocab]`; training uses the chunked loss instead.
-    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        f32(linear(
-            self.precision.mm(hidden),
+    pub fn logits(&self, hidden: Tensor<3>, ctx: &ForwardCtx) -> Tensor<3> {
+        to_f32(linear(
+            ctx.precision.mm(hidden),
             self.lm_head_weight(),
             None,
         ))
     }
 
-    /// Σ of the next-token cross-entropy over the positions where `mask` is 1 (see
-    /// [`token_loss_sum`]), with the LM head matmul in the model's precision.
+    /// `log p(target)` per position `[batch, seq]` (f32, differentiable; see
+    /// [`token_logprobs`]), with the LM head matmul in `ctx.precision`.
+    pub fn token_logprobs(
+        &self,
+        hidden: Tensor<3>,
+        targets: Tensor<2, Int>,
+        ctx: &ForwardCtx,
+    ) -> Tensor<2> {
+        token_logprobs(ctx.precision.mm(hidden), self.lm_head_weight(), targets)
+    }
+
+    /// Σ of the next-token cross-entropy over the positions where `mask` is 1, i.e.
+    /// `−Σ mask · token_logprobs` (see [`token_loss_sum`]), with the LM head matmul in
+    /// `ctx.precision`.
     pub fn token_loss_sum(
         &self,
         hidden: Tensor<3>,
         targets: Tensor<2, Int>,
         mask: Tensor<2>,
+        ctx: &ForwardCtx,
     ) -> Tensor<1> {
         token_loss_sum(
-            self.precision.mm(hidden),
+            ctx.precision.mm(hidden),
             self.lm_head_weight(),
             targets,
             mask,
@@ -156,10 +154,10 @@ impl Qwen3Model {
 
     /// Mean next-token cross-entropy with labels = input ids, as transformers returns for
     /// `labels=input_ids` (one document per row).
-    pub fn lm_loss(&self, batch: &Batch, hidden: Tensor<3>) -> Tensor<1> {
+    pub fn lm_loss(&self, batch: &Batch, hidden: Tensor<3>, ctx: &ForwardCtx) -> Tensor<1> {
         let (targets, mask) = next_token_targets(&batch.input_ids);
         let count = mask.clone().sum();
-        self.token_loss_sum(hidden, targets, mask) / count
+        self.token_loss_sum(hidden, targets, mask, ctx) / count
     }
 }
 

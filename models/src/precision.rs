@@ -54,7 +54,7 @@ pub fn round_to<const D: usize>(x: Tensor<D>, dtype: DType) -> Tensor<D> {
 }
 
 /// `x` in f32 (norms, softmax, residual adds, loss).
-pub fn f32<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+pub fn to_f32<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     cast_to(x, FloatDType::F32)
 }
 
@@ -62,7 +62,7 @@ pub fn f32<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 /// tensor by a Python float (burn would round `s` to bf16 first).
 pub fn scale<const D: usize>(x: Tensor<D>, s: f64) -> Tensor<D> {
     let dtype = x.dtype();
-    round_to(f32(x).mul_scalar(s), dtype)
+    round_to(to_f32(x).mul_scalar(s), dtype)
 }
 
 /// `w` in the dtype of the activations `x` it multiplies.

@@ -1,7 +1,8 @@
 //! The `Communicator` trait every backend implements, on raw bytes plus a dtype so it stays
-//! object-safe; `ProcessGroup` (group.rs) puts typed slices and burn tensors on top.
+//! object-safe; `ProcessGroup` (group.rs) puts typed slices on top. The argument checks of
+//! the collectives live here too, so every backend rejects the same calls alike.
 
-use crate::error::Result;
+use crate::error::{CommError, Result};
 
 /// Element types the collectives reduce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +48,81 @@ impl GroupInfo {
     /// This rank's world rank.
     pub fn world_rank(&self) -> usize {
         self.members[self.rank]
+    }
+}
+
+/// The checks every backend runs on a collective's arguments before it moves a byte (so no
+/// rank waits on a peer that already failed here), and the error they give: `BadArgument`
+/// naming the op, this group and rank, and the sizes that do not fit.
+impl GroupInfo {
+    pub(crate) fn bad(&self, op: &'static str, detail: String) -> CommError {
+        CommError::BadArgument {
+            op,
+            group: self.name.clone(),
+            rank: self.world_rank(),
+            detail,
+        }
+    }
+
+    /// `len` bytes must be whole `dtype` elements.
+    pub(crate) fn check_all_reduce(&self, len: usize, dtype: DType) -> Result<()> {
+        if len.is_multiple_of(dtype.size()) {
+            return Ok(());
+        }
+        let detail = format!("{len} bytes are no whole number of {dtype:?} elements");
+        Err(self.bad("all_reduce", detail))
+    }
+
+    pub(crate) fn check_all_gather(&self, send: usize, recv: usize) -> Result<()> {
+        let n = self.size();
+        if recv == send * n {
+            return Ok(());
+        }
+        let detail = format!("recv has {recv} bytes, expected {n} × {send} (send)");
+        Err(self.bad("all_gather", detail))
+    }
+
+    /// `send` must be size × `recv` bytes, and `recv` whole `dtype` elements.
+    pub(crate) fn check_reduce_scatter(
+        &self,
+        send: usize,
+        recv: usize,
+        dtype: DType,
+    ) -> Result<()> {
+        let n = self.size();
+        if send == recv * n && recv.is_multiple_of(dtype.size()) {
+            return Ok(());
+        }
+        let detail = format!("send has {send} bytes, expected {n} × {recv} (recv) of {dtype:?}");
+        Err(self.bad("reduce_scatter", detail))
+    }
+
+    /// One send and one recv size per rank, the send sizes adding up to `send` bytes.
+    pub(crate) fn check_all_to_all(
+        &self,
+        send: usize,
+        send_sizes: &[usize],
+        recv_sizes: &[usize],
+    ) -> Result<()> {
+        let (n, total) = (self.size(), send_sizes.iter().sum::<usize>());
+        if send_sizes.len() == n && recv_sizes.len() == n && total == send {
+            return Ok(());
+        }
+        let (s, r) = (send_sizes.len(), recv_sizes.len());
+        let detail = format!(
+            "{s} send sizes summing to {total} for {send} bytes, {r} recv sizes, group of {n}"
+        );
+        Err(self.bad("all_to_all", detail))
+    }
+
+    /// `rank` (a group rank: the broadcast root, a send's destination, a recv's source, named
+    /// by `role`) must be in the group.
+    pub(crate) fn check_rank(&self, op: &'static str, role: &str, rank: usize) -> Result<()> {
+        let n = self.size();
+        if rank < n {
+            return Ok(());
+        }
+        Err(self.bad(op, format!("{role} {rank} is outside the group of {n}")))
     }
 }
 
@@ -129,8 +205,12 @@ pub(crate) fn reduce_into(acc: &mut [u8], src: &[u8], dtype: DType, op: ReduceOp
     }
 }
 
-/// Divides every element by `n` (the `Mean` epilogue).
-pub(crate) fn divide(buf: &mut [u8], dtype: DType, n: usize) {
+/// The `Mean` epilogue of a sum over `n` ranks: divides every element by `n` when `op` is
+/// `Mean` (backends without a native mean reduce those with a sum).
+pub(crate) fn finish_mean(buf: &mut [u8], dtype: DType, op: ReduceOp, n: usize) {
+    if op != ReduceOp::Mean {
+        return;
+    }
     macro_rules! div {
         ($t:ty, $w:expr, $d:expr) => {
             for a in buf.chunks_exact_mut($w) {
@@ -144,5 +224,37 @@ pub(crate) fn divide(buf: &mut [u8], dtype: DType, n: usize) {
         DType::F64 => div!(f64, 8, n as f64),
         DType::I64 => div!(i64, 8, n as i64),
         DType::U8 => div!(u8, 1, n as u8),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argument_checks_name_the_op_and_the_sizes() {
+        let info = GroupInfo {
+            name: "dp".into(),
+            rank: 1,
+            members: vec![4, 6, 8],
+        };
+        let msg = |r: Result<()>| r.unwrap_err().to_string();
+        assert!(info.check_all_reduce(8, DType::F64).is_ok());
+        assert_eq!(
+            msg(info.check_all_reduce(6, DType::F32)),
+            "all_reduce on group `dp` on rank 6: 6 bytes are no whole number of F32 elements"
+        );
+        assert!(info.check_all_gather(4, 12).is_ok());
+        assert!(msg(info.check_all_gather(4, 8)).contains("recv has 8 bytes, expected 3 × 4"));
+        assert!(info.check_reduce_scatter(24, 8, DType::F32).is_ok());
+        assert!(msg(info.check_reduce_scatter(12, 4, DType::F64)).contains("of F64"));
+        assert!(info.check_all_to_all(6, &[1, 2, 3], &[0, 0, 0]).is_ok());
+        assert!(msg(info.check_all_to_all(6, &[1, 2], &[0, 0, 0]))
+            .contains("2 send sizes summing to 3 for 6 bytes, 3 recv sizes, group of 3"));
+        assert!(info.check_rank("broadcast", "root", 2).is_ok());
+        assert_eq!(
+            msg(info.check_rank("broadcast", "root", 3)),
+            "broadcast on group `dp` on rank 6: root 3 is outside the group of 3"
+        );
     }
 }

@@ -1,9 +1,8 @@
-//! `ProcessGroup`: a communicator plus the bytes it moved, with typed slices and burn tensors.
+//! `ProcessGroup`: a communicator plus the bytes it moved, with typed slices.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use burn::tensor::{Tensor, TensorData};
 use bytemuck::Pod;
 
 use crate::comm::{Communicator, DType, GroupInfo, ReduceOp};
@@ -128,12 +127,8 @@ impl ProcessGroup {
     pub fn reduce_scatter<T: Elem>(&self, send: &[T], op: ReduceOp) -> Result<Vec<T>> {
         let p = self.size();
         if !send.len().is_multiple_of(p) {
-            return Err(CommError::BadArgument {
-                op: "reduce_scatter",
-                group: self.name().to_string(),
-                rank: self.info().world_rank(),
-                detail: format!("{} elements do not split into {p} equal chunks", send.len()),
-            });
+            let detail = format!("{} elements do not split into {p} equal chunks", send.len());
+            return Err(self.info().bad("reduce_scatter", detail));
         }
         let n = std::mem::size_of_val(send);
         self.count("reduce_scatter", n, self.ring(n));
@@ -225,58 +220,4 @@ impl ProcessGroup {
             detail: e.to_string(),
         })
     }
-
-    /// All-reduce of an f32 tensor (through host memory).
-    pub fn all_reduce_tensor<const D: usize>(
-        &self,
-        t: Tensor<D>,
-        op: ReduceOp,
-    ) -> Result<Tensor<D>> {
-        let (dims, device) = (t.dims(), t.device());
-        let mut v = to_vec(t);
-        self.all_reduce(&mut v, op)?;
-        Ok(Tensor::from_data(TensorData::new(v, dims), &device))
-    }
-
-    /// Every rank's tensor concatenated along dim 0.
-    pub fn all_gather_tensor<const D: usize>(&self, t: Tensor<D>) -> Result<Tensor<D>> {
-        let (mut dims, device) = (t.dims(), t.device());
-        let v = self.all_gather(&to_vec(t))?;
-        dims[0] *= self.size();
-        Ok(Tensor::from_data(TensorData::new(v, dims), &device))
-    }
-
-    /// This rank's dim-0 chunk of the reduction.
-    pub fn reduce_scatter_tensor<const D: usize>(
-        &self,
-        t: Tensor<D>,
-        op: ReduceOp,
-    ) -> Result<Tensor<D>> {
-        let (mut dims, device) = (t.dims(), t.device());
-        let p = self.size();
-        if !dims[0].is_multiple_of(p) {
-            return Err(CommError::BadArgument {
-                op: "reduce_scatter",
-                group: self.name().to_string(),
-                rank: self.info().world_rank(),
-                detail: format!("dim 0 of {dims:?} does not split into {p} equal chunks"),
-            });
-        }
-        let v = self.reduce_scatter(&to_vec(t), op)?;
-        dims[0] /= p;
-        Ok(Tensor::from_data(TensorData::new(v, dims), &device))
-    }
-
-    pub fn broadcast_tensor<const D: usize>(&self, t: Tensor<D>, root: usize) -> Result<Tensor<D>> {
-        let (dims, device) = (t.dims(), t.device());
-        let mut v = to_vec(t);
-        self.broadcast(&mut v, root)?;
-        Ok(Tensor::from_data(TensorData::new(v, dims), &device))
-    }
-}
-
-fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data()
-        .try_into_vec_as::<f32>()
-        .expect("a float tensor converts to f32")
 }

@@ -110,16 +110,6 @@ impl NcclComm {
         move |e| backend(format!("{}: CUDA: {e}", self.here(op)))
     }
 
-    fn bad(&self, op: &'static str, detail: String) -> CommError {
-        let (group, rank) = (self.info.name.clone(), self.info.world_rank());
-        CommError::BadArgument {
-            op,
-            group,
-            rank,
-            detail,
-        }
-    }
-
     fn aborted(&self, op: &'static str, reason: String) -> CommError {
         let (group, rank) = (self.info.name.clone(), self.info.world_rank());
         CommError::Aborted {
@@ -275,13 +265,8 @@ impl NcclComm {
         Ok(())
     }
 
+    /// All-reduce of whole `dtype` elements (checked by the caller).
     fn reduce(&self, op: &'static str, buf: &mut [u8], dtype: DType, red: ReduceOp) -> Result<()> {
-        if !buf.len().is_multiple_of(dtype.size()) {
-            return Err(self.bad(
-                op,
-                format!("{} bytes is no whole number of {dtype:?}", buf.len()),
-            ));
-        }
         let (api, count) = (self.api, buf.len() / dtype.size());
         self.run(op, None, buf, |c, s, r, st| {
             // SAFETY: `s`/`r` hold `count` elements on this communicator's device.

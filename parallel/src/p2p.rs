@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::comm::{divide, reduce_into, Communicator, DType, GroupInfo, ReduceOp};
+use crate::comm::{finish_mean, reduce_into, Communicator, DType, GroupInfo, ReduceOp};
 use crate::error::{CommError, Result};
 use crate::transport::{Channel, Message, OpCode, RecvError, Transport, COLLECTIVE};
 
@@ -84,12 +84,7 @@ impl P2pComm {
     }
 
     fn bad(&self, op: OpCode, detail: String) -> CommError {
-        CommError::BadArgument {
-            op: op.name(),
-            group: self.info.name.clone(),
-            rank: self.info.world_rank(),
-            detail,
-        }
+        self.info.bad(op.name(), detail)
     }
 
     fn send_to(&self, op: OpCode, j: usize, seq: u64, tag: u32, payload: Vec<u8>) -> Result<()> {
@@ -169,31 +164,20 @@ impl Communicator for P2pComm {
 
     fn all_reduce(&self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
         let code = OpCode::AllReduce;
+        self.info.check_all_reduce(buf.len(), dtype)?;
         let parts = self.exchange(code, buf.to_vec(), |_| buf.to_vec())?;
         self.check_len(code, &parts, buf.len())?;
         buf.copy_from_slice(&parts[0]);
         for p in &parts[1..] {
             reduce_into(buf, p, dtype, op);
         }
-        if op == ReduceOp::Mean {
-            divide(buf, dtype, self.info.size());
-        }
+        finish_mean(buf, dtype, op, self.info.size());
         Ok(())
     }
 
     fn all_gather(&self, send: &[u8], recv: &mut [u8]) -> Result<()> {
         let code = OpCode::AllGather;
-        let n = self.info.size();
-        if recv.len() != send.len() * n {
-            return Err(self.bad(
-                code,
-                format!(
-                    "recv has {} bytes, expected {n} × {}",
-                    recv.len(),
-                    send.len()
-                ),
-            ));
-        }
+        self.info.check_all_gather(send.len(), recv.len())?;
         let parts = self.exchange(code, send.to_vec(), |_| send.to_vec())?;
         self.check_len(code, &parts, send.len())?;
         for (chunk, p) in recv.chunks_exact_mut(send.len().max(1)).zip(&parts) {
@@ -211,12 +195,7 @@ impl Communicator for P2pComm {
     ) -> Result<()> {
         let code = OpCode::ReduceScatter;
         let (n, len) = (self.info.size(), recv.len());
-        if send.len() != len * n {
-            return Err(self.bad(
-                code,
-                format!("send has {} bytes, expected {n} × {len}", send.len()),
-            ));
-        }
+        self.info.check_reduce_scatter(send.len(), len, dtype)?;
         let chunk = |j: usize| send[j * len..(j + 1) * len].to_vec();
         let parts = self.exchange(code, chunk(self.info.rank), chunk)?;
         self.check_len(code, &parts, len)?;
@@ -224,9 +203,7 @@ impl Communicator for P2pComm {
         for p in &parts[1..] {
             reduce_into(recv, p, dtype, op);
         }
-        if op == ReduceOp::Mean {
-            divide(recv, dtype, n);
-        }
+        finish_mean(recv, dtype, op, n);
         Ok(())
     }
 
@@ -237,22 +214,8 @@ impl Communicator for P2pComm {
         recv_sizes: &[usize],
     ) -> Result<Vec<u8>> {
         let code = OpCode::AllToAll;
-        let n = self.info.size();
-        if send_sizes.len() != n
-            || recv_sizes.len() != n
-            || send_sizes.iter().sum::<usize>() != send.len()
-        {
-            return Err(self.bad(
-                code,
-                format!(
-                    "{} send sizes summing to {} for {} bytes, {} recv sizes, group of {n}",
-                    send_sizes.len(),
-                    send_sizes.iter().sum::<usize>(),
-                    send.len(),
-                    recv_sizes.len()
-                ),
-            ));
-        }
+        self.info
+            .check_all_to_all(send.len(), send_sizes, recv_sizes)?;
         let offsets: Vec<usize> = send_sizes
             .iter()
             .scan(0, |o, &s| {
@@ -281,9 +244,7 @@ impl Communicator for P2pComm {
     fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()> {
         let code = OpCode::Broadcast;
         let n = self.info.size();
-        if root >= n {
-            return Err(self.bad(code, format!("root {root} is outside the group of {n}")));
-        }
+        self.info.check_rank(code.name(), "root", root)?;
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         if self.info.rank == root {
             for j in (0..n).filter(|&j| j != root) {
@@ -314,16 +275,19 @@ impl Communicator for P2pComm {
     }
 
     fn send(&self, buf: &[u8], dst: usize, tag: u32) -> Result<()> {
-        if dst >= self.info.size() || tag == COLLECTIVE {
-            return Err(self.bad(OpCode::Send, format!("destination {dst}, tag {tag}")));
+        self.info
+            .check_rank(OpCode::Send.name(), "destination", dst)?;
+        if tag == COLLECTIVE {
+            return Err(self.bad(OpCode::Send, format!("tag {tag} is reserved")));
         }
         self.send_to(OpCode::Send, dst, 0, tag, buf.to_vec())
     }
 
     fn recv(&self, buf: &mut [u8], src: usize, tag: u32) -> Result<()> {
         let code = OpCode::Send;
-        if src >= self.info.size() || tag == COLLECTIVE {
-            return Err(self.bad(code, format!("source {src}, tag {tag}")));
+        self.info.check_rank(code.name(), "source", src)?;
+        if tag == COLLECTIVE {
+            return Err(self.bad(code, format!("tag {tag} is reserved")));
         }
         let peer = self.info.members[src];
         let deadline = Instant::now() + self.timeout;

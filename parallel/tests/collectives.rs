@@ -1,6 +1,8 @@
 //! Every collective of the threads and TCP backends against values computed here, plus the
 //! failure paths: a rank that stops participating, a rank that aborts, ranks out of step.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,76 +43,11 @@ fn tcp_groups(n: usize, timeout: Duration) -> Vec<ProcessGroup> {
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
+/// The shared checks (tests/common) on every rank at once.
 fn check_all_ops(groups: Vec<ProcessGroup>) {
     let n = groups.len();
-    let results = on_ranks(groups, move |r, g| {
-        let mut x: Vec<f32> = (0..5).map(|i| (r * 10 + i) as f32 + 0.25).collect();
-        g.all_reduce(&mut x, ReduceOp::Sum).unwrap();
-        let want: Vec<f32> = (0..5)
-            .map(|i| (0..n).map(|q| (q * 10 + i) as f32 + 0.25).sum())
-            .collect();
-        assert_eq!(x, want);
-        let mut m = vec![r as f64, -(r as f64)];
-        g.all_reduce(&mut m, ReduceOp::Max).unwrap();
-        assert_eq!(m, vec![(n - 1) as f64, 0.0]);
-        let mut mean = vec![r as i64 * 2];
-        g.all_reduce(&mut mean, ReduceOp::Mean).unwrap();
-        assert_eq!(mean[0], (n as i64 - 1));
-        let gathered = g.all_gather(&[r as i64, 7]).unwrap();
-        assert_eq!(
-            gathered,
-            (0..n).flat_map(|q| [q as i64, 7]).collect::<Vec<_>>()
-        );
-        // reduce_scatter: element k of rank q is q*100+k; chunk r sums over q.
-        let send: Vec<f32> = (0..2 * n).map(|k| (r * 100 + k) as f32).collect();
-        let mine = g.reduce_scatter(&send, ReduceOp::Sum).unwrap();
-        let want: Vec<f32> = (2 * r..2 * r + 2)
-            .map(|k| (0..n).map(|q| (q * 100 + k) as f32).sum())
-            .collect();
-        assert_eq!(mine, want);
-        // all_to_all with sizes: rank r sends j+1 copies of (r*10+j) to rank j.
-        let send_counts: Vec<usize> = (0..n).map(|j| j + 1).collect();
-        let send: Vec<i64> = (0..n)
-            .flat_map(|j| vec![(r * 10 + j) as i64; j + 1])
-            .collect();
-        let recv_counts = vec![r + 1; n];
-        let got = g.all_to_all(&send, &send_counts, &recv_counts).unwrap();
-        let want: Vec<i64> = (0..n)
-            .flat_map(|q| vec![(q * 10 + r) as i64; r + 1])
-            .collect();
-        assert_eq!(got, want);
-        let mut b = if r == n - 1 {
-            vec![3.5f32, 4.5]
-        } else {
-            vec![0.0; 2]
-        };
-        g.broadcast(&mut b, n - 1).unwrap();
-        assert_eq!(b, vec![3.5, 4.5]);
-        assert_eq!(
-            g.broadcast_string(if r == 0 { "hello" } else { "" }, 0)
-                .unwrap(),
-            "hello"
-        );
-        // Ring of send/recv.
-        let next = (r + 1) % n;
-        let prev = (r + n - 1) % n;
-        g.send(&[r as f32], next, 5).unwrap();
-        let mut got = [0f32];
-        g.recv(&mut got, prev, 5).unwrap();
-        assert_eq!(got[0], prev as f32);
-        g.barrier().unwrap();
-        // Split into even and odd ranks; sum world ranks inside each.
-        let sub = g.split((r % 2) as u32, "parity").unwrap();
-        let mut s = vec![r as i64];
-        sub.all_reduce(&mut s, ReduceOp::Sum).unwrap();
-        let want: i64 = (0..n).filter(|q| q % 2 == r % 2).map(|q| q as i64).sum();
-        assert_eq!(s[0], want);
-        assert_eq!(sub.name(), "parity");
-        let t = g.traffic();
-        assert_eq!(t["all_reduce"].calls, 3);
-        assert_eq!(t["all_reduce"].payload_bytes, 5 * 4 + 2 * 8 + 8);
-        assert_eq!(t["reduce_scatter"].payload_bytes as usize, 2 * n * 4);
-        assert_eq!(t["all_gather"].wire_bytes as usize, (n - 1) * 16);
+    let results = on_ranks(groups, |r, g| {
+        common::check_all_ops(&g);
         r
     });
     assert_eq!(results, (0..n).collect::<Vec<_>>());
@@ -239,6 +176,39 @@ fn ranks_out_of_step_are_reported() {
         msg.contains("out of step") && msg.contains("all_gather"),
         "{msg}"
     );
+}
+
+#[test]
+fn bad_arguments_fail_at_once_on_the_calling_rank() {
+    let results = on_ranks(thread_world(2, Duration::from_secs(60)), |_, g| {
+        let started = Instant::now();
+        let errors = [
+            g.all_to_all(&[1i64, 2], &[2], &[1, 1]).unwrap_err(),
+            g.broadcast(&mut [0f32], 2).unwrap_err(),
+            g.send(&[0u8], 5, 1).unwrap_err(),
+            g.reduce_scatter(&[1f32, 2.0, 3.0], ReduceOp::Sum)
+                .unwrap_err(),
+        ];
+        assert!(started.elapsed() < Duration::from_secs(10));
+        errors.map(|e| {
+            assert!(matches!(e, CommError::BadArgument { .. }), "{e}");
+            e.to_string()
+        })
+    });
+    let [a2a, bcast, send, rs] = &results[0];
+    assert!(
+        a2a.contains("all_to_all") && a2a.contains("1 send sizes"),
+        "{a2a}"
+    );
+    assert!(
+        bcast.contains("root 2 is outside the group of 2"),
+        "{bcast}"
+    );
+    assert!(
+        send.contains("send/recv") && send.contains("destination 5"),
+        "{send}"
+    );
+    assert!(rs.contains("3 elements do not split into 2"), "{rs}");
 }
 
 #[test]

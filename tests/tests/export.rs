@@ -6,7 +6,7 @@ mod common;
 use burn::tensor::Device;
 use common::*;
 use moeru_checkpoints::{export_hf, load_hf_model, CheckpointError};
-use moeru_models::{Batch, Qwen3Config};
+use moeru_models::{Batch, ForwardCtx, Qwen3Config};
 
 #[test]
 fn export_equals_original_folder_tensor_for_tensor() {
@@ -72,8 +72,9 @@ fn sharded_export_reloads_to_the_same_logits() {
     let reloaded = load_hf_model(&dir, &device).unwrap();
     let (ids, shape) = i64s(&outputs(name), "input_ids");
     let batch = Batch::from_ids(&ids, shape[0], shape[1], &device);
-    let a = to_f32_vec(model.logits(model.forward(&batch).hidden));
-    let b = to_f32_vec(reloaded.logits(reloaded.forward(&batch).hidden));
+    let ctx = ForwardCtx::default();
+    let a = to_f32_vec(model.logits(model.forward(&batch, &ctx).hidden, &ctx));
+    let b = to_f32_vec(reloaded.logits(reloaded.forward(&batch, &ctx).hidden, &ctx));
     assert!(a == b, "reloaded model computes different logits");
 }
 

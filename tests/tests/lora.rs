@@ -16,7 +16,7 @@ use moeru_checkpoints::{
     TensorFile,
 };
 use moeru_models::params::{ParamVisitor, Params};
-use moeru_models::{Batch, LoraConfig, Qwen3Model};
+use moeru_models::{Batch, DropoutKey, ForwardCtx, LoraConfig, Qwen3Model};
 
 const LOGITS_TOL: f32 = 1e-4;
 const LOSS_TOL: f32 = 1e-5;
@@ -51,13 +51,18 @@ fn input(refs: &TensorFile, device: &Device) -> Batch {
 }
 
 fn logits(model: &Qwen3Model, batch: &Batch) -> Vec<f32> {
-    to_f32_vec(model.logits(model.forward(batch).hidden))
+    logits_with(model, batch, &ForwardCtx::default())
+}
+
+fn logits_with(model: &Qwen3Model, batch: &Batch, ctx: &ForwardCtx) -> Vec<f32> {
+    to_f32_vec(model.logits(model.forward(batch, ctx).hidden, ctx))
 }
 
 /// LM loss plus the aux loss at its coefficient, as transformers' `loss` for MoE models.
 fn total_loss(model: &Qwen3Model, batch: &Batch) -> Tensor<1> {
-    let out = model.forward(batch);
-    let mut loss = model.lm_loss(batch, out.hidden);
+    let ctx = ForwardCtx::default();
+    let out = model.forward(batch, &ctx);
+    let mut loss = model.lm_loss(batch, out.hidden, &ctx);
     if let (Some(aux), Some(moe)) = (out.aux_loss, &model.config.moe) {
         loss = loss + aux.mul_scalar(moe.router_aux_loss_coef);
     }
@@ -444,15 +449,15 @@ fn attach_lora_matches_peft_layout_and_init() {
 fn dropout_is_seeded_and_off_without_a_key() {
     let device = Device::flex();
     let case = &lora_writer::moeru_cases()[0]; // dense, dropout 0.1
-    let mut model = lora_writer::build(case, &device);
+    let model = lora_writer::build(case, &device);
     let batch = Batch::from_ids(&lora_writer::input_ids(case, 96), 2, 7, &device);
     let eval = logits(&model, &batch);
-    let key = |counter| Some(moeru_models::DropoutKey { seed: 5, counter });
-    model.set_lora_dropout(key(1));
-    let (first, again) = (logits(&model, &batch), logits(&model, &batch));
-    model.set_lora_dropout(key(2));
-    let other = logits(&model, &batch);
-    model.set_lora_dropout(None);
+    let key = |counter| ForwardCtx::default().with_dropout(Some(DropoutKey { seed: 5, counter }));
+    let (first, again) = (
+        logits_with(&model, &batch, &key(1)),
+        logits_with(&model, &batch, &key(1)),
+    );
+    let other = logits_with(&model, &batch, &key(2));
     assert!(first == again, "same key, same mask");
     assert!(
         max_abs_diff(&first, &eval) > 1e-4 && max_abs_diff(&first, &other) > 1e-4,

@@ -6,10 +6,13 @@ mod common;
 use burn::tensor::Device;
 use common::*;
 use moeru_checkpoints::{load_hf_model, TensorFile};
-use moeru_trainer::optim::{AdamW, AdamWConfig};
+use moeru_models::Precision;
+use moeru_trainer::engine::optim::AdamWConfig;
+use moeru_trainer::engine::sync::SyncKind;
+use moeru_trainer::engine::{one_rank, Engine, EngineConfig, MicroBatch, OptimizerStart};
+use moeru_trainer::objective::{AuxWeights, LmObjective};
 use moeru_trainer::recipe::schema::{ScheduleKind, ScheduleSection};
 use moeru_trainer::schedule::learning_rate;
-use moeru_trainer::step::{train_step, AuxWeights, MicroBatch};
 
 #[test]
 fn adamw_steps_match_pytorch() {
@@ -22,21 +25,31 @@ fn adamw_steps_match_pytorch() {
     let steps = num("steps") as u64;
 
     let device = Device::flex().autodiff();
-    let mut model = load_hf_model(&model_dir(&model_name), &device).unwrap();
-    let mut opt = AdamW::new(AdamWConfig {
-        beta1: betas[0],
-        beta2: betas[1],
-        eps: num("eps"),
-        weight_decay: num("weight_decay"),
-    });
+    let model = load_hf_model(&model_dir(&model_name), &device).unwrap();
+    let config = EngineConfig {
+        adamw: AdamWConfig {
+            beta1: betas[0],
+            beta2: betas[1],
+            eps: num("eps"),
+            weight_decay: num("weight_decay"),
+        },
+        clip: num("clip"),
+        precision: Precision::F32,
+        bucket_elems: 1 << 20,
+        sync: SyncKind::Local,
+    };
+    let world = one_rank();
+    let mut engine = Engine::new(model, config, &world, OptimizerStart::default());
     let schedule = ScheduleSection {
         kind: ScheduleKind::Cosine,
         warmup_steps: num("warmup") as u64,
         min_lr: num("min_lr"),
     };
-    let weights = AuxWeights {
-        load_balancing: num("aux_coef"),
-        z_loss: 0.0,
+    let objective = LmObjective {
+        weights: AuxWeights {
+            load_balancing: num("aux_coef"),
+            z_loss: 0.0,
+        },
     };
     let (ids, shape) = refs.i64("input_ids").unwrap();
     let [_, micro, b, s] = [shape[0], shape[1], shape[2], shape[3]];
@@ -57,16 +70,7 @@ fn adamw_steps_match_pytorch() {
                 MicroBatch::from_ids(&ids[start..start + b * s], b, s, &device)
             })
             .collect();
-        let r = train_step(
-            &mut model,
-            &mut opt,
-            &batches,
-            lr,
-            num("clip"),
-            weights,
-            None,
-        )
-        .unwrap();
+        let r = engine.step(&objective, &batches, lr).unwrap();
         let (loss, norm) = (r.loss as f32, r.grad_norm as f32);
         eprintln!(
             "step {t:2}: loss {loss:.6} (torch {:.6}, diff {:.1e}), grad norm {norm:.5} (torch {:.5})",

@@ -8,10 +8,12 @@ use moeru_models::init::RandomInit;
 use moeru_models::{Precision, Qwen3Config, Qwen3Model};
 use serde_json::{Map, Value};
 
+use crate::engine::optim::AdamWConfig;
+use crate::engine::sync::SyncKind;
+use crate::engine::{one_rank, Engine, EngineConfig, MicroBatch, OptimizerStart};
 use crate::error::TrainError;
 use crate::lora::TrainableSizes;
-use crate::optim::{AdamW, AdamWConfig};
-use crate::step::{train_step, AuxWeights, MicroBatch};
+use crate::objective::{AuxWeights, LmObjective};
 
 pub const SHAPES_JSON: &str = include_str!("../../bench/shapes.json");
 
@@ -148,17 +150,26 @@ pub fn run_bench(opts: &BenchOptions, device: &Device) -> Result<BenchReport, Tr
     };
     let mut model =
         Qwen3Model::new(c.clone(), &mut init, device).unwrap_or_else(|never| match never {});
-    model.set_precision(opts.precision);
     let parameters = TrainableSizes::of(&mut model, None).total;
-    let mut opt = AdamW::new(AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    });
-    let weights = AuxWeights {
-        load_balancing: c.moe.as_ref().map_or(0.0, |m| m.router_aux_loss_coef),
-        z_loss: 0.0,
+    let config = EngineConfig {
+        adamw: AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        },
+        clip: 1.0,
+        precision: opts.precision,
+        bucket_elems: 1 << 20,
+        sync: SyncKind::Local,
+    };
+    let world = one_rank();
+    let mut engine = Engine::new(model, config, &world, OptimizerStart::default());
+    let objective = LmObjective {
+        weights: AuxWeights {
+            load_balancing: c.moe.as_ref().map_or(0.0, |m| m.router_aux_loss_coef),
+            z_loss: 0.0,
+        },
     };
     let (b, s) = (opts.micro_batch_size, opts.seq_len);
     let mut state = opts.seed ^ 0x9E37_79B9_7F4A_7C15;
@@ -179,7 +190,7 @@ pub fn run_bench(opts: &BenchOptions, device: &Device) -> Result<BenchReport, Tr
         let micro = [next_batch()];
         let _ = device.sync();
         let began = Instant::now();
-        let r = train_step(&mut model, &mut opt, &micro, 1e-4, 1.0, weights, None)?;
+        let r = engine.step(&objective, &micro, 1e-4)?;
         let _ = device.sync();
         let secs = began.elapsed().as_secs_f64();
         losses.push(r.loss);

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
 use moeru_checkpoints::peft_config::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+use moeru_checkpoints::run_checkpoint::step_dir_name;
 use moeru_checkpoints::{
     begin_checkpoint, commit_checkpoint, latest_valid_checkpoint, load_hf_model, named_tensors,
     peft_adapter_files, write_contents, CheckpointContents, CheckpointError, OwnedTensor,
@@ -24,10 +25,10 @@ use moeru_models::Qwen3Model;
 use moeru_parallel::ProcessGroup;
 use serde::{Deserialize, Serialize};
 
-use crate::data_parallel::DataParallel;
+use crate::engine::optim::{AdamW, Moments, SavedMoments};
+use crate::engine::Engine;
 use crate::error::TrainError;
 use crate::lora::BaseFingerprint;
-use crate::optim::{AdamW, Moments};
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIM_FILE: &str = "optim.safetensors";
@@ -63,26 +64,30 @@ struct OptimLayout {
     params: Vec<(String, usize)>,
 }
 
-/// Saves step `state.step` of a run into `run_dir`. Collective over `world`: rank 0 writes the
-/// model and state and commits; under ZeRO-1 every DP rank writes its optimizer shard.
-#[allow(clippy::too_many_arguments)]
+/// Where and how a run's checkpoints are kept.
+pub struct SaveTarget<'a> {
+    pub run_dir: &'a Path,
+    /// Checkpoints kept (older ones are removed once a new one is committed).
+    pub keep_last: usize,
+    /// The mesh that wrote them (recorded in the manifest).
+    pub mesh: serde_json::Value,
+}
+
+/// Saves step `state.step` of `engine` into `target.run_dir`, by component: the model (or its
+/// adapters), the optimizer's moments in the layout it holds them, the trainer state.
+/// Collective over `world`: rank 0 writes the model and state and commits; under ZeRO-1 every
+/// DP rank writes its optimizer shard.
 pub fn save(
-    run_dir: &Path,
-    model: &mut Qwen3Model,
-    opt: &AdamW,
-    dp: Option<&DataParallel>,
+    target: &SaveTarget,
+    engine: &mut Engine,
     state: &TrainerState,
-    mesh: serde_json::Value,
-    keep_last: usize,
     world: &ProcessGroup,
 ) -> Result<PathBuf, TrainError> {
     let main = world.rank() == 0;
+    let run_dir = target.run_dir;
     // One temp folder for all ranks: rank 0 names it.
     let tag = world.broadcast_string(&std::process::id().to_string(), 0)?;
-    let tmp = run_dir.join(format!(
-        "{}.tmp-{tag}",
-        moeru_checkpoints::run_checkpoint::step_dir_name(state.step)
-    ));
+    let tmp = run_dir.join(format!("{}.tmp-{tag}", step_dir_name(state.step)));
     let mut result = Ok(());
     if main {
         result = begin_checkpoint(run_dir, state.step, &tag).map(|_| ());
@@ -90,74 +95,9 @@ pub fn save(
     world.barrier()?;
     let mut contents = CheckpointContents::default();
     if main {
-        match &state.lora_base {
-            // LoRA: PEFT's adapter folder layout; the frozen base stays where it was loaded.
-            Some(base) => {
-                let (tensors, config) = peft_adapter_files(model, &base.path)?;
-                contents.tensors.push((ADAPTER_WEIGHTS.into(), tensors));
-                contents.json.push((ADAPTER_CONFIG.into(), config));
-            }
-            None => {
-                contents
-                    .tensors
-                    .push((MODEL_FILE.into(), named_tensors(model)));
-                contents.json.push((
-                    "config.json".into(),
-                    serde_json::Value::Object(model.config.to_export_json()),
-                ));
-            }
-        }
-        contents.json.push((
-            STATE_FILE.into(),
-            serde_json::to_value(state).expect("state serialises"),
-        ));
+        model_contents(&mut engine.model, state, &mut contents)?;
     }
-    match dp.and_then(|d| d.zero.as_ref().map(|z| (d, z))) {
-        Some((d, zero)) => {
-            let ranges: Vec<i64> = zero
-                .ranges
-                .iter()
-                .flat_map(|r| [r.start as i64, r.end as i64])
-                .collect();
-            let n = to_f32_vec(zero.moments.exp_avg.clone()).len();
-            let k = zero.ranges.len();
-            {
-                contents.tensors.push((
-                    shard_file(d.dp.rank(), d.dp.size()),
-                    vec![
-                        (
-                            "exp_avg".into(),
-                            OwnedTensor::f32(&to_f32_vec(zero.moments.exp_avg.clone()), vec![n]),
-                        ),
-                        (
-                            "exp_avg_sq".into(),
-                            OwnedTensor::f32(&to_f32_vec(zero.moments.exp_avg_sq.clone()), vec![n]),
-                        ),
-                        ("ranges".into(), OwnedTensor::i64(&ranges, vec![k, 2])),
-                    ],
-                ));
-            }
-            if main {
-                let layout = OptimLayout {
-                    dp: d.dp.size(),
-                    params: d
-                        .layout
-                        .params
-                        .iter()
-                        .map(|p| (p.name.clone(), p.len))
-                        .collect(),
-                };
-                contents.json.push((
-                    OPTIM_LAYOUT_FILE.into(),
-                    serde_json::to_value(layout).expect("layout serialises"),
-                ));
-            }
-        }
-        None if main => contents
-            .tensors
-            .push((OPTIM_FILE.into(), whole_moments(&opt.state))),
-        None => {}
-    }
+    optim_contents(&engine.optim, main, &mut contents);
     if result.is_ok() {
         result = write_contents(&tmp, &contents);
     }
@@ -167,20 +107,98 @@ pub fn save(
     world.all_reduce(&mut any, moeru_parallel::ReduceOp::Max)?;
     result?;
     if any[0] > 0.0 {
-        return Err(TrainError::Invalid(format!(
+        return Err(TrainError::Rank(format!(
             "another rank failed to write its part of checkpoint {}",
             tmp.display()
         )));
     }
-    let mut dest = run_dir.join(moeru_checkpoints::run_checkpoint::step_dir_name(state.step));
+    let mut dest = run_dir.join(step_dir_name(state.step));
     if main {
-        dest = commit_checkpoint(run_dir, &tmp, state.step, mesh, keep_last)?;
+        dest = commit_checkpoint(
+            run_dir,
+            &tmp,
+            state.step,
+            target.mesh.clone(),
+            target.keep_last,
+        )?;
     }
     world.barrier()?;
     Ok(dest)
 }
 
-fn whole_moments(state: &BTreeMap<String, Moments>) -> Vec<(String, OwnedTensor)> {
+/// The model component (full weights and config.json, or a LoRA run's PEFT adapter files)
+/// and the trainer state.
+fn model_contents(
+    model: &mut Qwen3Model,
+    state: &TrainerState,
+    contents: &mut CheckpointContents,
+) -> Result<(), TrainError> {
+    match &state.lora_base {
+        // LoRA: PEFT's adapter folder layout; the frozen base stays where it was loaded.
+        Some(base) => {
+            let (tensors, config) = peft_adapter_files(model, &base.path)?;
+            contents.tensors.push((ADAPTER_WEIGHTS.into(), tensors));
+            contents.json.push((ADAPTER_CONFIG.into(), config));
+        }
+        None => {
+            contents
+                .tensors
+                .push((MODEL_FILE.into(), named_tensors(model)));
+            contents.json.push((
+                "config.json".into(),
+                serde_json::Value::Object(model.config.to_export_json()),
+            ));
+        }
+    }
+    contents.json.push((
+        STATE_FILE.into(),
+        serde_json::to_value(state).expect("state serialises"),
+    ));
+    Ok(())
+}
+
+/// The optimizer component: whole moments (rank 0), or every rank's ZeRO-1 shard plus the
+/// flat layout (rank 0).
+fn optim_contents(optim: &AdamW, main: bool, contents: &mut CheckpointContents) {
+    match optim.saved_moments() {
+        SavedMoments::Whole(moments) if main => contents
+            .tensors
+            .push((OPTIM_FILE.into(), whole_moments(&moments))),
+        SavedMoments::Whole(_) => {}
+        SavedMoments::Shard {
+            placement,
+            exp_avg,
+            exp_avg_sq,
+        } => {
+            let ranges: Vec<i64> = placement
+                .ranges
+                .iter()
+                .flat_map(|r| [r.start as i64, r.end as i64])
+                .collect();
+            let (n, k) = (exp_avg.len(), placement.ranges.len());
+            contents.tensors.push((
+                shard_file(placement.rank, placement.size),
+                vec![
+                    ("exp_avg".into(), OwnedTensor::f32(&exp_avg, vec![n])),
+                    ("exp_avg_sq".into(), OwnedTensor::f32(&exp_avg_sq, vec![n])),
+                    ("ranges".into(), OwnedTensor::i64(&ranges, vec![k, 2])),
+                ],
+            ));
+            if main {
+                let layout = OptimLayout {
+                    dp: placement.size,
+                    params: placement.params.clone(),
+                };
+                contents.json.push((
+                    OPTIM_LAYOUT_FILE.into(),
+                    serde_json::to_value(layout).expect("layout serialises"),
+                ));
+            }
+        }
+    }
+}
+
+fn whole_moments(state: &BTreeMap<&str, &Moments>) -> Vec<(String, OwnedTensor)> {
     let mut optim = Vec::new();
     for (name, m) in state {
         let n = m.exp_avg.dims()[0];

@@ -21,8 +21,20 @@ pub enum TrainError {
     /// A recipe that parses but cannot run as asked (layout, precision, model section).
     #[error("recipe {0}")]
     BadRecipe(String),
+    /// A checkpoint folder that cannot continue this run (LoRA vs full weights, another
+    /// base, `--resume` without a checkpoint); the message names the folder and the fix.
     #[error("{0}")]
-    Invalid(String),
+    Resume(String),
+    /// A dataset that cannot serve this run (vocabulary, task, too few samples); the message
+    /// names the dataset folder and the fix.
+    #[error("{0}")]
+    Dataset(String),
+    /// Another rank failed, or a rank could not start or report (threads, processes).
+    #[error("{0}")]
+    Rank(String),
+    /// An invariant of moeru itself broke; the message asks for a report.
+    #[error("{0}")]
+    Bug(String),
     /// The run cannot start as the command line, the launcher's environment or the machine
     /// stands (launch flags, RANK/MASTER_ADDR, a device this machine lacks); not the recipe's
     /// fault, so no "recipe" prefix. The message names the flag, variable or device and the fix.

@@ -5,10 +5,10 @@ use std::path::Path;
 use burn::tensor::Tensor;
 use moeru_data::{DataLoader, LoaderConfig, PackMode};
 use moeru_models::params::{to_f32_vec, ParamVisitor, Params};
-use moeru_models::Qwen3Model;
+use moeru_models::{ForwardCtx, Precision, Qwen3Model};
 
+use crate::engine::MicroBatch;
 use crate::error::TrainError;
-use crate::step::MicroBatch;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EvalResult {
@@ -30,9 +30,11 @@ pub fn inference_copy(model: &Qwen3Model) -> Qwen3Model {
     copy
 }
 
-/// One pass over `dir` (no shuffling), `max_batches` micro-batches at most (0 = all).
+/// One pass over `dir` (no shuffling), `max_batches` micro-batches at most (0 = all), with
+/// matmuls in `precision`.
 pub fn evaluate(
     model: &Qwen3Model,
+    precision: Precision,
     dir: &Path,
     seq_len: usize,
     micro_batch: usize,
@@ -51,14 +53,15 @@ pub fn evaluate(
             break;
         };
         let mb = MicroBatch::from_samples(&samples, &device);
-        let hidden = model.forward(&mb.batch).hidden;
-        let loss = model.token_loss_sum(hidden, mb.targets, mb.mask);
+        let ctx = ForwardCtx::new(precision);
+        let hidden = model.forward(&mb.batch, &ctx).hidden;
+        let loss = model.token_loss_sum(hidden, mb.targets, mb.mask, &ctx);
         sum += to_f32_vec(loss)[0] as f64;
         count += mb.target_count as u64;
         batches += 1;
     }
     if count == 0 {
-        return Err(TrainError::Invalid(format!(
+        return Err(TrainError::Dataset(format!(
             "{}: no evaluation targets (the dataset is smaller than one micro-batch of {micro_batch} × {seq_len} tokens); lower the batch or seq_len",
             dir.display()
         )));

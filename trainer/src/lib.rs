@@ -1,23 +1,24 @@
-//! Training: recipes, the pretrain / SFT loop, AdamW, schedules, clipping, checkpoints and
-//! resume, metrics and evaluation. Model math lives in `moeru-models`; files in
-//! `moeru-checkpoints`; data in `moeru-data`.
+//! Training: recipes, the session (setup), the engine (model, optimizer, gradient sync, one
+//! step), objectives, the task loops, schedules, checkpoints and resume, metrics and
+//! evaluation. Model math lives in `moeru-models`; files in `moeru-checkpoints`; data in
+//! `moeru-data`; communication in `moeru-parallel`.
 
 pub mod bench;
 pub mod checkpoint;
-pub mod data_parallel;
+pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod fault;
-pub mod grads;
-pub mod layout;
 pub mod lora;
 pub mod metrics;
-pub mod optim;
+pub mod objective;
+pub mod parallel_sizes;
 pub mod rank_threads;
 pub mod recipe;
 pub mod run;
 pub mod schedule;
-pub mod step;
+pub mod session;
+pub mod tasks;
 
 pub use error::TrainError;
 pub use fault::{Fault, FaultKind};

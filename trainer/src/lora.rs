@@ -78,13 +78,13 @@ pub fn check_base(
     model_path: &Path,
 ) -> Result<(), TrainError> {
     let Some(saved) = saved else {
-        return Err(TrainError::Invalid(format!(
+        return Err(TrainError::Resume(format!(
             "{}: a LoRA checkpoint without `lora_base` in trainer_state.json; it cannot be checked against `model.path`",
             dir.display()
         )));
     };
     if saved.sha256 != now.sha256 {
-        return Err(TrainError::Invalid(format!(
+        return Err(TrainError::Resume(format!(
             "{}: its adapters were trained on the base at {} (weights sha256 {}), but `model.path` {} has other weights (sha256 {}); point `model.path` at the base the run started from, or start a fresh `checkpoint.dir`",
             dir.display(),
             saved.path,

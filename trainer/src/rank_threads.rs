@@ -29,11 +29,11 @@ pub fn run_threads(
                 .unwrap_or_else(|_| {
                     let msg = format!("rank {rank} panicked");
                     world.abort(&msg);
-                    Err(TrainError::Invalid(msg))
+                    Err(TrainError::Rank(msg))
                 });
                 let _ = tx.send((rank, result));
             })
-            .map_err(|e| TrainError::Invalid(format!("cannot start rank {rank}: {e}")))?;
+            .map_err(|e| TrainError::Rank(format!("cannot start rank {rank}: {e}")))?;
     }
     drop(tx);
     let mut summary = None;
@@ -45,5 +45,7 @@ pub fn run_threads(
             Err(e) => return Err(e),
         }
     }
-    summary.ok_or_else(|| TrainError::Invalid("rank 0 did not report".into()))
+    summary.ok_or_else(|| {
+        TrainError::Bug("rank 0 did not report; this is a bug in moeru, please report it".into())
+    })
 }

@@ -1,89 +1,38 @@
-//! LoRA in the training loop, on the tiny recipe (recipes/smoke-lora-sft.yaml: rank-8 adapters
-//! on the smoke-pretrained MoE): only adapters train and get optimizer state, checkpoints hold
-//! PEFT files, resume is bit-exact (dropout included), accumulation and data parallelism equal
-//! the one-rank big batch, and mismatched checkpoints are refused.
+//! LoRA in the training loop, on the tests' tiny recipe (trainer/tests/recipes/lora-sft.yaml:
+//! rank-8 adapters on the smoke-pretrained MoE): only adapters train and get optimizer state,
+//! checkpoints hold PEFT files, resume is bit-exact (dropout included), accumulation and data
+//! parallelism equal the one-rank big batch, and mismatched checkpoints are refused.
+
+mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::fmt::Display;
+use std::path::Path;
 
 use burn::tensor::Device;
+use common::{
+    full_logits, lora_test_recipe, losses, max_diff, max_loss_diff, smoke, smoke_base as base_dir,
+    step_dir, tensors, workspace, Set,
+};
 use moeru_checkpoints::{load_hf_model, load_peft_adapter, write_tensors, TensorFile};
 use moeru_models::params::param_count;
 use moeru_trainer::lora::fingerprint;
-use moeru_trainer::metrics::read_metrics;
-use moeru_trainer::recipe::{self, schema::Recipe};
+use moeru_trainer::recipe::schema::Recipe;
 use moeru_trainer::{run_threads, run_training, RunOptions, RunSummary};
 use serde_json::Value;
 
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn base_dir() -> PathBuf {
-    workspace().join("recipes/smoke/base")
-}
-
-fn recipe_for(out: &Path, extra: &[String]) -> Recipe {
-    let ws = workspace();
-    let mut overrides = vec![
-        format!("model.path={}", base_dir().display()),
-        format!(
-            "data.train={}",
-            ws.join("recipes/smoke/data/chat-train").display()
-        ),
-        "data.eval=null".into(),
-        "data.seq_len=64".into(),
-        "train.eval_every=0".into(),
-        "train.steps=6".into(),
-        "schedule.warmup_steps=1".into(),
-        "checkpoint.every=3".into(),
-        "checkpoint.keep_last=0".into(),
-        format!("checkpoint.dir={}", out.join("ckpt").display()),
-        format!("logging.dir={}", out.join("logs").display()),
-        "logging.progress=false".into(),
-        "logging.tensorboard=false".into(),
+fn recipe_for(out: &Path, extra: &[Set]) -> Recipe {
+    let sets: [Set; 4] = [
+        ("data.seq_len", &64),
+        ("train.steps", &6),
+        ("schedule.warmup_steps", &1),
+        ("checkpoint.every", &3),
     ];
-    overrides.extend_from_slice(extra);
-    recipe::load(&ws.join("recipes/smoke-lora-sft.yaml"), &overrides)
-        .unwrap_or_else(|e| panic!("{e}"))
+    lora_test_recipe(out, &[&sets[..], extra].concat())
 }
 
-fn train(out: &Path, extra: &[String]) -> RunSummary {
+fn train(out: &Path, extra: &[Set]) -> RunSummary {
     run_training(&recipe_for(out, extra), &RunOptions::default()).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn step_dir(out: &Path, step: u64) -> PathBuf {
-    out.join(format!("ckpt/step-{step:06}"))
-}
-
-fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
-    let f = TensorFile::open(path).unwrap();
-    let mut names: Vec<String> = f.shapes().into_iter().map(|(n, _)| n).collect();
-    names.sort();
-    names
-        .into_iter()
-        .map(|n| (n.clone(), f.f32(&n).unwrap().0))
-        .collect()
-}
-
-fn max_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let mut d = 0f32;
-    for ((na, va), (nb, vb)) in a.iter().zip(b) {
-        assert_eq!(na, nb);
-        for (x, y) in va.iter().zip(vb) {
-            d = d.max((x - y).abs());
-        }
-    }
-    d
-}
-
-fn losses(out: &Path) -> Vec<f64> {
-    read_metrics(&out.join("logs/metrics.jsonl"))
-        .unwrap()
-        .iter()
-        .filter_map(|m| m["loss"].as_f64())
-        .collect()
 }
 
 fn config(dir: &Path) -> Value {
@@ -171,10 +120,10 @@ fn only_adapters_train_and_checkpoints_hold_peft_files() {
 }
 
 /// Dropout on attention adapters, so resume must also continue the dropout masks.
-fn with_dropout() -> Vec<String> {
+fn with_dropout() -> Vec<Set<'static>> {
     vec![
-        "lora.target_modules=[q_proj, k_proj, v_proj, o_proj]".into(),
-        "lora.dropout=0.1".into(),
+        ("lora.target_modules", &"[q_proj, k_proj, v_proj, o_proj]"),
+        ("lora.dropout", &0.1),
     ]
 }
 
@@ -200,7 +149,7 @@ fn resume_is_bit_exact_with_dropout() {
     // Dropout is in effect: without it the same run ends elsewhere.
     let plain = tempfile::tempdir().unwrap();
     let mut no_drop = with_dropout();
-    no_drop[1] = "lora.dropout=0.0".into();
+    no_drop[1] = ("lora.dropout", &0.0);
     train(plain.path(), &no_drop);
     let adapters = |o: &Path| tensors(&step_dir(o, 6).join("adapter_model.safetensors"));
     assert!(max_diff(&adapters(full.path()), &adapters(plain.path())) > 1e-6);
@@ -208,9 +157,9 @@ fn resume_is_bit_exact_with_dropout() {
 
 #[test]
 fn accumulation_and_data_parallel_equal_the_big_batch() {
-    let run = |out: &Path, extra: &[&str], ranks: usize| {
+    let run = |out: &Path, extra: &[Set], ranks: usize| {
         let mut o = with_dropout();
-        o.extend(extra.iter().map(|s| s.to_string()));
+        o.extend_from_slice(extra);
         let r = recipe_for(out, &o);
         if ranks == 1 {
             run_training(&r, &RunOptions::default()).unwrap();
@@ -223,36 +172,36 @@ fn accumulation_and_data_parallel_equal_the_big_batch() {
     let reference = tempfile::tempdir().unwrap();
     run(
         reference.path(),
-        &["train.micro_batch_size=4", "train.grad_accum=2"],
+        &[("train.micro_batch_size", &4), ("train.grad_accum", &2)],
         1,
     );
     for (what, extra) in [
-        ("dp 2", ["parallel.zero_stage=0"]),
-        ("dp 2 zero-1", ["parallel.zero_stage=1"]),
+        ("dp 2", [("parallel.zero_stage", &0 as &dyn Display)]),
+        ("dp 2 zero-1", [("parallel.zero_stage", &1)]),
     ] {
         let out = tempfile::tempdir().unwrap();
-        let mut e = vec!["train.micro_batch_size=4", "train.grad_accum=1"];
+        let mut e: Vec<Set> = vec![("train.micro_batch_size", &4), ("train.grad_accum", &1)];
         e.extend(extra);
         run(out.path(), &e, 2);
         let d = max_diff(&adapters(out.path()), &adapters(reference.path()));
-        let (a, b) = (losses(out.path()), losses(reference.path()));
-        let ld = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max);
+        let ld = max_loss_diff(&losses(out.path()), &losses(reference.path()));
         eprintln!("{what}: max adapter diff {d:.2e}, max loss diff {ld:.2e}");
         assert!(d <= 1e-5 && ld <= 1e-5, "{what}: {d} {ld}");
     }
     // Without dropout (masks follow the micro-batch shape) and the load-balancing loss (a
     // per-micro-batch mean), 2 × 4 equals 1 × 8.
-    let no_drop = ["lora.dropout=0.0", "moe.aux_loss_coef=0"];
+    let no_drop: [Set; 2] = [("lora.dropout", &0.0), ("moe.aux_loss_coef", &0)];
     let (big, acc) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let [a, b] = no_drop;
-    run(big.path(), &[a, b, "train.micro_batch_size=8"], 1);
+    run(big.path(), &[a, b, ("train.micro_batch_size", &8)], 1);
     run(
         acc.path(),
-        &[a, b, "train.micro_batch_size=4", "train.grad_accum=2"],
+        &[
+            a,
+            b,
+            ("train.micro_batch_size", &4),
+            ("train.grad_accum", &2),
+        ],
         1,
     );
     let d = max_diff(&adapters(big.path()), &adapters(acc.path()));
@@ -269,7 +218,7 @@ fn mismatched_checkpoints_are_refused() {
         std::fs::copy(base_dir().join(f), base.join(f)).unwrap();
     }
     let out = tmp.path().join("run");
-    let on_copy = [format!("model.path={}", base.display())];
+    let on_copy: [Set; 1] = [("model.path", &base.display())];
     let r = recipe_for(&out, &on_copy);
     let stop = RunOptions {
         stop_after: Some(3),
@@ -326,7 +275,7 @@ fn a_peft_adapter_gives_peft_logits_and_continues_training() {
     let refs = TensorFile::open(&fixture.join("reference.safetensors")).unwrap();
     let (ids, shape) = refs.i64("input_ids").unwrap();
     let batch = moeru_models::Batch::from_ids(&ids, shape[0], shape[1], &device);
-    let ours = moeru_models::params::to_f32_vec(model.logits(model.forward(&batch).hidden));
+    let ours = full_logits(&model, &batch);
     let (theirs, _) = refs.f32("logits").unwrap();
     let d = ours
         .iter()
@@ -342,12 +291,12 @@ fn a_peft_adapter_gives_peft_logits_and_continues_training() {
     train(
         out.path(),
         &[
-            format!("lora.adapter={}", fixture.display()),
-            format!("train.steps={steps}"),
-            "checkpoint.every=0".into(),
-            format!("optim.lr={lr}"),
-            "schedule.kind=constant".into(),
-            "schedule.min_lr=0".into(),
+            ("lora.adapter", &fixture.display()),
+            ("train.steps", &steps),
+            ("checkpoint.every", &0),
+            ("optim.lr", &lr),
+            ("schedule.kind", &"constant"),
+            ("schedule.min_lr", &0),
         ],
     );
     let dir = step_dir(out.path(), steps);
@@ -369,15 +318,15 @@ fn a_peft_adapter_gives_peft_logits_and_continues_training() {
 #[test]
 fn lora_pretraining_on_plain_text_lowers_the_loss() {
     let out = tempfile::tempdir().unwrap();
-    let text = workspace().join("recipes/smoke/data/train");
+    let text = smoke("data/train");
     train(
         out.path(),
         &[
-            "data.task=pretrain".into(),
-            format!("data.train={}", text.display()),
-            "lora.target_modules=[q_proj, v_proj]".into(),
-            "train.steps=8".into(),
-            "checkpoint.every=0".into(),
+            ("data.task", &"pretrain"),
+            ("data.train", &text.display()),
+            ("lora.target_modules", &"[q_proj, v_proj]"),
+            ("train.steps", &8),
+            ("checkpoint.every", &0),
         ],
     );
     let l = losses(out.path());

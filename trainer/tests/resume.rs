@@ -1,50 +1,39 @@
 //! Checkpoints resume bit for bit (in f32 and in bf16 mixed precision), and a torn or corrupt
-//! checkpoint is skipped for the previous one. Runs the smoke recipe, shortened.
+//! checkpoint is skipped for the previous one. Runs the tests' tiny MoE recipe, shortened.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use burn::tensor::Device;
+use common::{metrics, test_recipe};
 use moeru_checkpoints::TensorFile;
 use moeru_trainer::checkpoint::restore_latest;
-use moeru_trainer::metrics::read_metrics;
-use moeru_trainer::recipe::{self, schema::Recipe};
+use moeru_trainer::recipe::schema::Recipe;
 use moeru_trainer::{run_training, RunOptions};
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 fn smoke_recipe(out: &Path, steps: u64, every: u64) -> Recipe {
     smoke_recipe_in(out, steps, every, "f32")
 }
 
 fn smoke_recipe_in(out: &Path, steps: u64, every: u64, precision: &str) -> Recipe {
-    let ws = workspace();
-    let data = ws.join("recipes/smoke/data");
-    let overrides = [
-        format!("train.steps={steps}"),
-        format!("checkpoint.every={every}"),
-        "checkpoint.keep_last=0".into(),
-        format!("checkpoint.dir={}", out.join("ckpt").display()),
-        format!("logging.dir={}", out.join("logs").display()),
-        "logging.progress=false".into(),
-        format!("data.train={}", data.join("train").display()),
-        "data.eval=null".into(),
-        "train.eval_every=0".into(),
-        "data.seq_len=64".into(),
-        "train.micro_batch_size=4".into(),
-        "train.grad_accum=2".into(),
-        "schedule.warmup_steps=2".into(),
-        format!("precision={precision}"),
-    ];
-    recipe::load(&ws.join("recipes/smoke-tiny-moe.yaml"), &overrides)
-        .unwrap_or_else(|e| panic!("{e}"))
+    test_recipe(
+        out,
+        &[
+            ("train.steps", &steps),
+            ("checkpoint.every", &every),
+            ("data.seq_len", &64),
+            ("train.micro_batch_size", &4),
+            ("train.grad_accum", &2),
+            ("schedule.warmup_steps", &2),
+            ("precision", &precision),
+        ],
+    )
 }
 
 /// (step, loss as written) per line: the exact text, so equal means bitwise equal.
 fn losses(out: &Path) -> Vec<(u64, String)> {
-    read_metrics(&out.join("logs/metrics.jsonl"))
-        .unwrap()
+    metrics(out)
         .iter()
         .filter_map(|m| Some((m.get("step")?.as_u64()?, m.get("loss")?.to_string())))
         .collect()

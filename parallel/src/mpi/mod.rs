@@ -168,12 +168,7 @@ impl MpiComm {
     }
 
     fn bad(&self, op: OpCode, detail: String) -> CommError {
-        CommError::BadArgument {
-            op: op.name(),
-            group: self.info.name.clone(),
-            rank: self.info.world_rank(),
-            detail,
-        }
+        self.info.bad(op.name(), detail)
     }
 
     fn failed(&self, op: OpCode, rc: c_int) -> CommError {
@@ -311,11 +306,12 @@ impl MpiComm {
     }
 
     /// MPI's rank and tag for group rank `j` and `tag`.
-    fn peer(&self, op: OpCode, j: usize, tag: u32) -> Result<(c_int, c_int)> {
-        match (c_int::try_from(tag), j < self.info.size()) {
-            (Ok(tag), true) => Ok((j as c_int, tag)),
-            _ => Err(self.bad(op, format!("peer {j}, tag {tag}"))),
-        }
+    /// Group rank `j` (the `role` of a send or recv) and `tag` as MPI's ints.
+    fn peer(&self, op: OpCode, role: &str, j: usize, tag: u32) -> Result<(c_int, c_int)> {
+        self.info.check_rank(op.name(), role, j)?;
+        let tag = c_int::try_from(tag)
+            .map_err(|_| self.bad(op, format!("tag {tag} exceeds MPI's int range")))?;
+        Ok((j as c_int, tag))
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Instant;
 use ::mpi::ffi::{self, MPI_Request};
 
 use super::{cp, datatype, mp, reduce_op, MpiComm, Pending};
-use crate::comm::{divide, Communicator, DType, GroupInfo, ReduceOp};
+use crate::comm::{finish_mean, Communicator, DType, GroupInfo, ReduceOp};
 use crate::error::Result;
 use crate::transport::OpCode;
 
@@ -18,9 +18,7 @@ impl Communicator for MpiComm {
 
     fn all_reduce(&self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
         let code = OpCode::AllReduce;
-        if !buf.len().is_multiple_of(dtype.size()) {
-            return Err(self.bad(code, format!("{} bytes of {dtype:?}", buf.len())));
-        }
+        self.info.check_all_reduce(buf.len(), dtype)?;
         let n = self.count(code, buf.len() / dtype.size())?;
         let (comm, ty, mop) = (self.comm, datatype(dtype), reduce_op(op));
         let keep = (buf.to_vec(), vec![0u8; buf.len()]);
@@ -28,19 +26,13 @@ impl Communicator for MpiComm {
             ffi::MPI_Iallreduce(cp(s), mp(r), n, ty, mop, comm, req)
         })?;
         buf.copy_from_slice(&recv);
-        if op == ReduceOp::Mean {
-            divide(buf, dtype, self.info.size());
-        }
+        finish_mean(buf, dtype, op, self.info.size());
         Ok(())
     }
 
     fn all_gather(&self, send: &[u8], recv: &mut [u8]) -> Result<()> {
-        let (code, n) = (OpCode::AllGather, self.info.size());
-        if recv.len() != send.len() * n {
-            let (r, s) = (recv.len(), send.len());
-            return Err(self.bad(code, format!("recv has {r} bytes, expected {n} × {s}")));
-        }
-        recv.copy_from_slice(&self.gather(code, send)?);
+        self.info.check_all_gather(send.len(), recv.len())?;
+        recv.copy_from_slice(&self.gather(OpCode::AllGather, send)?);
         Ok(())
     }
 
@@ -53,11 +45,7 @@ impl Communicator for MpiComm {
     ) -> Result<()> {
         let code = OpCode::ReduceScatter;
         let (n, len) = (self.info.size(), recv.len());
-        if send.len() != len * n || !len.is_multiple_of(dtype.size()) {
-            let s = send.len();
-            let detail = format!("send has {s} bytes, expected {n} × {len} of {dtype:?}");
-            return Err(self.bad(code, detail));
-        }
+        self.info.check_reduce_scatter(send.len(), len, dtype)?;
         let count = self.count(code, len / dtype.size())?;
         let (comm, ty, mop) = (self.comm, datatype(dtype), reduce_op(op));
         let keep = (send.to_vec(), vec![0u8; len]);
@@ -65,9 +53,7 @@ impl Communicator for MpiComm {
             ffi::MPI_Ireduce_scatter_block(cp(s), mp(r), count, ty, mop, comm, req)
         })?;
         recv.copy_from_slice(&out);
-        if op == ReduceOp::Mean {
-            divide(recv, dtype, n);
-        }
+        finish_mean(recv, dtype, op, n);
         Ok(())
     }
 
@@ -79,15 +65,9 @@ impl Communicator for MpiComm {
         send_sizes: &[usize],
         recv_sizes: &[usize],
     ) -> Result<Vec<u8>> {
-        let (code, n) = (OpCode::AllToAll, self.info.size());
-        let total = send_sizes.iter().sum::<usize>();
-        if send_sizes.len() != n || recv_sizes.len() != n || total != send.len() {
-            let (s, r, b) = (send_sizes.len(), recv_sizes.len(), send.len());
-            let detail = format!(
-                "{s} send sizes summing to {total} for {b} bytes, {r} recv sizes, group of {n}"
-            );
-            return Err(self.bad(code, detail));
-        }
+        let code = OpCode::AllToAll;
+        self.info
+            .check_all_to_all(send.len(), send_sizes, recv_sizes)?;
         // Counts and displacements (prefix sums) as MPI's ints.
         let layout = |sizes: &[usize]| -> Result<[Vec<c_int>; 2]> {
             let (mut counts, mut displs, mut at) = (Vec::new(), Vec::new(), 0);
@@ -115,10 +95,8 @@ impl Communicator for MpiComm {
     }
 
     fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()> {
-        let (code, n) = (OpCode::Broadcast, self.info.size());
-        if root >= n {
-            return Err(self.bad(code, format!("root {root} is outside the group of {n}")));
-        }
+        let code = OpCode::Broadcast;
+        self.info.check_rank(code.name(), "root", root)?;
         let count = self.count(code, buf.len())?;
         let (comm, ty) = (self.comm, datatype(DType::U8));
         let (out, _) = self.run(code, None, buf.to_vec(), |b, req| unsafe {
@@ -130,7 +108,7 @@ impl Communicator for MpiComm {
 
     fn send(&self, buf: &[u8], dst: usize, tag: u32) -> Result<()> {
         let code = OpCode::Send;
-        let (peer, tag) = self.peer(code, dst, tag)?;
+        let (peer, tag) = self.peer(code, "destination", dst, tag)?;
         let count = self.count(code, buf.len())?;
         self.sweep(false)?;
         let (buf, ty) = (buf.to_vec(), datatype(DType::U8));
@@ -156,7 +134,7 @@ impl Communicator for MpiComm {
 
     fn recv(&self, buf: &mut [u8], src: usize, tag: u32) -> Result<()> {
         let code = OpCode::Send;
-        let (peer, tag) = self.peer(code, src, tag)?;
+        let (peer, tag) = self.peer(code, "source", src, tag)?;
         let count = self.count(code, buf.len())?;
         let (comm, ty, from) = (self.comm, datatype(DType::U8), self.info.members[src]);
         let (out, status) = self.run(code, Some(from), vec![0u8; buf.len()], |b, req| unsafe {

@@ -15,21 +15,12 @@ impl Communicator for NcclComm {
     }
 
     fn all_reduce(&self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        self.info.check_all_reduce(buf.len(), dtype)?;
         self.reduce("all_reduce", buf, dtype, op)
     }
 
     fn all_gather(&self, send: &[u8], recv: &mut [u8]) -> Result<()> {
-        let n = self.info.size();
-        if recv.len() != send.len() * n {
-            return Err(self.bad(
-                "all_gather",
-                format!(
-                    "recv has {} bytes, expected {n} × {}",
-                    recv.len(),
-                    send.len()
-                ),
-            ));
-        }
+        self.info.check_all_gather(send.len(), recv.len())?;
         let (api, len) = (self.api, send.len());
         // SAFETY (closure): `s` holds `len` bytes, `r` n × `len`.
         self.run("all_gather", Some(send), recv, |c, s, r, st| unsafe {
@@ -44,17 +35,9 @@ impl Communicator for NcclComm {
         dtype: DType,
         op: ReduceOp,
     ) -> Result<()> {
-        let (n, len) = (self.info.size(), recv.len());
-        if send.len() != len * n || !len.is_multiple_of(dtype.size()) {
-            return Err(self.bad(
-                "reduce_scatter",
-                format!(
-                    "send has {} bytes, recv {len}, group of {n}, {dtype:?}",
-                    send.len()
-                ),
-            ));
-        }
-        let (api, count) = (self.api, len / dtype.size());
+        self.info
+            .check_reduce_scatter(send.len(), recv.len(), dtype)?;
+        let (api, count) = (self.api, recv.len() / dtype.size());
         self.run("reduce_scatter", Some(send), recv, |c, s, r, st| {
             // SAFETY: `s` holds n × `count` elements, `r` `count`.
             unsafe { (api.reduce_scatter)(s, r, count, nccl_dtype(dtype), nccl_op(op), c, st) }
@@ -69,21 +52,9 @@ impl Communicator for NcclComm {
         send_sizes: &[usize],
         recv_sizes: &[usize],
     ) -> Result<Vec<u8>> {
+        self.info
+            .check_all_to_all(send.len(), send_sizes, recv_sizes)?;
         let n = self.info.size();
-        if send_sizes.len() != n
-            || recv_sizes.len() != n
-            || send_sizes.iter().sum::<usize>() != send.len()
-        {
-            return Err(self.bad(
-                "all_to_all",
-                format!(
-                    "{} send sizes for {} bytes, {} recv sizes, group of {n}",
-                    send_sizes.len(),
-                    send.len(),
-                    recv_sizes.len()
-                ),
-            ));
-        }
         let mut out = vec![0u8; recv_sizes.iter().sum()];
         let api = self.api;
         self.run("all_to_all", Some(send), &mut out, |c, s, r, st| {
@@ -113,13 +84,7 @@ impl Communicator for NcclComm {
     }
 
     fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()> {
-        let n = self.info.size();
-        if root >= n {
-            return Err(self.bad(
-                "broadcast",
-                format!("root {root} is outside the group of {n}"),
-            ));
-        }
+        self.info.check_rank("broadcast", "root", root)?;
         let (api, len) = (self.api, buf.len());
         // SAFETY (closure): `r` holds `len` bytes.
         self.run("broadcast", None, buf, |c, _, r, st| unsafe {
@@ -130,9 +95,7 @@ impl Communicator for NcclComm {
     /// NCCL has no tags: `tag` is ignored, and messages between two ranks match in the order
     /// they were posted. Unlike the CPU backends the send completes only once `dst` receives.
     fn send(&self, buf: &[u8], dst: usize, _tag: u32) -> Result<()> {
-        if dst >= self.info.size() {
-            return Err(self.bad("send/recv", format!("destination {dst}")));
-        }
+        self.info.check_rank("send/recv", "destination", dst)?;
         let (api, len) = (self.api, buf.len());
         // SAFETY (closure): `s` holds `len` bytes.
         self.run("send/recv", Some(buf), &mut [], |c, s, _, st| unsafe {
@@ -142,9 +105,7 @@ impl Communicator for NcclComm {
 
     /// `tag` is ignored, as for `send`.
     fn recv(&self, buf: &mut [u8], src: usize, _tag: u32) -> Result<()> {
-        if src >= self.info.size() {
-            return Err(self.bad("send/recv", format!("source {src}")));
-        }
+        self.info.check_rank("send/recv", "source", src)?;
         let (api, len) = (self.api, buf.len());
         // SAFETY (closure): `r` holds `len` bytes.
         self.run("send/recv", Some(&[]), buf, |c, _, r, st| unsafe {
@@ -177,8 +138,10 @@ impl NcclComm {
     /// ncclCommSplit keyed by this rank, after an all_gather of the colors to learn the members.
     pub(super) fn split_nccl(&self, color: u32, name: &str) -> Result<NcclComm> {
         let op = "split";
-        let key = c_int::try_from(color)
-            .map_err(|_| self.bad(op, format!("color {color} is over {}", c_int::MAX)))?;
+        let key = c_int::try_from(color).map_err(|_| {
+            self.info
+                .bad(op, format!("color {color} is over {}", c_int::MAX))
+        })?;
         let mut colors = vec![0u8; 4 * self.info.size()];
         self.all_gather(&color.to_le_bytes(), &mut colors)?;
         let members: Vec<usize> = colors

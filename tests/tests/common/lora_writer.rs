@@ -13,7 +13,7 @@ use moeru_checkpoints::{
 };
 use moeru_models::init::SplitMix64;
 use moeru_models::params::{param_from_data, to_f32_vec, ParamVisitor, Params};
-use moeru_models::{Batch, LoraConfig, Qwen3Model};
+use moeru_models::{Batch, ForwardCtx, LoraConfig, Qwen3Model};
 
 pub struct MoeruCase {
     pub name: &'static str,
@@ -110,7 +110,8 @@ pub fn write_case(case: &MoeruCase, out: &Path, merged: bool) -> PathBuf {
     save_peft_adapter(&dir, &mut model, &base).unwrap_or_else(|e| panic!("{e}"));
     let ids = input_ids(case, model.config.vocab_size);
     let batch = Batch::from_ids(&ids, 2, 7, &device);
-    let logits = model.logits(model.forward(&batch).hidden);
+    let ctx = ForwardCtx::default();
+    let logits = model.logits(model.forward(&batch, &ctx).hidden, &ctx);
     let shape = logits.dims().to_vec();
     let tensors = vec![
         ("input_ids".to_string(), OwnedTensor::i64(&ids, vec![2, 7])),

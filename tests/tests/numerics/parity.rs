@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use crate::common::*;
 use moeru_checkpoints::load_hf_model;
 use moeru_models::params::Params;
-use moeru_models::Batch;
+use moeru_models::{Batch, ForwardCtx};
 
 /// On a GPU (MOERU_TEST_DEVICE=cuda) the tolerances widen to 1e-3 for TF32 matmuls.
 fn logits_tol() -> f32 {
@@ -25,9 +25,10 @@ fn check_forward(name: &str) {
     let model = load_hf_model(&model_dir(name), &device).unwrap_or_else(|e| panic!("{e}"));
     let (ids, shape) = i64s(&refs, "input_ids");
     let batch = Batch::from_ids(&ids, shape[0], shape[1], &device);
-    let out = model.forward(&batch);
-    let loss = to_f32_vec(model.lm_loss(&batch, out.hidden.clone()))[0];
-    let logits = to_f32_vec(model.logits(out.hidden));
+    let ctx = ForwardCtx::default();
+    let out = model.forward(&batch, &ctx);
+    let loss = to_f32_vec(model.lm_loss(&batch, out.hidden.clone(), &ctx))[0];
+    let logits = to_f32_vec(model.logits(out.hidden, &ctx));
 
     let diff = max_abs_diff(&logits, &f32s(&refs, "logits").0);
     assert!(diff <= logits_tol(), "{name}: max |logits diff| = {diff:e}");
@@ -70,7 +71,8 @@ fn check_packed(name: &str) {
     let (pos, _) = i64s(&refs, "packed_position_ids");
     let (docs, _) = i64s(&refs, "packed_document_ids");
     let batch = Batch::packed(&ids, &pos, &docs, shape[0], shape[1], &device);
-    let logits = to_f32_vec(model.logits(model.forward(&batch).hidden));
+    let ctx = ForwardCtx::default();
+    let logits = to_f32_vec(model.logits(model.forward(&batch, &ctx).hidden, &ctx));
     let diff = max_abs_diff(&logits, &f32s(&refs, "packed_logits").0);
     assert!(
         diff <= logits_tol(),
@@ -84,8 +86,9 @@ fn check_gradients(name: &str) {
     let mut model = load_hf_model(&model_dir(name), &device).unwrap_or_else(|e| panic!("{e}"));
     let (ids, shape) = i64s(&refs, "input_ids");
     let batch = Batch::from_ids(&ids, shape[0], shape[1], &device);
-    let out = model.forward(&batch);
-    let mut loss = model.lm_loss(&batch, out.hidden);
+    let ctx = ForwardCtx::default();
+    let out = model.forward(&batch, &ctx);
+    let mut loss = model.lm_loss(&batch, out.hidden, &ctx);
     if let (Some(aux), Some(moe)) = (out.aux_loss, &model.config.moe) {
         loss = loss + aux.mul_scalar(moe.router_aux_loss_coef);
     }

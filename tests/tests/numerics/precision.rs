@@ -8,7 +8,7 @@ use crate::common::*;
 use burn::tensor::DType;
 use moeru_checkpoints::load_hf_model;
 use moeru_models::params::Params;
-use moeru_models::{Batch, Precision};
+use moeru_models::{Batch, ForwardCtx, Precision};
 
 /// On the CPU the forward matches autocast bit for bit (measured: 0 for all four models); the
 /// f32 answer is ~1e-2 away. The tolerances leave room for another matmul accumulation order.
@@ -23,12 +23,12 @@ fn check(name: &str) {
     let f32_refs = outputs(name);
     let device = test_device().autodiff();
     let mut model = load_hf_model(&model_dir(name), &device).unwrap_or_else(|e| panic!("{e}"));
-    model.set_precision(Precision::Bf16);
+    let ctx = ForwardCtx::new(Precision::Bf16);
     let (ids, shape) = i64s(&f32_refs, "input_ids");
     let batch = Batch::from_ids(&ids, shape[0], shape[1], &device);
-    let out = model.forward(&batch);
+    let out = model.forward(&batch, &ctx);
 
-    let logits = model.logits(out.hidden.clone());
+    let logits = model.logits(out.hidden.clone(), &ctx);
     assert_eq!(logits.dtype(), DType::F32);
     let logits = to_f32_vec(logits);
     // Norm-wise: both sides round each logit to bf16, so single logits differ by whole ulps.
@@ -45,7 +45,7 @@ fn check(name: &str) {
         "{name}: bf16 logits are as close to f32 ({rel_f32:e}) as to autocast ({rel:e})"
     );
 
-    let lm = model.lm_loss(&batch, out.hidden);
+    let lm = model.lm_loss(&batch, out.hidden, &ctx);
     assert_eq!(lm.dtype(), DType::F32, "{name}: the loss is not f32");
     let loss = to_f32_vec(lm.clone())[0];
     let ref_loss = f32s(&refs, "loss").0[0];
@@ -110,20 +110,20 @@ fn moe_norm_sharded() {
     check("qwen3-moe-norm-sharded");
 }
 
-/// f32 stays the default, and a bf16 model computes exactly what it did before once set back.
+/// f32 stays the default, and a bf16 forward leaves the model computing exactly what it did.
 #[test]
 fn f32_is_the_default_and_unchanged() {
     let name = "qwen3-moe-mixed";
     let device = test_device();
-    let mut model = load_hf_model(&model_dir(name), &device).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(model.precision(), Precision::F32);
+    let model = load_hf_model(&model_dir(name), &device).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ForwardCtx::default().precision, Precision::F32);
     let (ids, shape) = i64s(&outputs(name), "input_ids");
     let batch = Batch::from_ids(&ids, shape[0], shape[1], &device);
-    let before = to_f32_vec(model.logits(model.forward(&batch).hidden));
-    model.set_precision(Precision::Bf16);
-    let bf16 = to_f32_vec(model.logits(model.forward(&batch).hidden));
-    model.set_precision(Precision::F32);
-    let after = to_f32_vec(model.logits(model.forward(&batch).hidden));
+    let logits =
+        |ctx: ForwardCtx| to_f32_vec(model.logits(model.forward(&batch, &ctx).hidden, &ctx));
+    let before = logits(ForwardCtx::default());
+    let bf16 = logits(ForwardCtx::new(Precision::Bf16));
+    let after = logits(ForwardCtx::new(Precision::F32));
     assert_eq!(before, after);
     assert_ne!(before, bf16);
 }

@@ -37,10 +37,6 @@ impl JsonlWriter {
         Ok(JsonlWriter { path, file })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Writes `value` as one line and flushes it to the OS.
     pub fn write(&mut self, value: &Value) -> Result<(), MetricsError> {
         let mut line = value.to_string();

@@ -47,11 +47,6 @@ impl MetricsSink {
         })
     }
 
-    /// Path of `metrics.jsonl`.
-    pub fn jsonl_path(&self) -> &Path {
-        self.jsonl.path()
-    }
-
     /// Path of this run's TensorBoard event file, when enabled.
     pub fn event_file(&self) -> Option<&Path> {
         self.events.as_ref().map(EventWriter::path)

@@ -6,7 +6,7 @@ use moeru_models::Qwen3Config;
 use crate::recipe::schema::ParallelSection;
 
 /// Divisibility of the model by the parallel sizes, with the numbers in the message.
-pub fn validate_layout(p: &ParallelSection, c: &Qwen3Config) -> Result<(), String> {
+pub fn validate_parallel_sizes(p: &ParallelSection, c: &Qwen3Config) -> Result<(), String> {
     let check = |ok: bool, msg: String| if ok { Ok(()) } else { Err(msg) };
     check(
         c.num_attention_heads.is_multiple_of(p.tp) && c.num_key_value_heads.is_multiple_of(p.tp),
@@ -75,15 +75,15 @@ mod tests {
     #[test]
     fn messages_carry_the_numbers() {
         let c = config(4, 2, 6);
-        let e = validate_layout(&sizes(1, 4, 1, 1), &c).unwrap_err();
+        let e = validate_parallel_sizes(&sizes(1, 4, 1, 1), &c).unwrap_err();
         assert!(e.contains("`parallel.tp` = 4") && e.contains("(2)"), "{e}");
-        let e = validate_layout(&sizes(1, 1, 4, 1), &c).unwrap_err();
+        let e = validate_parallel_sizes(&sizes(1, 1, 4, 1), &c).unwrap_err();
         assert!(e.contains("`parallel.ep` = 4") && e.contains("(6)"), "{e}");
-        let e = validate_layout(&sizes(1, 1, 1, 3), &c).unwrap_err();
+        let e = validate_parallel_sizes(&sizes(1, 1, 1, 3), &c).unwrap_err();
         assert!(e.contains("`parallel.pp` = 3") && e.contains("(2)"), "{e}");
-        let e = validate_layout(&sizes(2, 2, 3, 1), &c).unwrap_err();
+        let e = validate_parallel_sizes(&sizes(2, 2, 3, 1), &c).unwrap_err();
         assert!(e.contains("tp 2 × ep 3 × pp 1"), "{e}");
-        assert!(validate_layout(&sizes(1, 1, 1, 1), &c).is_ok());
-        assert!(validate_layout(&sizes(4, 1, 1, 1), &c).is_ok());
+        assert!(validate_parallel_sizes(&sizes(1, 1, 1, 1), &c).is_ok());
+        assert!(validate_parallel_sizes(&sizes(4, 1, 1, 1), &c).is_ok());
     }
 }

@@ -1,0 +1,37 @@
+//! What the `moeru` binary's end-to-end tests share: the workspace they run in, running the
+//! binary there, and the trainer tests' own recipes (for tests of commands, not of the
+//! user-facing recipes in `recipes/`).
+//!
+//! Each test file is its own crate and uses part of this, so unused items are allowed.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The trainer tests' tiny Qwen3-MoE (today the same as `recipes/smoke-tiny-moe.yaml`),
+/// relative to the workspace root, where `moeru` runs.
+pub const TINY_MOE: &str = "trainer/tests/recipes/tiny-moe.yaml";
+/// The trainer tests' tiny LoRA SFT (today the same as `recipes/smoke-lora-sft.yaml`).
+pub const LORA_SFT: &str = "trainer/tests/recipes/lora-sft.yaml";
+
+/// The workspace root, against which the recipes' relative paths resolve.
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `moeru ARGS` run in the workspace root.
+pub fn moeru(args: &[&str]) -> Output {
+    moeru_command().args(args).output().expect("run moeru")
+}
+
+/// The `moeru` binary as a command in the workspace root, for arguments and environment.
+pub fn moeru_command() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_moeru"));
+    c.current_dir(workspace());
+    c
+}
+
+/// A path as an argument (the tests' paths are UTF-8).
+pub fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}

@@ -1,0 +1,60 @@
+//! What a forward pass is run with, passed in rather than set on the model, so one model can
+//! serve several forwards at once (micro-batches with their own dropout masks, a policy and
+//! its frozen reference).
+
+use crate::lora::DropoutKey;
+use crate::precision::Precision;
+
+/// Whether the LoRA adapters take part in a forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Adapters {
+    /// Base plus adapter terms (a model without adapters computes its base either way).
+    #[default]
+    On,
+    /// The adapter terms are skipped: the frozen base, e.g. the reference model of DPO/GRPO,
+    /// without a second copy of the weights.
+    Off,
+}
+
+/// The settings of one forward: the matmul dtype, the LoRA dropout mask and whether adapters
+/// apply. Later, per-forward state such as a KV cache for decoding and the parallel
+/// boundaries a stage or shard runs between belong here too; nothing for them exists yet.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ForwardCtx {
+    /// The dtype matmuls run in; parameters stay f32 either way (see `precision.rs`).
+    pub precision: Precision,
+    /// Which LoRA dropout mask to draw: `Some` for a training forward (a new counter for
+    /// every forward), `None` for evaluation (no dropout).
+    pub dropout: Option<DropoutKey>,
+    pub adapters: Adapters,
+}
+
+impl ForwardCtx {
+    /// A forward in `precision`, without dropout, adapters on.
+    pub fn new(precision: Precision) -> Self {
+        Self {
+            precision,
+            ..Self::default()
+        }
+    }
+
+    pub fn with_dropout(self, key: Option<DropoutKey>) -> Self {
+        Self {
+            dropout: key,
+            ..self
+        }
+    }
+
+    /// The same forward with the LoRA terms skipped: the frozen base model.
+    pub fn without_adapters(self) -> Self {
+        Self {
+            adapters: Adapters::Off,
+            ..self
+        }
+    }
+
+    /// True when LoRA terms are to be added.
+    pub fn adapters_on(&self) -> bool {
+        self.adapters == Adapters::On
+    }
+}

@@ -1,0 +1,65 @@
+//! A micro-batch on the device: model inputs, next-token targets and their mask.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use moeru_data::PackedSample;
+use moeru_models::loss::next_token_targets;
+use moeru_models::{Batch, DropoutKey};
+
+/// Model inputs plus next-token targets and their mask (1 = the target counts).
+pub struct MicroBatch {
+    pub batch: Batch,
+    pub targets: Tensor<2, Int>,
+    pub mask: Tensor<2>,
+    pub target_count: usize,
+    pub tokens: usize,
+    /// Which LoRA dropout mask the forward draws (`None`: no dropout).
+    pub dropout: Option<DropoutKey>,
+}
+
+impl MicroBatch {
+    /// From packed samples of the data loader (position t predicts `labels[t]`).
+    pub fn from_samples(samples: &[PackedSample], device: &Device) -> Self {
+        let (b, s) = (samples.len(), samples[0].input_ids.len());
+        let flat = |f: fn(&PackedSample) -> &Vec<i32>| -> Vec<i64> {
+            samples
+                .iter()
+                .flat_map(|x| f(x).iter().map(|&v| v as i64))
+                .collect()
+        };
+        let batch = Batch::packed(
+            &flat(|x| &x.input_ids),
+            &flat(|x| &x.position_ids),
+            &flat(|x| &x.document_ids),
+            b,
+            s,
+            device,
+        );
+        let mask: Vec<f32> = samples
+            .iter()
+            .flat_map(|x| x.loss_mask.iter().map(|&m| m as f32))
+            .collect();
+        let target_count = mask.iter().filter(|&&m| m > 0.0).count();
+        Self {
+            batch,
+            targets: Tensor::from_data(TensorData::new(flat(|x| &x.labels), [b, s]), device),
+            mask: Tensor::from_data(TensorData::new(mask, [b, s]), device),
+            target_count,
+            tokens: b * s,
+            dropout: None,
+        }
+    }
+
+    /// One document per row, labels = the ids shifted left (transformers' `labels=input_ids`).
+    pub fn from_ids(ids: &[i64], b: usize, s: usize, device: &Device) -> Self {
+        let batch = Batch::from_ids(ids, b, s, device);
+        let (targets, mask) = next_token_targets(&batch.input_ids);
+        Self {
+            batch,
+            targets,
+            mask,
+            target_count: b * (s - 1),
+            tokens: b * s,
+            dropout: None,
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! What a run stands on before it trains: the mesh and its groups, the device, the restored
+//! checkpoint, and the starting state built from it or from scratch (model, optimizer state,
+//! data loader, progress). The setup half of every task loop.
+//!
+//! Owns: setup decisions (fresh or resumed, LoRA base checks). Must not: step, log steps or
+//! save (the task loops and the engine do).
+
+use std::path::Path;
+use std::time::Duration;
+
+use burn::tensor::Device;
+use moeru_checkpoints::{load_hf_model, load_peft_adapter};
+use moeru_data::{DataLoader, LoaderConfig, PackMode};
+use moeru_models::init::RandomInit;
+use moeru_models::{DeviceSpec, Qwen3Config, Qwen3Model};
+use moeru_parallel::{DeviceMesh, MeshGroups, MeshSizes, ProcessGroup};
+
+use crate::checkpoint::{restore_latest, Restored};
+use crate::engine::OptimizerStart;
+use crate::error::TrainError;
+use crate::lora::{attach, check_base, fingerprint, BaseFingerprint};
+use crate::recipe::schema::{Precision, Recipe, TaskKind};
+use crate::run::RunOptions;
+
+/// The mesh sizes of `recipe` on `world_size` ranks (`dp: 0` fills what tp × pp leave).
+pub fn mesh_for(recipe: &Recipe, world_size: usize) -> Result<DeviceMesh, TrainError> {
+    let p = &recipe.parallel;
+    let dp = if p.dp == 0 {
+        (world_size / (p.tp * p.pp)).max(1)
+    } else {
+        p.dp
+    };
+    let sizes = MeshSizes {
+        dp,
+        pp: p.pp,
+        tp: p.tp,
+        ep: p.ep,
+    };
+    DeviceMesh::new(sizes, world_size).map_err(TrainError::BadRecipe)
+}
+
+/// The collective timeout of `recipe`.
+pub fn comm_timeout(recipe: &Recipe) -> Duration {
+    Duration::from_secs_f64(recipe.parallel.timeout_s)
+}
+
+/// One rank's view of the job.
+pub struct Session<'w> {
+    pub recipe: &'w Recipe,
+    pub world: &'w ProcessGroup,
+    pub mesh: DeviceMesh,
+    pub groups: MeshGroups,
+    /// This rank's device, with autodiff.
+    pub device: Device,
+    /// Rank 0 of the world: the one that reports.
+    pub main: bool,
+}
+
+/// Where a run starts: from scratch, or where its newest valid checkpoint stopped.
+pub struct Start {
+    pub model: Qwen3Model,
+    pub optimizer: OptimizerStart,
+    pub loader: DataLoader,
+    /// Optimizer steps already taken.
+    pub step: u64,
+    pub tokens_seen: u64,
+    /// LoRA runs on a model folder: the frozen base's digest at start.
+    pub lora_base: Option<BaseFingerprint>,
+}
+
+impl<'w> Session<'w> {
+    /// The mesh, groups and device of this rank of `world`.
+    pub fn open(
+        recipe: &'w Recipe,
+        opts: &RunOptions,
+        world: &'w ProcessGroup,
+    ) -> Result<Self, TrainError> {
+        let mesh = mesh_for(recipe, world.size())?;
+        let groups = mesh.groups(world)?;
+        let main = world.rank() == 0;
+        let spec: DeviceSpec = recipe.device.parse().map_err(TrainError::BadRecipe)?;
+        let device = spec
+            .open(opts.local_rank.unwrap_or(world.rank()))
+            .map_err(TrainError::Setup)?
+            .autodiff();
+        if main && recipe.precision == Precision::Bf16 && !spec.is_cuda() {
+            eprintln!("note: `precision: bf16` on the CPU rounds as a GPU run does but runs slower than f32; it is there to check numerics");
+        }
+        Ok(Self {
+            recipe,
+            world,
+            mesh,
+            groups,
+            device,
+            main,
+        })
+    }
+
+    /// The starting state: restored from the newest valid checkpoint when the recipe (or
+    /// `--resume`) asks to resume and one exists, else fresh.
+    pub fn start(&self, require_resume: bool) -> Result<Start, TrainError> {
+        let recipe = self.recipe;
+        let run_dir = &recipe.checkpoint.dir;
+        let restored = if recipe.checkpoint.resume || require_resume {
+            let (restored, skipped) = restore_latest(run_dir, &self.device)?;
+            for reason in skipped.iter().filter(|_| self.main) {
+                eprintln!("warning: skipping checkpoint: {reason}");
+            }
+            restored
+        } else {
+            None
+        };
+        let start = match restored {
+            Some(r) => self.resumed(r)?,
+            None if require_resume => {
+                return Err(TrainError::Resume(format!(
+                    "{}: --resume given but there is no valid checkpoint in it",
+                    run_dir.display()
+                )))
+            }
+            None => self.fresh()?,
+        };
+        check_data(recipe, &start.loader, &start.model)?;
+        Ok(start)
+    }
+
+    fn loader_config(&self) -> LoaderConfig {
+        let (recipe, dp) = (self.recipe, &self.groups.dp);
+        let d = &recipe.data;
+        let mut cfg = LoaderConfig::new(
+            &d.train,
+            d.seq_len,
+            recipe.train.micro_batch_size,
+            recipe.train.seed,
+        );
+        cfg.mode = if d.pad { PackMode::Pad } else { PackMode::Pack };
+        cfg.shuffle = d.shuffle;
+        cfg.with_rank(dp.rank(), dp.size())
+    }
+
+    fn fresh(&self) -> Result<Start, TrainError> {
+        let recipe = self.recipe;
+        let mut model = build_model(recipe, &self.device)?;
+        let lora_base = match (&recipe.lora, &recipe.model.path) {
+            (Some(l), Some(path)) => {
+                let base = fingerprint(&mut model, path);
+                attach(l, &mut model, recipe.model.init_seed)?;
+                Some(base)
+            }
+            _ => None,
+        };
+        Ok(Start {
+            model,
+            optimizer: OptimizerStart::default(),
+            loader: DataLoader::new(self.loader_config())?,
+            step: 0,
+            tokens_seen: 0,
+            lora_base,
+        })
+    }
+
+    fn resumed(&self, mut r: Restored) -> Result<Start, TrainError> {
+        let recipe = self.recipe;
+        if self.main {
+            if r.state.recipe_hash != crate::recipe::recipe_hash(recipe) {
+                eprintln!("warning: {} was written by a different recipe; continuing with the current one", r.dir.display());
+            }
+            eprintln!("resuming from {} (step {})", r.dir.display(), r.state.step);
+        }
+        let (model, lora_base) = restored_model(recipe, &mut r, &self.device)?;
+        Ok(Start {
+            model,
+            optimizer: OptimizerStart {
+                steps: r.state.step,
+                moments: r.moments,
+            },
+            loader: DataLoader::from_state(self.loader_config(), &r.state.loader)?,
+            step: r.state.step,
+            tokens_seen: r.state.tokens_seen,
+            lora_base,
+        })
+    }
+}
+
+fn build_model(recipe: &Recipe, device: &Device) -> Result<Qwen3Model, TrainError> {
+    match (&recipe.model.path, &recipe.model.architecture) {
+        (Some(path), None) => Ok(load_hf_model(path, device)?),
+        (None, Some(arch)) => {
+            let config =
+                Qwen3Config::from_map(arch.clone(), Path::new("recipe model.architecture"))?;
+            let mut init = RandomInit {
+                seed: recipe.model.init_seed,
+                std: config.initializer_range,
+            };
+            Ok(Qwen3Model::new(config, &mut init, device).unwrap_or_else(|never| match never {}))
+        }
+        _ => Err(TrainError::BadRecipe(
+            "`model`: set exactly one of `path` and `architecture`".into(),
+        )),
+    }
+}
+
+/// The model of checkpoint `r`: its full weights, or for a LoRA checkpoint the recipe's base
+/// (checked against the recorded fingerprint) with the checkpoint's adapters.
+fn restored_model(
+    recipe: &Recipe,
+    r: &mut Restored,
+    device: &Device,
+) -> Result<(Qwen3Model, Option<BaseFingerprint>), TrainError> {
+    let dir = r.dir.display();
+    match (r.model.take(), &recipe.lora, &recipe.model.path) {
+        (Some(model), None, _) => Ok((model, None)),
+        (None, Some(_), Some(path)) => {
+            let mut model = build_model(recipe, device)?;
+            let base = fingerprint(&mut model, path);
+            check_base(&r.dir, r.state.lora_base.as_ref(), &base, path)?;
+            load_peft_adapter(&r.dir, &mut model)?;
+            Ok((model, Some(base)))
+        }
+        (Some(_), Some(_), _) => Err(TrainError::Resume(format!(
+            "{dir} holds a fully trained model, but the recipe has a `lora` section; remove `lora` to continue that run, or set a fresh `checkpoint.dir` to fine-tune it with LoRA"
+        ))),
+        (None, None, _) | (None, Some(_), None) => Err(TrainError::Resume(format!(
+            "{dir} holds LoRA adapters (adapter_model.safetensors), but the recipe has no `lora` section and `model.path`; restore the run's `lora` section, or set a fresh `checkpoint.dir`"
+        ))),
+    }
+}
+
+fn check_data(recipe: &Recipe, loader: &DataLoader, model: &Qwen3Model) -> Result<(), TrainError> {
+    let m = loader.manifest();
+    let dir = recipe.data.train.display();
+    if m.tokenizer.vocab_size > model.config.vocab_size as u64 {
+        return Err(TrainError::Dataset(format!(
+            "{dir}: the dataset's tokenizer has {} tokens but the model's vocab_size is {}; use a model with a vocabulary at least that large",
+            m.tokenizer.vocab_size, model.config.vocab_size
+        )));
+    }
+    let chat = m.mode == "chat";
+    match recipe.data.task {
+        TaskKind::Sft if !chat => Err(TrainError::Dataset(format!(
+            "{dir}: `data.task: sft` needs chat data (prepare with --chat); this dataset is `{}`",
+            m.mode
+        ))),
+        _ => Ok(()),
+    }
+}
