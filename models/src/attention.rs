@@ -3,6 +3,7 @@
 use burn::tensor::{Device, Tensor};
 
 use crate::attention_core::{block_positions, causal_attention};
+use crate::boundaries::Boundaries;
 use crate::config::Qwen3Config;
 use crate::forward_ctx::ForwardCtx;
 use crate::layers::rms_norm;
@@ -37,6 +38,8 @@ pub struct AttentionContext {
 }
 
 impl Attention {
+    /// Head counts are read off the projections it is given: under tensor parallelism the
+    /// sharded source hands q/k/v this rank's heads and o_proj their columns.
     pub fn new<S: ParamSource>(
         c: &Qwen3Config,
         prefix: &str,
@@ -48,27 +51,39 @@ impl Attention {
         let p = |n: &str| format!("{prefix}.{n}");
         let mut proj =
             |n: &str, out, inp| Linear::load(src, &p(n), out, inp, c.attention_bias, device);
+        let q_proj = proj("q_proj", q, h)?;
+        let k_proj = proj("k_proj", kv, h)?;
         Ok(Self {
-            q_proj: proj("q_proj", q, h)?,
-            k_proj: proj("k_proj", kv, h)?,
+            heads: q_proj.weight().dims()[0] / hd,
+            kv_heads: k_proj.weight().dims()[0] / hd,
+            q_proj,
+            k_proj,
             v_proj: proj("v_proj", kv, h)?,
             o_proj: proj("o_proj", h, q)?,
             q_norm: src.tensor(&p("q_norm.weight"), [hd], device)?,
             k_norm: src.tensor(&p("k_norm.weight"), [hd], device)?,
             prefix: prefix.to_string(),
-            heads: c.num_attention_heads,
-            kv_heads: c.num_key_value_heads,
             head_dim: hd,
             eps: c.rms_norm_eps,
         })
     }
 
-    /// `x [batch, seq, hidden]` → `[batch, seq, hidden]`.
-    pub fn forward(&self, x: Tensor<3>, attn: &AttentionContext, ctx: &ForwardCtx) -> Tensor<3> {
-        let [b, s, _] = x.dims();
+    /// `x [rows, hidden]` (this rank's rows of the residual stream, normed) → this rank's
+    /// rows of the attention output `[rows, hidden]`, in the matmul dtype. The heads are this
+    /// rank's: `bd.column_in` gives them every row, `bd.row_out` sums o_proj's partial sums.
+    pub fn forward(
+        &self,
+        x: Tensor<2>,
+        attn: &AttentionContext,
+        ctx: &ForwardCtx,
+        bd: &dyn Boundaries,
+    ) -> Tensor<2> {
+        let [b, s, _] = attn.cos.dims();
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let p = ctx.precision;
-        let x = p.mm(x);
+        let x = bd.column_in(x);
+        let hidden = x.dims()[1];
+        let x = p.mm(x).reshape([b, s, hidden]);
         let heads = |proj: &Linear, n: usize| {
             proj.forward(x.clone(), ctx)
                 .reshape([b, s, n, hd])
@@ -88,8 +103,9 @@ impl Attention {
         let out = causal_attention(q, p.mm(k), p.mm(v), attn.bias.clone(), scale, block)
             .reshape([b, nh, s, hd])
             .swap_dims(1, 2)
-            .reshape([b, s, nh * hd]);
-        self.o_proj.forward(out, ctx)
+            .reshape([b * s, nh * hd]);
+        let partial = self.o_proj.project(out, ctx);
+        self.o_proj.add_bias(bd.row_out(partial))
     }
 
     fn projections(&mut self) -> [&mut Linear; 4] {

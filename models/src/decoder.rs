@@ -3,6 +3,7 @@
 use burn::tensor::{Device, Tensor};
 
 use crate::attention::{Attention, AttentionContext};
+use crate::boundaries::Boundaries;
 use crate::config::Qwen3Config;
 use crate::forward_ctx::ForwardCtx;
 use crate::layers::{rms_norm, swiglu};
@@ -38,11 +39,15 @@ impl DenseMlp {
         })
     }
 
-    /// `x [.., hidden]` (in the matmul dtype) → `[.., hidden]`.
-    pub fn forward<const D: usize>(&self, x: Tensor<D>, ctx: &ForwardCtx) -> Tensor<D> {
+    /// `x [rows, hidden]` (this rank's rows, normed, f32) → `[rows, hidden]` in the matmul
+    /// dtype. Under tensor parallelism gate/up hold this rank's intermediate columns and
+    /// down_proj its rows: `bd.column_in` gives them every row, `bd.row_out` sums the partials.
+    pub fn forward(&self, x: Tensor<2>, ctx: &ForwardCtx, bd: &dyn Boundaries) -> Tensor<2> {
+        let x = ctx.precision.mm(bd.column_in(x));
         let gate = self.gate_proj.forward(x.clone(), ctx);
         let up = self.up_proj.forward(x, ctx);
-        self.down_proj.forward(swiglu(gate, up), ctx)
+        let partial = self.down_proj.project(swiglu(gate, up), ctx);
+        self.down_proj.add_bias(bd.row_out(partial))
     }
 
     fn projections(&mut self) -> [&mut Linear; 3] {
@@ -133,24 +138,25 @@ impl DecoderLayer {
         })
     }
 
-    /// `x [batch, seq, hidden]`; returns the new hidden states and, for MoE layers, router stats.
+    /// This rank's rows of the residual stream `x [rows, hidden]` (f32) → the new rows and,
+    /// for MoE layers, router stats.
     pub fn forward(
         &self,
-        x: Tensor<3>,
+        x: Tensor<2>,
         attn: &AttentionContext,
         ctx: &ForwardCtx,
-    ) -> (Tensor<3>, Option<RouterStats>) {
+        bd: &dyn Boundaries,
+    ) -> (Tensor<2>, Option<RouterStats>) {
         let normed = rms_norm(x.clone(), &self.input_layernorm, self.eps);
-        let attn = self.self_attn.forward(normed, attn, ctx);
+        let attn = self.self_attn.forward(normed, attn, ctx, bd);
         // The residual stream stays f32 (as under autocast, where f32 + bf16 is f32).
         let x = x + to_f32(attn);
         let normed = rms_norm(x.clone(), &self.post_attention_layernorm, self.eps);
         match &self.mlp {
-            Mlp::Dense(mlp) => (x + to_f32(mlp.forward(ctx.precision.mm(normed), ctx)), None),
+            Mlp::Dense(mlp) => (x + to_f32(mlp.forward(normed, ctx, bd)), None),
             Mlp::Moe(moe) => {
-                let [b, s, h] = normed.dims();
-                let (y, stats) = moe.forward(normed.reshape([b * s, h]), ctx);
-                (x + y.reshape([b, s, h]), Some(stats))
+                let (y, stats) = moe.forward(normed, ctx, bd);
+                (x + y, Some(stats))
             }
         }
     }

@@ -176,6 +176,7 @@ fn active<'a>(lora: &'a Option<LoraAdapter>, ctx: &ForwardCtx) -> Option<&'a Lor
     lora.as_ref().filter(|_| ctx.adapters_on())
 }
 
-fn index(v: &[i64], device: &Device) -> Tensor<1, Int> {
+/// An index tensor of `v` on `device`.
+pub(crate) fn index(v: &[i64], device: &Device) -> Tensor<1, Int> {
     Tensor::<1, Int>::from_data(TensorData::new(v.to_vec(), [v.len()]), device)
 }

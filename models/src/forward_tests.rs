@@ -69,7 +69,13 @@ fn token_logprobs_are_the_log_softmax_at_the_targets() {
         // Chunk boundaries inside and between rows give the same values (up to the matmul's
         // blocking, which depends on the row count).
         let w = model.lm_head_weight();
-        let chunked = loss::token_logprobs_chunked(hidden.clone(), w, targets.clone(), 5);
+        let chunked = loss::token_logprobs_chunked(
+            hidden.clone(),
+            w,
+            targets.clone(),
+            5,
+            loss::VocabShard::whole(),
+        );
         let d = max_abs_diff(&to_f32_vec(chunked), &to_f32_vec(ours.clone()));
         assert!(d <= 1e-6, "moe {moe}: chunked log-probs off by {d:e}");
 

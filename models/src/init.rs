@@ -9,6 +9,9 @@ use std::convert::Infallible;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::params::{param_from_data, ParamSource};
+use crate::shard::Split;
+
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// SplitMix64: tiny, fast, and exactly reproducible everywhere.
 #[derive(Debug, Clone)]
@@ -18,8 +21,13 @@ impl SplitMix64 {
     pub fn new(seed: u64) -> Self {
         Self(seed)
     }
+    /// Jumps `n` draws ahead in O(1): the state only ever advances by the constant step, so a
+    /// shard can draw its slice of a tensor without drawing the slices before it.
+    pub fn skip(&mut self, n: u64) {
+        self.0 = self.0.wrapping_add(GAMMA.wrapping_mul(n));
+    }
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.0 = self.0.wrapping_add(GAMMA);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -59,16 +67,73 @@ impl ParamSource for RandomInit {
         device: &Device,
     ) -> Result<Tensor<D>, Infallible> {
         let n: usize = shape.iter().product();
-        let values: Vec<f32> = if name.ends_with("norm.weight") {
-            vec![1.0; n]
-        } else if name.ends_with(".bias") {
-            vec![0.0; n]
-        } else {
-            let mut rng = SplitMix64::new(self.seed ^ name_hash(name));
-            (0..n)
-                .map(|_| (rng.next_normal() * self.std) as f32)
-                .collect()
-        };
+        let whole = std::iter::once(0..n).collect::<Vec<_>>();
+        let values = self.values(name, &whole);
         Ok(param_from_data(TensorData::new(values, shape), device))
+    }
+
+    /// Exactly the values the whole tensor has in the part's elements.
+    fn tensor_part<const D: usize>(
+        &mut self,
+        name: &str,
+        full: [usize; D],
+        split: &Split,
+        device: &Device,
+    ) -> Result<Tensor<D>, Infallible> {
+        let (d, rows) = (split.dim, split.range(full[split.dim]));
+        let outer: usize = full[..d].iter().product();
+        let inner: usize = full[d + 1..].iter().product();
+        let runs: Vec<_> = (0..outer)
+            .map(|o| {
+                let start = (o * full[d] + rows.start) * inner;
+                start..start + rows.len() * inner
+            })
+            .collect();
+        let values = self.values(name, &runs);
+        let shape = split.local_shape(full);
+        Ok(param_from_data(TensorData::new(values, shape), device))
+    }
+}
+
+impl RandomInit {
+    /// The values of elements `runs` (flat indices into the whole tensor), concatenated.
+    fn values(&self, name: &str, runs: &[std::ops::Range<usize>]) -> Vec<f32> {
+        let n = runs.iter().map(|r| r.len()).sum();
+        if name.ends_with("norm.weight") {
+            return vec![1.0; n];
+        }
+        if name.ends_with(".bias") {
+            return vec![0.0; n];
+        }
+        let mut out = Vec::with_capacity(n);
+        for run in runs {
+            let mut rng = SplitMix64::new(self.seed ^ name_hash(name));
+            // Each element takes two draws (Box–Muller).
+            rng.skip(2 * run.start as u64);
+            out.extend(run.clone().map(|_| (rng.next_normal() * self.std) as f32));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_part_holds_the_whole_tensors_values() {
+        let device = Device::flex();
+        let mut init = RandomInit { seed: 7, std: 0.02 };
+        let name = "model.layers.0.self_attn.o_proj.weight";
+        let whole: Tensor<3> = init.tensor(name, [3, 4, 6], &device).unwrap();
+        for (dim, parts) in [(0, 3), (1, 2), (2, 3)] {
+            for index in 0..parts {
+                let split = Split { dim, index, parts };
+                let part: Tensor<3> = init.tensor_part(name, [3, 4, 6], &split, &device).unwrap();
+                let r = split.range([3, 4, 6][dim]);
+                let want = whole.clone().narrow(dim, r.start, r.len());
+                assert_eq!(part.into_data(), want.into_data(), "dim {dim} part {index}");
+            }
+        }
     }
 }

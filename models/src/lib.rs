@@ -2,11 +2,14 @@
 //!
 //! Numerics follow transformers 5.x exactly (see docs/ARCHITECTURE.md): rotate-half RoPE with
 //! explicit position ids, QK-norm, grouped-query attention, f32 router softmax, and the
-//! transformers load-balancing loss. Nothing here communicates; parallelism wraps these types.
+//! transformers load-balancing loss. Nothing here communicates: a sharded model calls the
+//! hooks of `boundaries.rs`, which moeru-parallel implements, and `shard.rs` says which part of
+//! each parameter a rank holds.
 
 pub mod attention;
 pub mod attention_core;
 pub mod batch;
+pub mod boundaries;
 pub mod config;
 pub mod decoder;
 pub mod device;
@@ -26,8 +29,10 @@ pub mod params;
 pub mod precision;
 pub mod rope;
 pub mod routing;
+pub mod shard;
 
 pub use batch::Batch;
+pub use boundaries::{Boundaries, Local};
 pub use config::{ConfigError, MoeConfig, Qwen3Config};
 pub use device::{DeviceSpec, GpuInfo};
 pub use experts::Experts;
@@ -38,3 +43,4 @@ pub use lora_model::{AllParams, Trainable};
 pub use model::{ForwardOutput, Qwen3Model};
 pub use params::{ParamSource, ParamVisitor, Params};
 pub use precision::Precision;
+pub use shard::{ModelShard, ParamPlan, Placement, ShardedSource, Split};

@@ -6,6 +6,7 @@ use crate::forward_ctx::ForwardCtx;
 use crate::layers::linear;
 use crate::lora::{LoraAdapter, LoraSlot};
 use crate::params::{ParamSource, ParamVisitor};
+use crate::precision::like;
 
 /// `y = x·Wᵀ (+ b) (+ s·(dropout(x)·Aᵀ)·Bᵀ)`, named by its module path
 /// (`model.layers.0.self_attn.q_proj`): its parameters are `{name}.weight` `[out, in]` and
@@ -66,6 +67,28 @@ impl Linear {
                 linear(x.clone(), &self.weight, self.bias.as_ref()) + l.apply(x, ctx.dropout)
             }
             _ => linear(x, &self.weight, self.bias.as_ref()),
+        }
+    }
+
+    /// `x·Wᵀ` plus the adapter's term, without the bias: a row-parallel projection's partial
+    /// sum, whose bias is added once after the ranks' sum ([`Linear::add_bias`]).
+    pub fn project<const D: usize>(&self, x: Tensor<D>, ctx: &ForwardCtx) -> Tensor<D> {
+        match &self.lora {
+            Some(l) if ctx.adapters_on() => {
+                linear(x.clone(), &self.weight, None) + l.apply(x, ctx.dropout)
+            }
+            _ => linear(x, &self.weight, None),
+        }
+    }
+
+    /// `y + b` in the dtype of `y` (nothing without a bias).
+    pub fn add_bias<const D: usize>(&self, y: Tensor<D>) -> Tensor<D> {
+        match &self.bias {
+            Some(b) => {
+                let b = like(b.clone(), &y);
+                y + b.unsqueeze::<D>()
+            }
+            None => y,
         }
     }
 

@@ -3,8 +3,27 @@
 
 use burn::tensor::{Int, Tensor};
 
-use crate::layers::logsumexp_rows;
+use crate::boundaries::{Boundaries, Local};
 use crate::precision::{like, to_f32};
+
+/// The vocabulary rows an LM head weight holds (`start..start + rows`; all of them on one
+/// rank), and the boundaries that complete the softmax over every shard: Megatron's
+/// vocabulary-parallel cross-entropy, so no rank forms full-vocabulary logits.
+#[derive(Debug, Clone, Copy)]
+pub struct VocabShard<'a> {
+    pub start: usize,
+    pub bd: &'a dyn Boundaries,
+}
+
+impl VocabShard<'static> {
+    /// The whole vocabulary on this rank.
+    pub fn whole() -> Self {
+        Self {
+            start: 0,
+            bd: &Local,
+        }
+    }
+}
 
 /// Rows per chunk such that a chunk's logits stay under ~64 Mi elements.
 fn chunk_rows(vocab: usize) -> usize {
@@ -35,6 +54,7 @@ fn for_each_chunk(
     weight: &Tensor<2>,
     targets: Tensor<2, Int>,
     step: usize,
+    vocab: VocabShard,
     mut each: impl FnMut(usize, Tensor<1>),
 ) {
     let [b, s, h] = hidden.dims();
@@ -51,21 +71,50 @@ fn for_each_chunk(
                 .narrow(0, start, len)
                 .matmul(weight.clone().transpose()),
         );
-        let lse = logsumexp_rows(logits.clone());
-        let picked = logits
-            .gather(1, targets.clone().narrow(0, start, len))
-            .reshape([len]);
-        each(start, picked - lse);
+        each(
+            start,
+            target_logprobs(logits, targets.clone().narrow(0, start, len), vocab),
+        );
         start += len;
     }
+}
+
+/// `logits[target] − logsumexp(logits)` per row of `logits [len, local vocab]` (f32) with
+/// `targets [len, 1]`: the max, Σ exp and picked logit are completed over the vocabulary
+/// shards; a target outside this shard picks 0 here. On one rank this is the plain
+/// expression, op for op (the mask selects nothing).
+fn target_logprobs(logits: Tensor<2>, targets: Tensor<2, Int>, vocab: VocabShard) -> Tensor<1> {
+    let [len, local] = logits.dims();
+    let max = vocab
+        .bd
+        .vocab_max(logits.clone().detach().max_dim(1).reshape([len]));
+    let exp = (logits.clone() - max.clone().unsqueeze_dim::<2>(1)).exp();
+    let lse = vocab.bd.vocab_sum(exp.sum_dim(1).reshape([len])).log() + max;
+    let shifted = targets.sub_scalar(vocab.start as i64);
+    let elsewhere = shifted
+        .clone()
+        .lower_elem(0)
+        .bool_or(shifted.clone().greater_equal_elem(local as i64))
+        .reshape([len]);
+    let picked = logits
+        .gather(1, shifted.clamp(0, local as i64 - 1))
+        .reshape([len])
+        .mask_fill(elsewhere, 0.0);
+    vocab.bd.vocab_sum(picked) - lse
 }
 
 /// `log p(target)` `[batch, seq]` (f32, differentiable) under the logits `hidden · Wᵀ`, for
 /// `hidden [batch, seq, H]`, `weight [vocab, H]`, `targets [batch, seq]`. The logits matmul
 /// runs in the dtype of `hidden`, the log-softmax in f32, chunked over rows.
-pub fn token_logprobs(hidden: Tensor<3>, weight: &Tensor<2>, targets: Tensor<2, Int>) -> Tensor<2> {
+/// `vocab` says which vocabulary rows `weight` holds.
+pub fn token_logprobs(
+    hidden: Tensor<3>,
+    weight: &Tensor<2>,
+    targets: Tensor<2, Int>,
+    vocab: VocabShard,
+) -> Tensor<2> {
     let step = chunk_rows(weight.dims()[0]);
-    token_logprobs_chunked(hidden, weight, targets, step)
+    token_logprobs_chunked(hidden, weight, targets, step, vocab)
 }
 
 /// [`token_logprobs`] with `step` rows per chunk.
@@ -74,10 +123,13 @@ pub(crate) fn token_logprobs_chunked(
     weight: &Tensor<2>,
     targets: Tensor<2, Int>,
     step: usize,
+    vocab: VocabShard,
 ) -> Tensor<2> {
     let [b, s, _] = hidden.dims();
     let mut chunks = Vec::new();
-    for_each_chunk(hidden, weight, targets, step, |_, lp| chunks.push(lp));
+    for_each_chunk(hidden, weight, targets, step, vocab, |_, lp| {
+        chunks.push(lp)
+    });
     Tensor::cat(chunks, 0).reshape([b, s])
 }
 
@@ -90,12 +142,13 @@ pub fn token_loss_sum(
     weight: &Tensor<2>,
     targets: Tensor<2, Int>,
     mask: Tensor<2>,
+    vocab: VocabShard,
 ) -> Tensor<1> {
     let rows: usize = mask.dims().iter().product();
     let mask = mask.reshape([rows]);
     let step = chunk_rows(weight.dims()[0]);
     let mut total: Option<Tensor<1>> = None;
-    for_each_chunk(hidden, weight, targets, step, |start, lp| {
+    for_each_chunk(hidden, weight, targets, step, vocab, |start, lp| {
         let len = lp.dims()[0];
         let part = -(lp * mask.clone().narrow(0, start, len)).sum();
         total = Some(match total.take() {

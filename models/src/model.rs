@@ -2,18 +2,22 @@
 
 use burn::tensor::{Device, Int, Tensor};
 
+use std::sync::Arc;
+
 use crate::attention::AttentionContext;
 use crate::batch::Batch;
+use crate::boundaries::{Boundaries, Local};
 use crate::config::Qwen3Config;
 use crate::decoder::DecoderLayer;
 use crate::forward_ctx::ForwardCtx;
 use crate::layers::{linear, rms_norm};
 use crate::lora::LoraConfig;
-use crate::loss::{next_token_targets, token_logprobs, token_loss_sum};
-use crate::moe::{load_balancing_loss, router_z_loss, RouterStats};
+use crate::loss::{next_token_targets, token_logprobs, token_loss_sum, VocabShard};
+use crate::moe::{load_balancing_loss, router_z_loss, token_shards, RouterStats};
 use crate::params::{ParamSource, ParamVisitor, Params};
 use crate::precision::to_f32;
 use crate::rope::{inverse_frequencies, rope_tables};
+use crate::shard::{ModelShard, ShardedSource};
 
 #[derive(Debug, Clone)]
 pub struct Qwen3Model {
@@ -26,6 +30,8 @@ pub struct Qwen3Model {
     inv_freq: Vec<f32>,
     /// Set once LoRA adapters are attached (see `lora_model.rs`); the base is then frozen.
     pub(crate) lora: Option<LoraConfig>,
+    /// Where this rank's part meets the other ranks' ([`Local`] for the whole model).
+    boundaries: Arc<dyn Boundaries>,
 }
 
 /// What a forward pass returns besides logits, which are computed on demand.
@@ -48,6 +54,22 @@ impl Qwen3Model {
         src: &mut S,
         device: &Device,
     ) -> Result<Self, S::Error> {
+        Self::new_sharded(config, src, Arc::new(Local), device)
+    }
+
+    /// This rank's part of the model under `boundaries.shard()`: `src` is asked for the
+    /// parts the sharding plan gives this rank (`shard.rs`), and `boundaries` joins them.
+    pub fn new_sharded<S: ParamSource>(
+        config: Qwen3Config,
+        src: &mut S,
+        boundaries: Arc<dyn Boundaries>,
+        device: &Device,
+    ) -> Result<Self, S::Error> {
+        let mut src = ShardedSource {
+            inner: src,
+            shard: boundaries.shard(),
+        };
+        let src = &mut src;
         let (v, h) = (config.vocab_size, config.hidden_size);
         let embed_tokens = src.tensor("model.embed_tokens.weight", [v, h], device)?;
         let layers = (0..config.num_hidden_layers)
@@ -68,7 +90,13 @@ impl Qwen3Model {
             lm_head,
             inv_freq,
             lora: None,
+            boundaries,
         })
+    }
+
+    /// Where this rank sits in the model-parallel layout.
+    pub fn shard(&self) -> ModelShard {
+        self.boundaries.shard()
     }
 
     pub fn device(&self) -> Device {
@@ -76,16 +104,13 @@ impl Qwen3Model {
     }
 
     /// Runs the decoder stack over `batch` with the matmul dtype, LoRA dropout and adapters
-    /// of `ctx`.
+    /// of `ctx`. The hidden states returned are every position's, whatever the layout: they
+    /// are what the LM head sees.
     pub fn forward(&self, batch: &Batch, ctx: &ForwardCtx) -> ForwardOutput {
         let [b, s] = batch.dims();
-        let device = self.device();
-        let ids = batch.input_ids.clone().reshape([b * s]);
-        let mut x =
-            self.embed_tokens
-                .clone()
-                .select(0, ids)
-                .reshape([b, s, self.config.hidden_size]);
+        let (device, h) = (self.device(), self.config.hidden_size);
+        let bd = &*self.boundaries;
+        let mut x = bd.row_out(self.embed(batch.input_ids.clone().reshape([b * s])));
         let (cos, sin) = rope_tables(&batch.position_ids, &self.inv_freq, &device);
         let bias = Tensor::<3>::zeros([b, s, s], &device)
             .mask_fill(batch.attention_block_mask(), f32::NEG_INFINITY)
@@ -93,19 +118,47 @@ impl Qwen3Model {
         let attn = AttentionContext { cos, sin, bias };
         let mut router = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            let (next, stats) = layer.forward(x, &attn, ctx);
+            let (next, stats) = layer.forward(x, &attn, ctx, bd);
             x = next;
             if let Some(stats) = stats {
                 router.push((i, stats));
             }
         }
         let hidden = rms_norm(x, &self.norm, self.config.rms_norm_eps);
+        let hidden = bd.column_in(hidden).reshape([b, s, h]);
         let stats: Vec<RouterStats> = router.iter().map(|(_, s)| s.clone()).collect();
         ForwardOutput {
             hidden,
-            aux_loss: load_balancing_loss(&stats),
-            z_loss: router_z_loss(&stats),
+            aux_loss: load_balancing_loss(&stats, bd),
+            z_loss: router_z_loss(&stats, token_shards(bd)),
             router,
+        }
+    }
+
+    /// The embedding rows of `ids [rows]` that this rank's vocabulary shard holds, zero for
+    /// the others (so the sum over shards, `row_out`, is exact: one term is nonzero).
+    fn embed(&self, ids: Tensor<1, Int>) -> Tensor<2> {
+        let local = self.embed_tokens.dims()[0];
+        if local == self.config.vocab_size {
+            return self.embed_tokens.clone().select(0, ids);
+        }
+        let rows = ids.dims()[0];
+        let shifted = ids.sub_scalar((self.shard().tp_rank * local) as i64);
+        let elsewhere = shifted
+            .clone()
+            .lower_elem(0)
+            .bool_or(shifted.clone().greater_equal_elem(local as i64));
+        self.embed_tokens
+            .clone()
+            .select(0, shifted.clamp(0, local as i64 - 1))
+            .mask_fill(elsewhere.reshape([rows, 1]), 0.0)
+    }
+
+    /// The vocabulary rows this rank's LM head holds.
+    fn vocab(&self) -> VocabShard<'_> {
+        VocabShard {
+            start: self.shard().tp_rank * self.lm_head_weight().dims()[0],
+            bd: &*self.boundaries,
         }
     }
 
@@ -114,7 +167,8 @@ impl Qwen3Model {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
-    /// Full f32 logits `[batch, seq, vocab]`; training uses the chunked loss instead.
+    /// f32 logits `[batch, seq, vocab]` (this rank's vocabulary rows under tensor
+    /// parallelism); training uses the chunked loss instead.
     pub fn logits(&self, hidden: Tensor<3>, ctx: &ForwardCtx) -> Tensor<3> {
         to_f32(linear(
             ctx.precision.mm(hidden),
@@ -131,7 +185,12 @@ impl Qwen3Model {
         targets: Tensor<2, Int>,
         ctx: &ForwardCtx,
     ) -> Tensor<2> {
-        token_logprobs(ctx.precision.mm(hidden), self.lm_head_weight(), targets)
+        token_logprobs(
+            ctx.precision.mm(hidden),
+            self.lm_head_weight(),
+            targets,
+            self.vocab(),
+        )
     }
 
     /// Σ of the next-token cross-entropy over the positions where `mask` is 1, i.e.
@@ -149,6 +208,7 @@ impl Qwen3Model {
             self.lm_head_weight(),
             targets,
             mask,
+            self.vocab(),
         )
     }
 

@@ -1,10 +1,12 @@
 //! The sparse MoE block of Qwen3-MoE: f32 router softmax, top-k, optional renormalisation,
 //! then the stacked experts (experts.rs), dropless.
 
-use burn::tensor::{activation::softmax, Device, Tensor, TensorData};
+use burn::tensor::{activation::softmax, Device, IndexingUpdateOp, Tensor, TensorData};
+
+use crate::boundaries::Boundaries;
 
 use crate::config::{MoeConfig, Qwen3Config};
-use crate::experts::Experts;
+use crate::experts::{index, Experts};
 use crate::forward_ctx::ForwardCtx;
 use crate::layers::logsumexp_rows;
 use crate::linear::Linear;
@@ -57,9 +59,17 @@ impl MoeBlock {
         self.gate.weight().dims()[0]
     }
 
-    /// `x [tokens, hidden]` (f32) → `[tokens, hidden]` (f32) and the router statistics. The
-    /// router runs in f32; the experts' matmuls in `ctx.precision`.
-    pub fn forward(&self, x: Tensor<2>, ctx: &ForwardCtx) -> (Tensor<2>, RouterStats) {
+    /// `x [tokens, hidden]` (f32, this rank's tokens) → `[tokens, hidden]` (f32) and the
+    /// router statistics. The router runs in f32; the experts' matmuls in `ctx.precision`.
+    /// Under expert parallelism this rank holds a contiguous range of the experts, and the
+    /// routed rows travel to their experts' ranks and back through `bd` (see
+    /// [`MoeBlock::dispatch`]).
+    pub fn forward(
+        &self,
+        x: Tensor<2>,
+        ctx: &ForwardCtx,
+        bd: &dyn Boundaries,
+    ) -> (Tensor<2>, RouterStats) {
         let tokens = x.dims()[0];
         let (experts, k) = (self.num_experts(), self.top_k);
         let logits = self.gate.forward(x.clone(), ctx);
@@ -76,17 +86,90 @@ impl MoeBlock {
             .into_data()
             .try_into_vec_as::<i64>()
             .expect("top-k indices are integers");
-        let plan = RoutingPlan::new(&expert_of, k, experts);
         let weights = weights.reshape([tokens * k]);
-        let y = self.experts.forward(&x, &plan, &weights, ctx);
+        let (y, expert_counts, computed_rows) = if bd.shard().ep == 1 {
+            let plan = RoutingPlan::new(&expert_of, k, experts);
+            let y = self.experts.forward(&x, &plan, &weights, ctx);
+            (y, plan.counts, plan.computed_rows)
+        } else {
+            self.dispatch(&x, &expert_of, weights, ctx, bd)
+        };
         let stats = RouterStats {
             prob_sum: probs.sum_dim(0).reshape([experts]),
             z_sum,
-            expert_counts: plan.counts,
+            expert_counts,
             tokens,
-            computed_rows: plan.computed_rows,
+            computed_rows,
         };
         (y, stats)
+    }
+
+    /// Dropless expert-parallel dispatch (torchtitan's all-to-all token dispatcher): sort
+    /// this rank's assignments by expert, exchange the counts, send each routed row to its
+    /// expert's rank, run the local experts over what arrives (grouped as routing.rs plans
+    /// them), send the outputs back, and weight them by the router probabilities here, on the
+    /// token's own rank, so the router's gradient never crosses ranks. Returns the output,
+    /// this rank's assignments per expert and the rows its experts computed.
+    fn dispatch(
+        &self,
+        x: &Tensor<2>,
+        expert_of: &[i64],
+        weights: Tensor<1>,
+        ctx: &ForwardCtx,
+        bd: &dyn Boundaries,
+    ) -> (Tensor<2>, Vec<u64>, u64) {
+        let [tokens, hidden] = x.dims();
+        let device = x.device();
+        let (experts, ep) = (self.num_experts(), bd.shard().ep);
+        let local = experts / ep;
+        // A stable sort keeps each expert's rows in token order, as the one-rank plan has them.
+        let mut order: Vec<usize> = (0..expert_of.len()).collect();
+        order.sort_by_key(|&a| expert_of[a]);
+        let mut counts = vec![0u64; experts];
+        for &e in expert_of {
+            counts[e as usize] += 1;
+        }
+        let per_rank = |c: &[u64]| -> Vec<usize> {
+            c.chunks(local)
+                .map(|r| r.iter().sum::<u64>() as usize)
+                .collect()
+        };
+        let received = bd.exchange_counts(&counts);
+        let (send_rows, recv_rows) = (per_rank(&counts), per_rank(&received));
+        let token_of = index(
+            &order
+                .iter()
+                .map(|&a| (a / self.top_k) as i64)
+                .collect::<Vec<_>>(),
+            &device,
+        );
+        let rows = bd.exchange_rows(
+            x.clone().select(0, token_of.clone()),
+            &send_rows,
+            &recv_rows,
+        );
+        // Rows arrive by source rank, each source's rows sorted by (local) expert.
+        let local_expert: Vec<i64> = received
+            .chunks(local)
+            .flat_map(|c| c.iter().enumerate())
+            .flat_map(|(e, &n)| std::iter::repeat_n(e as i64, n as usize))
+            .collect();
+        let plan = RoutingPlan::new(&local_expert, 1, local);
+        let ones = Tensor::<1>::ones([local_expert.len()], &device);
+        let out = self.experts.forward(&rows, &plan, &ones, ctx);
+        let back = bd.exchange_rows(out, &recv_rows, &send_rows);
+        let order = index(
+            &order.iter().map(|&a| a as i64).collect::<Vec<_>>(),
+            &device,
+        );
+        let weighted = back * weights.select(0, order).unsqueeze_dim::<2>(1);
+        let y = Tensor::<2>::zeros([tokens, hidden], &device).select_assign(
+            0,
+            token_of,
+            weighted,
+            IndexingUpdateOp::Add,
+        );
+        (y, counts, plan.computed_rows)
     }
 
     pub(crate) fn lora_slot(&mut self, param: &str) -> Option<LoraSlot<'_>> {
@@ -119,26 +202,33 @@ impl Params for MoeBlock {
 }
 
 /// Router z-loss (ST-MoE): mean over the rows of every MoE layer of logsumexp(logits)².
-pub fn router_z_loss(stats: &[RouterStats]) -> Option<Tensor<1>> {
-    let rows: usize = stats.iter().map(|s| s.tokens).sum();
+/// With the micro-batch's tokens split over `token_shards` ranks (sequence parallelism) this
+/// is the rank's share: the shares sum to the whole micro-batch's loss.
+pub fn router_z_loss(stats: &[RouterStats], token_shards: usize) -> Option<Tensor<1>> {
+    let rows: usize = stats.iter().map(|s| s.tokens).sum::<usize>() * token_shards;
     let total = stats.iter().map(|s| s.z_sum.clone()).reduce(|a, b| a + b)?;
     Some(total.div_scalar(rows as f32))
 }
 
 /// transformers' load-balancing loss over all MoE layers of one forward:
 /// `E · Σ_e (assignments_e / rows) · (Σ probs_e / rows)`, rows counted over every layer.
-pub fn load_balancing_loss(stats: &[RouterStats]) -> Option<Tensor<1>> {
+/// Under sequence parallelism the assignments are the whole micro-batch's
+/// (`bd.sum_token_counts`) and the probabilities this rank's, so the ranks' shares sum to the
+/// one-rank loss and its gradient (Megatron's tp reduce of the router counts).
+pub fn load_balancing_loss(stats: &[RouterStats], bd: &dyn Boundaries) -> Option<Tensor<1>> {
     let first = stats.first()?;
     let experts = first.expert_counts.len();
-    let rows: usize = stats.iter().map(|s| s.tokens).sum();
-    let mut counts = vec![0f32; experts];
+    let shards = token_shards(bd);
+    let rows: usize = stats.iter().map(|s| s.tokens).sum::<usize>() * shards;
+    let mut counts = vec![0u64; experts];
     for s in stats {
         for (c, &n) in counts.iter_mut().zip(&s.expert_counts) {
-            *c += n as f32;
+            *c += n;
         }
     }
+    bd.sum_token_counts(&mut counts);
     let rows = rows as f32;
-    let fraction: Vec<f32> = counts.iter().map(|c| c / rows).collect();
+    let fraction: Vec<f32> = counts.iter().map(|&c| c as f32 / rows).collect();
     let device = first.prob_sum.device();
     let prob_sum = stats
         .iter()
@@ -150,4 +240,14 @@ pub fn load_balancing_loss(stats: &[RouterStats]) -> Option<Tensor<1>> {
             .sum()
             .mul_scalar(experts as f32),
     )
+}
+
+/// How many ranks split a micro-batch's tokens: tp under sequence parallelism, else 1.
+pub fn token_shards(bd: &dyn Boundaries) -> usize {
+    let shard = bd.shard();
+    if shard.sequence_parallel() {
+        shard.tp
+    } else {
+        1
+    }
 }

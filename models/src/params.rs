@@ -7,6 +7,8 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 
+use crate::shard::{narrow_param, Split};
+
 /// Supplies the value of each parameter while a model is being built.
 pub trait ParamSource {
     type Error;
@@ -17,6 +19,19 @@ pub trait ParamSource {
         shape: [usize; D],
         device: &Device,
     ) -> Result<Tensor<D>, Self::Error>;
+
+    /// The part `split` of the tensor named `name` whose full shape is `full` (see
+    /// `shard.rs`). By default the whole tensor is read and narrowed; sources that can read
+    /// a slice directly (random init, memory-mapped files) do so.
+    fn tensor_part<const D: usize>(
+        &mut self,
+        name: &str,
+        full: [usize; D],
+        split: &Split,
+        device: &Device,
+    ) -> Result<Tensor<D>, Self::Error> {
+        Ok(narrow_param(self.tensor(name, full, device)?, split))
+    }
 }
 
 /// Visits every parameter of a model, by name, in a fixed order.

@@ -96,6 +96,13 @@ impl ProcessGroup {
         e.wire_bytes += wire as u64;
     }
 
+    /// Counts an op of a size-1 group that its caller did without a buffer (the tensor ops
+    /// return their input as it is): the counters read as if the op had run, with no wire bytes.
+    pub(crate) fn count_local(&self, op: &'static str, payload: usize) {
+        debug_assert_eq!(self.size(), 1);
+        self.count(op, payload, 0);
+    }
+
     /// (p−1)/p × `bytes`, the ring share.
     fn ring(&self, bytes: usize) -> usize {
         let p = self.size();

@@ -1,8 +1,10 @@
 //! moeru's distributed runtime: the `Communicator` trait and its backends (in-process
 //! threads, TCP processes, MPI, NCCL), process groups as values, the device mesh, the TCP
-//! rendezvous store, launch-environment detection, and data-parallel gradient sync with
-//! ZeRO-1 sharding. Model code never calls into this crate directly.
+//! rendezvous store, launch-environment detection, data-parallel gradient sync with ZeRO-1
+//! sharding, and differentiable collectives on burn tensors (`tensor_ops`). Model code never
+//! calls into this crate directly.
 
+pub mod boundaries;
 pub mod comm;
 pub mod error;
 pub mod group;
@@ -11,6 +13,7 @@ pub mod mpi;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 mod p2p;
+pub mod tensor_ops;
 pub mod threads;
 pub mod transport;
 
@@ -21,6 +24,9 @@ pub use error::{CommError, Result};
 pub use group::{Elem, OpTraffic, ProcessGroup, Traffic};
 #[cfg(feature = "cuda")]
 pub use nccl::nccl_world;
+pub use tensor_ops::{
+    all_reduce_max, all_to_all_rows, sp_gather, sp_reduce_scatter, tp_copy, tp_reduce, CommHandle,
+};
 pub use threads::thread_world;
 pub mod env;
 pub mod mesh;
