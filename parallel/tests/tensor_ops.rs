@@ -209,7 +209,7 @@ fn each_op_is_the_adjoint_of_its_backward() {
 #[test]
 fn ops_run_without_autodiff() {
     check_ops(2, false);
-    // Tensors of other ranks than 2 through the rank-generic ops.
+    // A 3-d tensor through the dimension-generic tp ops.
     let outs = on_ranks(2, Duration::from_secs(20), |r, h| {
         let device = Device::flex();
         let x = Tensor::<3>::from_data(TensorData::new(values(12, r as u64), [2, 2, 3]), &device);
