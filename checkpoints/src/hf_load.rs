@@ -3,10 +3,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use moeru_models::params::{param_from_data, ParamSource};
-use moeru_models::{Qwen3Config, Qwen3Model};
+use moeru_models::{Boundaries, Local, Qwen3Config, Qwen3Model};
 
 use crate::error::CheckpointError;
 use crate::tensor_file::TensorFile;
@@ -16,9 +17,19 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 
 /// Loads `config.json` and the weights of `dir` onto `device`.
 pub fn load_hf_model(dir: &Path, device: &Device) -> Result<Qwen3Model, CheckpointError> {
+    load_hf_model_sharded(dir, Arc::new(Local), device)
+}
+
+/// Loads this rank's part of the model in `dir` under `boundaries.shard()` (the whole model
+/// with [`Local`]): each parameter is read and narrowed to the rank's slice.
+pub fn load_hf_model_sharded(
+    dir: &Path,
+    boundaries: Arc<dyn Boundaries>,
+    device: &Device,
+) -> Result<Qwen3Model, CheckpointError> {
     let config = Qwen3Config::from_dir(dir)?;
     let mut folder = HfFolder::open(dir)?;
-    let model = Qwen3Model::new(config.clone(), &mut folder, device)?;
+    let model = Qwen3Model::new_sharded(config.clone(), &mut folder, boundaries, device)?;
     folder.finish(config.tie_word_embeddings)?;
     Ok(model)
 }

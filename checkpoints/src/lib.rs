@@ -10,7 +10,7 @@ pub mod tensor_file;
 
 pub use error::CheckpointError;
 pub use hf_export::{export_hf, hf_tensors, named_tensors};
-pub use hf_load::{load_hf_model, HfFolder};
+pub use hf_load::{load_hf_model, load_hf_model_sharded, HfFolder};
 pub use peft_adapter::{
     export_merged_hf, load_peft_adapter, peft_adapter_files, read_peft_lora_config,
     save_peft_adapter,

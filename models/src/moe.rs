@@ -156,7 +156,12 @@ impl MoeBlock {
             .collect();
         let plan = RoutingPlan::new(&local_expert, 1, local);
         let ones = Tensor::<1>::ones([local_expert.len()], &device);
-        let out = self.experts.forward(&rows, &plan, &ones, ctx);
+        let mut out = self.experts.forward(&rows, &plan, &ones, ctx);
+        if local_expert.is_empty() {
+            // No rows for this rank's experts: keep the (empty) output on the graph, or
+            // autodiff would skip both exchanges' backward, which the peers still run.
+            out = rows.mul_scalar(0.0);
+        }
         let back = bd.exchange_rows(out, &recv_rows, &send_rows);
         let order = index(
             &order.iter().map(|&a| a as i64).collect::<Vec<_>>(),

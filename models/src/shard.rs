@@ -99,7 +99,7 @@ impl ModelShard {
     /// The plan for the parameter `name` (a Hugging Face name, see `params.rs`).
     pub fn plan(&self, name: &str) -> ParamPlan {
         let tp = |dim| self.split(dim, self.tp_rank, self.tp);
-        let (placement, expert) = if name.contains(".mlp.experts.") {
+        let (placement, expert) = if is_expert_param(name) {
             (self.split(0, self.ep_rank, self.ep), true)
         } else if is_column(name) {
             (tp(0), false)
@@ -123,6 +123,21 @@ impl ModelShard {
             _ => Placement::Split(Split { dim, index, parts }),
         }
     }
+}
+
+/// Whether `name` is an expert tensor (split over the expert-parallel group, synced over the
+/// expert-data-parallel one).
+pub fn is_expert_param(name: &str) -> bool {
+    name.contains(".mlp.experts.")
+}
+
+/// The whole shape of a parameter whose part under `placement` has shape `local`.
+pub fn full_shape(local: &[usize], placement: &Placement) -> Vec<usize> {
+    let mut full = local.to_vec();
+    if let Placement::Split(s) = placement {
+        full[s.dim] *= s.parts;
+    }
+    full
 }
 
 /// Column-parallel (split along the output, dim 0): q/k/v with their biases, the dense MLP's

@@ -3,6 +3,8 @@
 //! tensor groups (Megatron's "parallel folding"): an EP group is `ep` consecutive ranks of a
 //! stage, and the expert-data-parallel group joins the ranks holding the same experts.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
@@ -96,6 +98,7 @@ impl DeviceMesh {
         let rank = world.info().world_rank();
         // The color of a group is its smallest member, which every member computes alike.
         let split = |kind: GroupKind| world.split(self.members(rank, kind)[0] as u32, kind.name());
+        let split = |kind| split(kind).map(Arc::new);
         Ok(MeshGroups {
             dp: split(GroupKind::Dp)?,
             tp: split(GroupKind::Tp)?,
@@ -127,13 +130,14 @@ impl GroupKind {
     }
 }
 
-/// This rank's process groups, passed explicitly to whatever needs them.
+/// This rank's process groups, passed explicitly to whatever needs them (shared: the
+/// model's differentiable collectives hold the tensor- and expert-parallel ones).
 pub struct MeshGroups {
-    pub dp: ProcessGroup,
-    pub tp: ProcessGroup,
-    pub pp: ProcessGroup,
-    pub ep: ProcessGroup,
-    pub edp: ProcessGroup,
+    pub dp: Arc<ProcessGroup>,
+    pub tp: Arc<ProcessGroup>,
+    pub pp: Arc<ProcessGroup>,
+    pub ep: Arc<ProcessGroup>,
+    pub edp: Arc<ProcessGroup>,
 }
 
 #[cfg(test)]

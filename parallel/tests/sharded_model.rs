@@ -180,7 +180,7 @@ fn check(layout: Layout) {
 
 fn rank(mesh: &DeviceMesh, world: &ProcessGroup, sp: bool, moe: bool, want: &Oracle) {
     let groups = mesh.groups(world).unwrap();
-    let (tp, ep) = (Arc::new(groups.tp), Arc::new(groups.ep));
+    let (tp, ep) = (groups.tp.clone(), groups.ep.clone());
     let shard = ModelShard {
         tp: tp.size(),
         tp_rank: tp.rank(),

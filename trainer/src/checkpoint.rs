@@ -6,27 +6,30 @@
 //! ZeRO-1, as one file per DP rank (`optim-dpRRR-of-NNN.safetensors`: that rank's flat shard
 //! and its flat ranges) plus `optim_layout.json` (parameter names and sizes in flat order).
 //! Restoring assembles the whole moments from either form, so a checkpoint loads onto any DP
-//! size, with or without ZeRO-1.
+//! size, with or without ZeRO-1. A tensor- or expert-parallel run gathers its parts onto
+//! rank 0 and writes the one-rank layout (whole weights, whole moments), so its checkpoints
+//! load onto any layout too; the model is loaded in the part the restoring rank holds.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use moeru_checkpoints::peft_config::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use moeru_checkpoints::run_checkpoint::step_dir_name;
 use moeru_checkpoints::{
-    begin_checkpoint, commit_checkpoint, latest_valid_checkpoint, load_hf_model, named_tensors,
-    peft_adapter_files, write_contents, CheckpointContents, CheckpointError, OwnedTensor,
-    TensorFile,
+    begin_checkpoint, commit_checkpoint, latest_valid_checkpoint, load_hf_model_sharded,
+    named_tensors, peft_adapter_files, write_contents, CheckpointContents, CheckpointError,
+    OwnedTensor, TensorFile,
 };
 use moeru_data::LoaderState;
 use moeru_models::params::to_f32_vec;
-use moeru_models::Qwen3Model;
+use moeru_models::{Boundaries, Qwen3Config, Qwen3Model};
 use moeru_parallel::ProcessGroup;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::optim::{AdamW, Moments, SavedMoments};
-use crate::engine::Engine;
+use crate::engine::{Engine, WholeState};
 use crate::error::TrainError;
 use crate::lora::BaseFingerprint;
 
@@ -94,10 +97,17 @@ pub fn save(
     }
     world.barrier()?;
     let mut contents = CheckpointContents::default();
-    if main {
-        model_contents(&mut engine.model, state, &mut contents)?;
+    if engine.parallel().is_some() {
+        // Model parallelism: the canonical layout, gathered whole onto rank 0.
+        if let Some(whole) = engine.gather_whole()? {
+            whole_contents(whole, &engine.model.config, state, &mut contents);
+        }
+    } else {
+        if main {
+            model_contents(&mut engine.model, state, &mut contents)?;
+        }
+        optim_contents(&engine.optim, main, &mut contents);
     }
-    optim_contents(&engine.optim, main, &mut contents);
     if result.is_ok() {
         result = write_contents(&tmp, &contents);
     }
@@ -155,6 +165,40 @@ fn model_contents(
         serde_json::to_value(state).expect("state serialises"),
     ));
     Ok(())
+}
+
+/// A model-parallel run's checkpoint in the one-rank layout: the whole weights, config.json,
+/// whole moments and the trainer state, so that it loads onto any layout.
+fn whole_contents(
+    whole: WholeState,
+    config: &Qwen3Config,
+    state: &TrainerState,
+    contents: &mut CheckpointContents,
+) {
+    let weights = (whole.params.into_iter())
+        .map(|(name, shape, values)| (name, OwnedTensor::f32(&values, shape)))
+        .collect();
+    contents.tensors.push((MODEL_FILE.into(), weights));
+    contents.json.push((
+        "config.json".into(),
+        serde_json::Value::Object(config.to_export_json()),
+    ));
+    let mut optim = Vec::new();
+    for (name, (m, v)) in whole.moments {
+        optim.push((
+            format!("exp_avg.{name}"),
+            OwnedTensor::f32(&m, vec![m.len()]),
+        ));
+        optim.push((
+            format!("exp_avg_sq.{name}"),
+            OwnedTensor::f32(&v, vec![v.len()]),
+        ));
+    }
+    contents.tensors.push((OPTIM_FILE.into(), optim));
+    contents.json.push((
+        STATE_FILE.into(),
+        serde_json::to_value(state).expect("state serialises"),
+    ));
 }
 
 /// The optimizer component: whole moments (rank 0), or every rank's ZeRO-1 shard plus the
@@ -225,11 +269,13 @@ pub struct Restored {
     pub state: TrainerState,
 }
 
-/// The newest checkpoint of `run_dir` whose manifest verifies, loaded onto `device`, and
-/// the reasons newer ones were skipped.
+/// The newest checkpoint of `run_dir` whose manifest verifies, loaded onto `device` (the
+/// model as `boundaries` shard it; the moments whole), and the reasons newer ones were
+/// skipped.
 pub fn restore_latest(
     run_dir: &Path,
     device: &Device,
+    boundaries: Arc<dyn Boundaries>,
 ) -> Result<(Option<Restored>, Vec<String>), CheckpointError> {
     let latest = latest_valid_checkpoint(run_dir)?;
     let skipped = latest.skipped;
@@ -239,7 +285,7 @@ pub fn restore_latest(
     let model = if dir.join(ADAPTER_CONFIG).exists() {
         None
     } else {
-        Some(load_hf_model(&dir, device)?)
+        Some(load_hf_model_sharded(&dir, boundaries, device)?)
     };
     let state_path = dir.join(STATE_FILE);
     let text =

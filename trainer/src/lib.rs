@@ -22,5 +22,5 @@ pub mod tasks;
 
 pub use error::TrainError;
 pub use fault::{Fault, FaultKind};
-pub use rank_threads::run_threads;
+pub use rank_threads::{run_threads, run_threads_summaries};
 pub use run::{run_rank, run_training, RunOptions, RunSummary};

@@ -8,7 +8,7 @@ use std::path::Path;
 use burn::tensor::Tensor;
 use moeru_checkpoints::load_peft_adapter;
 use moeru_models::params::{param_count, to_f32_vec, ParamVisitor, Params};
-use moeru_models::{LoraConfig, Qwen3Model};
+use moeru_models::{LoraConfig, ModelShard, Qwen3Model};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -122,6 +122,22 @@ impl TrainableSizes {
             total,
             optimizer_state_bytes: 2 * 4 * held,
         }
+    }
+
+    /// One rank's part under model parallelism: its parameter, gradient and optimizer bytes
+    /// (all f32: parameters; accumulated gradients of what trains; two AdamW moments).
+    pub fn rank_line(&self, rank: usize, shard: &ModelShard) -> String {
+        format!(
+            "rank {rank} (tp {}/{}, ep {}/{}): parameters {} ({}), gradients {}, optimizer state {}",
+            shard.tp_rank,
+            shard.tp,
+            shard.ep_rank,
+            shard.ep,
+            thousands(self.total),
+            bytes(4 * self.total),
+            bytes(4 * self.trainable),
+            bytes(self.optimizer_state_bytes)
+        )
     }
 
     pub fn line(&self, lora: bool) -> String {

@@ -31,6 +31,20 @@ pub fn validate_parallel_sizes(p: &ParallelSection, c: &Qwen3Config) -> Result<(
         ),
     )?;
     check(
+        !dense_mlp_layers(c) || c.intermediate_size.is_multiple_of(p.tp),
+        format!(
+            "`parallel.tp` = {} must divide intermediate_size ({}) of the dense MLP layers",
+            p.tp, c.intermediate_size
+        ),
+    )?;
+    check(
+        p.tp == 1 || !moe_layers(c) || p.sequence_parallel,
+        format!(
+            "`parallel.tp` = {} on a MoE model needs `parallel.sequence_parallel: true` (each tensor-parallel rank routes its own rows)",
+            p.tp
+        ),
+    )?;
+    check(
         p.pp <= c.num_hidden_layers,
         format!(
             "`parallel.pp` = {} exceeds num_hidden_layers ({}); each stage needs a layer",
@@ -38,12 +52,34 @@ pub fn validate_parallel_sizes(p: &ParallelSection, c: &Qwen3Config) -> Result<(
         ),
     )?;
     check(
-        p.tp == 1 && p.ep == 1 && p.pp == 1,
+        p.pp == 1,
         format!(
-            "`parallel` asks for tp {} × ep {} × pp {}; this build has data parallelism only: set tp, ep and pp to 1 and scale with `parallel.dp`",
-            p.tp, p.ep, p.pp
+            "`parallel.pp` = {}: this build has no pipeline parallelism yet; set pp to 1 and shard with `parallel.tp` and `parallel.ep`",
+            p.pp
         ),
     )
+}
+
+/// Whether any layer of `c` has a dense MLP (all of a dense model's; a MoE model's
+/// `mlp_only_layers`, and those off the `decoder_sparse_step`).
+fn dense_mlp_layers(c: &Qwen3Config) -> bool {
+    (0..c.num_hidden_layers).any(|i| !c.is_moe_layer(i))
+}
+
+/// Whether any layer of `c` is a MoE layer.
+fn moe_layers(c: &Qwen3Config) -> bool {
+    (0..c.num_hidden_layers).any(|i| c.is_moe_layer(i))
+}
+
+/// LoRA adapters are not sharded in this build.
+pub fn validate_lora_layout(p: &ParallelSection, lora: bool) -> Result<(), String> {
+    if lora && (p.tp > 1 || p.ep > 1) {
+        return Err(format!(
+            "`lora` with `parallel.tp` = {} and `parallel.ep` = {}: LoRA adapters are not sharded in this build; set tp and ep to 1 (scale LoRA with `parallel.dp`)",
+            p.tp, p.ep
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -82,7 +118,14 @@ mod tests {
         let e = validate_parallel_sizes(&sizes(1, 1, 1, 3), &c).unwrap_err();
         assert!(e.contains("`parallel.pp` = 3") && e.contains("(2)"), "{e}");
         let e = validate_parallel_sizes(&sizes(2, 2, 3, 1), &c).unwrap_err();
-        assert!(e.contains("tp 2 × ep 3 × pp 1"), "{e}");
+        assert!(e.contains("sequence_parallel"), "{e}");
+        let mut sp = sizes(2, 2, 3, 1);
+        sp.sequence_parallel = true;
+        assert!(validate_parallel_sizes(&sp, &c).is_ok());
+        let e = validate_parallel_sizes(&sizes(1, 1, 1, 2), &c).unwrap_err();
+        assert!(e.contains("`parallel.pp` = 2"), "{e}");
+        assert!(validate_lora_layout(&sizes(1, 2, 1, 1), true).is_err());
+        assert!(validate_lora_layout(&sizes(1, 2, 1, 1), false).is_ok());
         assert!(validate_parallel_sizes(&sizes(1, 1, 1, 1), &c).is_ok());
         assert!(validate_parallel_sizes(&sizes(4, 1, 1, 1), &c).is_ok());
     }

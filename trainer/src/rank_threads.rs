@@ -13,6 +13,17 @@ pub fn run_threads(
     opts: &RunOptions,
     ranks: usize,
 ) -> Result<RunSummary, TrainError> {
+    let mut all = run_threads_summaries(recipe, opts, ranks)?;
+    Ok(all.swap_remove(0))
+}
+
+/// `ranks` ranks as threads of this process; returns every rank's summary in rank order, or
+/// the first error.
+pub fn run_threads_summaries(
+    recipe: &Recipe,
+    opts: &RunOptions,
+    ranks: usize,
+) -> Result<Vec<RunSummary>, TrainError> {
     mesh_for(recipe, ranks)?;
     let (tx, rx) = mpsc::channel();
     for (rank, world) in moeru_parallel::thread_world(ranks, comm_timeout(recipe))
@@ -36,16 +47,20 @@ pub fn run_threads(
             .map_err(|e| TrainError::Rank(format!("cannot start rank {rank}: {e}")))?;
     }
     drop(tx);
-    let mut summary = None;
+    let mut summaries: Vec<Option<RunSummary>> = vec![None; ranks];
     // The first error ends the job; a rank that hangs is not waited for (the process exits).
     for (rank, result) in rx {
-        match result {
-            Ok(s) if rank == 0 => summary = Some(s),
-            Ok(_) => {}
-            Err(e) => return Err(e),
-        }
+        summaries[rank] = Some(result?);
     }
-    summary.ok_or_else(|| {
-        TrainError::Bug("rank 0 did not report; this is a bug in moeru, please report it".into())
-    })
+    summaries
+        .into_iter()
+        .enumerate()
+        .map(|(rank, s)| {
+            s.ok_or_else(|| {
+                TrainError::Bug(format!(
+                    "rank {rank} did not report; this is a bug in moeru, please report it"
+                ))
+            })
+        })
+        .collect()
 }

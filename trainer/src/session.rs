@@ -6,19 +6,23 @@
 //! save (the task loops and the engine do).
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use burn::tensor::Device;
-use moeru_checkpoints::{load_hf_model, load_peft_adapter};
+use moeru_checkpoints::{load_hf_model_sharded, load_peft_adapter};
 use moeru_data::{DataLoader, LoaderConfig, PackMode};
 use moeru_models::init::RandomInit;
-use moeru_models::{DeviceSpec, Qwen3Config, Qwen3Model};
+use moeru_models::{Boundaries, DeviceSpec, Local, ModelShard, Qwen3Config, Qwen3Model};
+use moeru_parallel::boundaries::ShardBoundaries;
+use moeru_parallel::tensor_ops::CommHandle;
 use moeru_parallel::{DeviceMesh, MeshGroups, MeshSizes, ProcessGroup};
 
 use crate::checkpoint::{restore_latest, Restored};
 use crate::engine::OptimizerStart;
 use crate::error::TrainError;
 use crate::lora::{attach, check_base, fingerprint, BaseFingerprint};
+use crate::parallel_sizes::{validate_lora_layout, validate_parallel_sizes};
 use crate::recipe::schema::{Precision, Recipe, TaskKind};
 use crate::run::RunOptions;
 
@@ -54,6 +58,9 @@ pub struct Session<'w> {
     pub device: Device,
     /// Rank 0 of the world: the one that reports.
     pub main: bool,
+    /// Under tensor or expert parallelism, the collectives joining this rank's part of the
+    /// model to the others'.
+    pub boundaries: Option<ShardBoundaries>,
 }
 
 /// Where a run starts: from scratch, or where its newest valid checkpoint stopped.
@@ -86,6 +93,7 @@ impl<'w> Session<'w> {
         if main && recipe.precision == Precision::Bf16 && !spec.is_cuda() {
             eprintln!("note: `precision: bf16` on the CPU rounds as a GPU run does but runs slower than f32; it is there to check numerics");
         }
+        let boundaries = shard_boundaries(recipe, &groups);
         Ok(Self {
             recipe,
             world,
@@ -93,16 +101,41 @@ impl<'w> Session<'w> {
             groups,
             device,
             main,
+            boundaries,
         })
+    }
+
+    /// The boundaries the model is built with: the shard's, or [`Local`] for the whole model.
+    fn model_boundaries(&self) -> Arc<dyn Boundaries> {
+        match &self.boundaries {
+            Some(b) => Arc::new(b.clone()),
+            None => Arc::new(Local),
+        }
+    }
+
+    /// The recipe's layout against its model, before any part of the model is built.
+    fn check_layout(&self) -> Result<(), TrainError> {
+        let recipe = self.recipe;
+        let config = match (&recipe.model.path, &recipe.model.architecture) {
+            (Some(path), None) => Qwen3Config::from_dir(path)?,
+            (None, Some(arch)) => {
+                Qwen3Config::from_map(arch.clone(), Path::new("recipe model.architecture"))?
+            }
+            _ => return Ok(()),
+        };
+        validate_parallel_sizes(&recipe.parallel, &config).map_err(TrainError::BadRecipe)?;
+        validate_lora_layout(&recipe.parallel, recipe.lora.is_some()).map_err(TrainError::BadRecipe)
     }
 
     /// The starting state: restored from the newest valid checkpoint when the recipe (or
     /// `--resume`) asks to resume and one exists, else fresh.
     pub fn start(&self, require_resume: bool) -> Result<Start, TrainError> {
         let recipe = self.recipe;
+        self.check_layout()?;
         let run_dir = &recipe.checkpoint.dir;
         let restored = if recipe.checkpoint.resume || require_resume {
-            let (restored, skipped) = restore_latest(run_dir, &self.device)?;
+            let (restored, skipped) =
+                restore_latest(run_dir, &self.device, self.model_boundaries())?;
             for reason in skipped.iter().filter(|_| self.main) {
                 eprintln!("warning: skipping checkpoint: {reason}");
             }
@@ -140,7 +173,7 @@ impl<'w> Session<'w> {
 
     fn fresh(&self) -> Result<Start, TrainError> {
         let recipe = self.recipe;
-        let mut model = build_model(recipe, &self.device)?;
+        let mut model = build_model(recipe, &self.device, self.model_boundaries())?;
         let lora_base = match (&recipe.lora, &recipe.model.path) {
             (Some(l), Some(path)) => {
                 let base = fingerprint(&mut model, path);
@@ -168,6 +201,7 @@ impl<'w> Session<'w> {
             eprintln!("resuming from {} (step {})", r.dir.display(), r.state.step);
         }
         let (model, lora_base) = restored_model(recipe, &mut r, &self.device)?;
+        // A LoRA run is never sharded (`validate_lora_layout`), so its base is built whole.
         Ok(Start {
             model,
             optimizer: OptimizerStart {
@@ -182,9 +216,35 @@ impl<'w> Session<'w> {
     }
 }
 
-fn build_model(recipe: &Recipe, device: &Device) -> Result<Qwen3Model, TrainError> {
+/// This rank's boundaries under the recipe's tensor and expert parallelism; `None` when this
+/// rank holds the whole model.
+fn shard_boundaries(recipe: &Recipe, groups: &MeshGroups) -> Option<ShardBoundaries> {
+    let (tp, ep) = (&groups.tp, &groups.ep);
+    let shard = ModelShard {
+        tp: tp.size(),
+        tp_rank: tp.rank(),
+        sequence_parallel: recipe.parallel.sequence_parallel,
+        ep: ep.size(),
+        ep_rank: ep.rank(),
+    };
+    (!shard.is_single()).then(|| {
+        ShardBoundaries::new(
+            shard,
+            CommHandle::new(tp.clone()),
+            CommHandle::new(ep.clone()),
+        )
+    })
+}
+
+/// The recipe's model as `boundaries` shard it (random init: each rank draws exactly the
+/// values the one-rank init gives its part).
+fn build_model(
+    recipe: &Recipe,
+    device: &Device,
+    boundaries: Arc<dyn Boundaries>,
+) -> Result<Qwen3Model, TrainError> {
     match (&recipe.model.path, &recipe.model.architecture) {
-        (Some(path), None) => Ok(load_hf_model(path, device)?),
+        (Some(path), None) => Ok(load_hf_model_sharded(path, boundaries, device)?),
         (None, Some(arch)) => {
             let config =
                 Qwen3Config::from_map(arch.clone(), Path::new("recipe model.architecture"))?;
@@ -192,7 +252,10 @@ fn build_model(recipe: &Recipe, device: &Device) -> Result<Qwen3Model, TrainErro
                 seed: recipe.model.init_seed,
                 std: config.initializer_range,
             };
-            Ok(Qwen3Model::new(config, &mut init, device).unwrap_or_else(|never| match never {}))
+            Ok(
+                Qwen3Model::new_sharded(config, &mut init, boundaries, device)
+                    .unwrap_or_else(|never| match never {}),
+            )
         }
         _ => Err(TrainError::BadRecipe(
             "`model`: set exactly one of `path` and `architecture`".into(),
@@ -211,7 +274,7 @@ fn restored_model(
     match (r.model.take(), &recipe.lora, &recipe.model.path) {
         (Some(model), None, _) => Ok((model, None)),
         (None, Some(_), Some(path)) => {
-            let mut model = build_model(recipe, device)?;
+            let mut model = build_model(recipe, device, Arc::new(Local))?;
             let base = fingerprint(&mut model, path);
             check_base(&r.dir, r.state.lora_base.as_ref(), &base, path)?;
             load_peft_adapter(&r.dir, &mut model)?;

@@ -163,7 +163,8 @@ fn torn_checkpoint_is_detected_and_the_previous_one_used() {
         let ckpt = out.path().join("ckpt");
         corrupt(how, &ckpt.join("step-000004"));
 
-        let (restored, skipped) = restore_latest(&ckpt, &Device::flex().autodiff()).unwrap();
+        let local = std::sync::Arc::new(moeru_models::Local);
+        let (restored, skipped) = restore_latest(&ckpt, &Device::flex().autodiff(), local).unwrap();
         let restored = restored.expect("the step-2 checkpoint is valid");
         assert_eq!(restored.state.step, 2, "{how}");
         assert_eq!(skipped.len(), 1, "{how}: {skipped:?}");

@@ -48,17 +48,21 @@ impl GradBuffer {
 /// Clips `grads` (flat pieces) to `max_norm` (0 = off) by their global L2 norm, as
 /// `torch.nn.utils.clip_grad_norm_`: the norm of per-piece norms, every piece scaled by
 /// `min(1, max_norm / (norm + 1e-6))`. `shards`: the group over whose ranks the pieces are
-/// spread (ZeRO-1), whose squared norms are summed (f64); `None` when this rank holds every
-/// gradient. The per-piece norms are summed in (name, offset) order, whatever order the
-/// pieces come in, so a run's norm does not depend on the layout's order. Returns the norm
-/// before clipping.
+/// spread (ZeRO-1, model parallelism), whose squared norms are summed (f64); `None` when
+/// this rank holds every gradient. `counted`: which pieces this rank counts (a piece
+/// replicated over ranks is counted on one of them); empty = all. The per-piece norms are
+/// summed in (name, offset) order, whatever order the pieces come in, so a run's norm does
+/// not depend on the layout's order. Returns the norm before clipping.
 pub fn clip_global_norm(
     pieces: &[Piece],
     grads: &mut [Tensor<1>],
     max_norm: f64,
     shards: Option<&ProcessGroup>,
+    counted: &[bool],
 ) -> Result<f64, CommError> {
-    let mut order: Vec<usize> = (0..pieces.len()).collect();
+    let mut order: Vec<usize> = (0..pieces.len())
+        .filter(|&i| counted.get(i).copied().unwrap_or(true))
+        .collect();
     order.sort_by_key(|&i| (pieces[i].name.as_str(), pieces[i].offset));
     let sorted: Vec<Tensor<1>> = order.iter().map(|&i| grads[i].clone()).collect();
     let norm = global_norm(&sorted, shards)?;
@@ -154,7 +158,7 @@ mod tests {
                 .iter()
                 .zip(pieces)
                 .map(|(g, (p, mut v))| {
-                    s.spawn(move || clip_global_norm(&p, &mut v, 0.0, Some(g)).unwrap())
+                    s.spawn(move || clip_global_norm(&p, &mut v, 0.0, Some(g), &[]).unwrap())
                 })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()

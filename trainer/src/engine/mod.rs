@@ -7,19 +7,23 @@
 pub mod grads;
 mod micro;
 pub mod optim;
+pub mod parallel;
 pub mod schedule;
 pub mod sync;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use burn::tensor::{Device, Tensor};
+use moeru_models::params::{param_shapes, to_f32_vec};
 use moeru_models::{Precision, Qwen3Model};
 use moeru_parallel::{thread_world, CommError, ProcessGroup, ReduceOp};
 
 pub use micro::MicroBatch;
 use optim::{AdamW, AdamWConfig, Moments};
+pub use parallel::{ModelParallel, WholeState};
 use schedule::Schedule;
-use sync::{GradSync, SyncKind};
+use sync::{GradSync, Subset, SyncKind};
 
 use crate::objective::{Objective, StepReport};
 
@@ -52,10 +56,17 @@ pub struct OptimizerStart {
 pub struct Engine<'g> {
     pub model: Qwen3Model,
     pub optim: AdamW,
-    sync: GradSync<'g>,
+    /// One sync over the DP group, or under expert parallelism the dense parameters' over dp
+    /// and the experts' over the expert-data-parallel group.
+    syncs: Vec<GradSync<'g>>,
+    /// The optimizer's pieces of each sync, in order.
+    piece_counts: Vec<usize>,
     schedule: Schedule,
     /// The data-parallel group: the global batch is its ranks' micro-batches.
     replicas: &'g ProcessGroup,
+    parallel: Option<ModelParallel<'g>>,
+    /// Under model parallelism, which pieces this rank counts in the global norm.
+    counted: Vec<bool>,
     config: EngineConfig,
 }
 
@@ -63,19 +74,81 @@ impl<'g> Engine<'g> {
     /// An engine over `model` whose gradients sync over `replicas` (the DP group) as
     /// `config.sync` says; the optimizer continues from `start`.
     pub fn new(
-        mut model: Qwen3Model,
+        model: Qwen3Model,
         config: EngineConfig,
         replicas: &'g ProcessGroup,
         start: OptimizerStart,
     ) -> Self {
-        let sync = GradSync::new(
-            config.sync,
-            replicas,
-            &mut model.trainable(),
-            config.bucket_elems,
-        );
-        let (pieces, placement) = sync.pieces();
+        Self::build(model, config, replicas, None, start)
+    }
+
+    /// An engine over this rank's part of a tensor- and/or expert-parallel model: dense
+    /// gradients sync over `replicas` as `config.sync` says, expert ones over
+    /// `parallel.edp`; `start.moments` are whole (a checkpoint's) and are cut to this part.
+    pub fn sharded(
+        model: Qwen3Model,
+        config: EngineConfig,
+        replicas: &'g ProcessGroup,
+        parallel: ModelParallel<'g>,
+        start: OptimizerStart,
+    ) -> Self {
+        Self::build(model, config, replicas, Some(parallel), start)
+    }
+
+    fn build(
+        mut model: Qwen3Model,
+        config: EngineConfig,
+        replicas: &'g ProcessGroup,
+        parallel: Option<ModelParallel<'g>>,
+        mut start: OptimizerStart,
+    ) -> Self {
         let device = model.device().inner();
+        let buckets = config.bucket_elems;
+        let mut trainable = model.trainable();
+        let has_experts = param_shapes(&mut trainable)
+            .iter()
+            .any(|(n, _)| Subset::Experts.holds(n));
+        let syncs = match &parallel {
+            Some(p) if has_experts => vec![
+                GradSync::new(
+                    config.sync,
+                    Subset::Dense,
+                    replicas,
+                    &mut trainable,
+                    buckets,
+                ),
+                GradSync::new(
+                    p.expert_sync_kind(config.sync),
+                    Subset::Experts,
+                    p.edp,
+                    &mut trainable,
+                    buckets,
+                ),
+            ],
+            _ => vec![GradSync::new(
+                config.sync,
+                Subset::All,
+                replicas,
+                &mut trainable,
+                buckets,
+            )],
+        };
+        if let Some(p) = &parallel {
+            start.moments = p.local_moments(&mut trainable, &start.moments, &device);
+        }
+        let (mut pieces, mut piece_counts, mut placement) = (Vec::new(), Vec::new(), None);
+        for sync in &syncs {
+            let (p, place) = sync.pieces();
+            piece_counts.push(p.len());
+            pieces.extend(p);
+            placement = place;
+        }
+        // Under model parallelism a checkpoint gathers the moments whole (`parallel.rs`).
+        let placement = placement.filter(|_| parallel.is_none());
+        let counted = match &parallel {
+            Some(p) => p.counted(&syncs, &piece_counts, &pieces),
+            None => Vec::new(),
+        };
         let optim = AdamW::new(
             config.adamw,
             pieces,
@@ -87,15 +160,23 @@ impl<'g> Engine<'g> {
         Self {
             model,
             optim,
-            sync,
+            syncs,
+            piece_counts,
             schedule: Schedule::Local,
             replicas,
+            parallel,
+            counted,
             config,
         }
     }
 
     pub fn config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    /// The model-parallel layout, if any.
+    pub fn parallel(&self) -> Option<&ModelParallel<'g>> {
+        self.parallel.as_ref()
     }
 
     /// Forward and backward over `micro` (this rank's part of the global batch), gradient
@@ -112,7 +193,7 @@ impl<'g> Engine<'g> {
         self.sum_over_replicas(&mut counts)?;
         let mut report = StepReport::default();
         let precision = self.config.precision;
-        let grads = self.schedule.run(
+        let mut buffer = self.schedule.run(
             &mut self.model,
             objective,
             micro,
@@ -121,21 +202,75 @@ impl<'g> Engine<'g> {
             &mut report,
         );
         let device = self.model.device().inner();
-        let mut grads = self.sync.reduce(grads, &device)?;
+        if let Some(p) = &self.parallel {
+            p.boundaries.take_error()?;
+            p.complete_partial(&mut buffer, &device)?;
+        }
+        let mut grads = Vec::new();
+        for sync in &self.syncs {
+            grads.extend(sync.reduce(&mut buffer, &device)?);
+        }
+        let norm_group = match &self.parallel {
+            Some(p) => Some(p.world),
+            None => self.syncs[0].shard_group(),
+        };
         report.grad_norm = grads::clip_global_norm(
             self.optim.pieces(),
             &mut grads,
             self.config.clip,
-            self.sync.shard_group(),
+            norm_group,
+            &self.counted,
         )?;
-        let (params, flat) = self.sync.current(&mut self.model.trainable(), &device);
-        let updated = self.optim.step(lr, params, grads);
-        self.sync
-            .publish(&mut self.model.trainable(), flat, updated)?;
+        self.update(lr, grads, &device)?;
         let mut summed = report.summable();
         self.sum_over_replicas(&mut summed)?;
+        if let Some(p) = &self.parallel {
+            p.sum_token_shares(&mut summed)?;
+        }
         report.set_summed(&summed);
         Ok(report)
+    }
+
+    /// The AdamW update of every sync's pieces, published to the model.
+    fn update(&mut self, lr: f64, grads: Vec<Tensor<1>>, device: &Device) -> Result<(), CommError> {
+        let mut params = Vec::with_capacity(grads.len());
+        let mut flats = Vec::with_capacity(self.syncs.len());
+        for sync in &self.syncs {
+            let (p, flat) = sync.current(&mut self.model.trainable(), device);
+            params.extend(p);
+            flats.push(flat);
+        }
+        let mut updated = self.optim.step(lr, params, grads).into_iter();
+        for ((sync, flat), &n) in self.syncs.iter().zip(flats).zip(&self.piece_counts) {
+            let mine: Vec<Tensor<1>> = updated.by_ref().take(n).collect();
+            sync.publish(&mut self.model.trainable(), flat, mine)?;
+        }
+        Ok(())
+    }
+
+    /// Under model parallelism, the whole model and moments on world rank 0 (collective over
+    /// every rank; `None` elsewhere, and without model parallelism).
+    pub fn gather_whole(&mut self) -> Result<Option<WholeState>, CommError> {
+        let Some(p) = &self.parallel else {
+            return Ok(None);
+        };
+        let moments = self.optim.moments();
+        let mut local = BTreeMap::new();
+        let mut at = 0;
+        for (sync, &n) in self.syncs.iter().zip(&self.piece_counts) {
+            let mine = &moments[at..at + n];
+            at += n;
+            let flat = |f: fn(&Moments) -> &Tensor<1>| -> Vec<f32> {
+                mine.iter().flat_map(|m| to_f32_vec(f(m).clone())).collect()
+            };
+            let exp_avg = sync.gather_flat(&flat(|m| &m.exp_avg))?;
+            let exp_avg_sq = sync.gather_flat(&flat(|m| &m.exp_avg_sq))?;
+            for (name, len, offset) in sync.params() {
+                let run = |v: &[f32]| v[offset..offset + len].to_vec();
+                local.insert(name.to_string(), (run(&exp_avg), run(&exp_avg_sq)));
+            }
+        }
+        p.gather_whole(&mut self.model.trainable(), local)
     }
 
     fn sum_over_replicas(&self, values: &mut [f64]) -> Result<(), CommError> {

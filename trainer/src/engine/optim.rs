@@ -136,6 +136,11 @@ impl AdamW {
         &self.pieces
     }
 
+    /// The moments of each piece, in piece order.
+    pub fn moments(&self) -> &[Moments] {
+        &self.moments
+    }
+
     /// Elements whose moments this rank holds.
     pub fn held_elements(&self) -> usize {
         self.pieces.iter().map(|p| p.len).sum()

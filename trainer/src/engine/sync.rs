@@ -1,13 +1,14 @@
 //! How the gradients of a step become the global batch's and how updated parameters reach
 //! every replica: one interface over the strategies (none, DP all-reduce, ZeRO-1), whose group
-//! is a value, so that later strategies can sync expert gradients over the
-//! expert-data-parallel group and dense ones over DP.
+//! and parameter subset are values, so that under expert parallelism one sync serves the
+//! dense parameters over DP and another the experts over the expert-data-parallel group.
 //!
 //! Owns: the flat layout and which pieces this rank updates. Must not: do optimizer math
 //! (`optim.rs`) or clipping (`grads.rs`); reduce anything but gradients and parameters.
 
 use burn::tensor::{Device, Tensor, TensorData};
 use moeru_models::params::{param_shapes, to_f32_vec, ParamVisitor, Params};
+use moeru_models::shard::is_expert_param;
 use moeru_parallel::{CommError, FlatLayout, GradSync as BucketedSync, ProcessGroup, Segment};
 
 use super::grads::GradBuffer;
@@ -24,8 +25,28 @@ pub enum SyncKind {
     Zero1,
 }
 
+/// Which parameters a sync owns: all, or under expert parallelism the dense ones (synced over
+/// dp) or the experts (over the expert-data-parallel group).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subset {
+    All,
+    Dense,
+    Experts,
+}
+
+impl Subset {
+    pub fn holds(self, name: &str) -> bool {
+        match self {
+            Subset::All => true,
+            Subset::Dense => !is_expert_param(name),
+            Subset::Experts => is_expert_param(name),
+        }
+    }
+}
+
 pub struct GradSync<'g> {
     kind: SyncKind,
+    subset: Subset,
     group: &'g ProcessGroup,
     layout: FlatLayout,
     /// ZeRO-1: the flat pieces this rank owns.
@@ -36,16 +57,18 @@ pub struct GradSync<'g> {
 pub struct FlatParams(Option<Vec<f32>>);
 
 impl<'g> GradSync<'g> {
-    /// The strategy `kind` over `group` for the parameters of `model` (its trainable view),
-    /// flat in `bucket_elems` buckets.
+    /// The strategy `kind` over `group` for the parameters of `model` (its trainable view)
+    /// that `subset` holds, flat in `bucket_elems` buckets.
     pub fn new<M: Params>(
         kind: SyncKind,
+        subset: Subset,
         group: &'g ProcessGroup,
         model: &mut M,
         bucket_elems: usize,
     ) -> Self {
         let params = param_shapes(model)
             .into_iter()
+            .filter(|(name, _)| subset.holds(name))
             .map(|(name, shape)| (name, shape.iter().product()))
             .collect();
         let layout = FlatLayout::new(params, group.size(), bucket_elems);
@@ -55,6 +78,7 @@ impl<'g> GradSync<'g> {
         };
         Self {
             kind,
+            subset,
             group,
             layout,
             segments,
@@ -63,6 +87,34 @@ impl<'g> GradSync<'g> {
 
     pub fn kind(&self) -> SyncKind {
         self.kind
+    }
+
+    pub fn group(&self) -> &'g ProcessGroup {
+        self.group
+    }
+
+    /// (name, elements, flat offset) of every parameter this sync holds, in flat order.
+    pub fn params(&self) -> impl Iterator<Item = (&str, usize, usize)> {
+        self.layout
+            .params
+            .iter()
+            .map(|s| (s.name.as_str(), s.len, s.offset))
+    }
+
+    /// Elements of every parameter this sync holds.
+    pub fn total(&self) -> usize {
+        self.layout.total
+    }
+
+    /// The whole flat vector from this rank's run of it (its pieces' values concatenated in
+    /// piece order): ZeRO-1 all-gathers; otherwise this rank holds the whole already.
+    pub fn gather_flat(&self, shard: &[f32]) -> Result<Vec<f32>, CommError> {
+        if self.kind != SyncKind::Zero1 {
+            return Ok(shard.to_vec());
+        }
+        let mut flat = vec![0.0; self.layout.total];
+        self.bucketed().all_gather(shard, &mut flat)?;
+        Ok(flat)
     }
 
     /// The pieces this rank updates and, under ZeRO-1, where they sit in the flat layout.
@@ -96,11 +148,11 @@ impl<'g> GradSync<'g> {
         (self.kind == SyncKind::Zero1).then_some(self.group)
     }
 
-    /// The gradient of each piece, summed over the group. A parameter without an accumulated
-    /// gradient counts as zeros.
+    /// The gradient of each piece, summed over the group, taken out of `grads`. A parameter
+    /// without an accumulated gradient counts as zeros.
     pub fn reduce(
         &self,
-        mut grads: GradBuffer,
+        grads: &mut GradBuffer,
         device: &Device,
     ) -> Result<Vec<Tensor<1>>, CommError> {
         let slots = &self.layout.params;
@@ -145,18 +197,20 @@ impl<'g> GradSync<'g> {
         device: &Device,
     ) -> (Vec<Tensor<1>>, FlatParams) {
         if self.kind != SyncKind::Zero1 {
-            struct Collect(Vec<Tensor<1>>);
+            struct Collect(Subset, Vec<Tensor<1>>);
             impl ParamVisitor for Collect {
-                fn visit<const D: usize>(&mut self, _: &str, param: &mut Tensor<D>) {
-                    let n = param.shape().num_elements();
-                    self.0.push(param.clone().inner().reshape([n]));
+                fn visit<const D: usize>(&mut self, name: &str, param: &mut Tensor<D>) {
+                    if self.0.holds(name) {
+                        let n = param.shape().num_elements();
+                        self.1.push(param.clone().inner().reshape([n]));
+                    }
                 }
             }
-            let mut c = Collect(Vec::with_capacity(self.layout.params.len()));
+            let mut c = Collect(self.subset, Vec::with_capacity(self.layout.params.len()));
             model.visit_params(&mut c);
-            return (c.0, FlatParams(None));
+            return (c.1, FlatParams(None));
         }
-        let flat = flat_params(model, self.layout.total);
+        let flat = flat_params(model, self.subset, self.layout.total);
         let pieces = self
             .segments
             .iter()
@@ -173,13 +227,17 @@ impl<'g> GradSync<'g> {
         updated: Vec<Tensor<1>>,
     ) -> Result<(), CommError> {
         let Some(mut flat) = flat.0 else {
-            let mut set = SetWhole(updated.into_iter());
+            let mut set = SetWhole(self.subset, updated.into_iter());
             model.visit_params(&mut set);
             return Ok(());
         };
         let shard: Vec<f32> = updated.into_iter().flat_map(to_f32_vec).collect();
         self.bucketed().all_gather(&shard, &mut flat)?;
-        model.visit_params(&mut SetFlat { flat: &flat, at: 0 });
+        model.visit_params(&mut SetFlat {
+            subset: self.subset,
+            flat: &flat,
+            at: 0,
+        });
         Ok(())
     }
 
@@ -191,37 +249,46 @@ impl<'g> GradSync<'g> {
     }
 }
 
-/// Every parameter in visiting order, flat on the host.
-fn flat_params<M: Params>(model: &mut M, total: usize) -> Vec<f32> {
-    struct Collect(Vec<f32>);
+/// Every parameter `subset` holds in visiting order, flat on the host.
+fn flat_params<M: Params>(model: &mut M, subset: Subset, total: usize) -> Vec<f32> {
+    struct Collect(Subset, Vec<f32>);
     impl ParamVisitor for Collect {
-        fn visit<const D: usize>(&mut self, _: &str, param: &mut Tensor<D>) {
-            self.0.extend(to_f32_vec(param.clone().inner()));
+        fn visit<const D: usize>(&mut self, name: &str, param: &mut Tensor<D>) {
+            if self.0.holds(name) {
+                self.1.extend(to_f32_vec(param.clone().inner()));
+            }
         }
     }
-    let mut c = Collect(Vec::with_capacity(total));
+    let mut c = Collect(subset, Vec::with_capacity(total));
     model.visit_params(&mut c);
-    c.0
+    c.1
 }
 
-/// Replaces each parameter, in visiting order, by the next whole flat value.
-struct SetWhole<I>(I);
+/// Replaces each parameter `.0` holds, in visiting order, by the next whole flat value.
+struct SetWhole<I>(Subset, I);
 
 impl<I: Iterator<Item = Tensor<1>>> ParamVisitor for SetWhole<I> {
-    fn visit<const D: usize>(&mut self, _: &str, param: &mut Tensor<D>) {
-        let p = self.0.next().expect("one updated value per parameter");
+    fn visit<const D: usize>(&mut self, name: &str, param: &mut Tensor<D>) {
+        if !self.0.holds(name) {
+            return;
+        }
+        let p = self.1.next().expect("one updated value per parameter");
         *param = Tensor::from_inner(p.reshape(param.dims())).require_grad();
     }
 }
 
-/// Replaces each parameter, in visiting order, by its run of `flat`.
+/// Replaces each parameter `subset` holds, in visiting order, by its run of `flat`.
 struct SetFlat<'a> {
+    subset: Subset,
     flat: &'a [f32],
     at: usize,
 }
 
 impl ParamVisitor for SetFlat<'_> {
-    fn visit<const D: usize>(&mut self, _: &str, param: &mut Tensor<D>) {
+    fn visit<const D: usize>(&mut self, name: &str, param: &mut Tensor<D>) {
+        if !self.subset.holds(name) {
+            return;
+        }
         let dims = param.dims();
         let n = param.shape().num_elements();
         let device = param.clone().inner().device();

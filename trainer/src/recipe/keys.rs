@@ -143,6 +143,7 @@ pub const KEYS: &[Key] = &[
     key("parallel.ep", UInt, false, ""),
     key("parallel.pp", UInt, false, ""),
     key("parallel.zero_stage", UInt, false, ""),
+    key("parallel.sequence_parallel", Bool, false, ""),
     key("parallel.bucket_mb", Float, false, ""),
     key("parallel.timeout_s", Float, false, ""),
     key("moe", Section, false, ""),

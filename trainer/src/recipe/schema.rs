@@ -171,6 +171,10 @@ pub struct ParallelSection {
     /// 0: every DP rank keeps the whole optimizer state; 1: ZeRO-1, sharded over DP ranks.
     #[serde(default)]
     pub zero_stage: u8,
+    /// Megatron's sequence parallelism: activations between the tensor-parallel regions are
+    /// split by rows over the tp ranks. Required when tp > 1 and the model has MoE layers.
+    #[serde(default)]
+    pub sequence_parallel: bool,
     /// Gradient bucket size in MiB for the DP all-reduce / reduce-scatter.
     #[serde(default = "default_bucket_mb")]
     pub bucket_mb: f64,
@@ -286,6 +290,7 @@ impl Default for ParallelSection {
             ep: 1,
             pp: 1,
             zero_stage: 0,
+            sequence_parallel: false,
             bucket_mb: default_bucket_mb(),
             timeout_s: default_timeout_s(),
         }

@@ -11,13 +11,12 @@ use moeru_parallel::{ProcessGroup, Traffic};
 use crate::checkpoint::{save, SaveTarget, TrainerState};
 use crate::engine::optim::AdamWConfig;
 use crate::engine::sync::SyncKind;
-use crate::engine::{Engine, EngineConfig, MicroBatch};
+use crate::engine::{Engine, EngineConfig, MicroBatch, ModelParallel};
 use crate::error::TrainError;
 use crate::eval::evaluate;
 use crate::lora::{fingerprint, BaseFingerprint, TrainableSizes};
 use crate::metrics::{CommBytes, LayerLoad, MetricsSink, StepMetrics};
 use crate::objective::{AuxWeights, LmObjective, StepReport};
-use crate::parallel_sizes::validate_parallel_sizes;
 use crate::recipe::recipe_hash;
 use crate::recipe::schema::Recipe;
 use crate::run::{RunOptions, RunSummary};
@@ -28,13 +27,31 @@ use crate::session::Session;
 pub fn run(session: &Session, opts: &RunOptions) -> Result<RunSummary, TrainError> {
     let recipe = session.recipe;
     let start = session.start(opts.require_resume)?;
-    validate_parallel_sizes(&recipe.parallel, &start.model.config)
-        .map_err(TrainError::BadRecipe)?;
     let config = engine_config(recipe, session.groups.dp.size());
-    let mut engine = Engine::new(start.model, config, &session.groups.dp, start.optimizer);
+    let dp = &session.groups.dp;
+    let mut engine = match &session.boundaries {
+        Some(boundaries) => {
+            let parallel = ModelParallel {
+                shard: start.model.shard(),
+                boundaries: boundaries.clone(),
+                tp: &session.groups.tp,
+                ep: &session.groups.ep,
+                edp: &session.groups.edp,
+                world: session.world,
+            };
+            Engine::sharded(start.model, config, dp, parallel, start.optimizer)
+        }
+        None => Engine::new(start.model, config, dp, start.optimizer),
+    };
     let sizes = TrainableSizes::of(&mut engine.model, Some(engine.optim.held_elements()));
     if session.main {
         eprintln!("{}", sizes.line(engine.model.lora_config().is_some()));
+    }
+    if engine.parallel().is_some() {
+        eprintln!(
+            "{}",
+            sizes.rank_line(session.world.rank(), &engine.model.shard())
+        );
     }
     let objective = LmObjective {
         weights: aux_weights(recipe, &engine.model.config),
@@ -78,7 +95,14 @@ pub fn run(session: &Session, opts: &RunOptions) -> Result<RunSummary, TrainErro
         if let Some(metrics) = &mut metrics {
             let elapsed = began.elapsed().as_secs_f64().max(1e-9);
             metrics.log_step(&step_metrics(done, lr, &report, elapsed, comm))?;
-            evaluate_if_due(recipe, &engine, done, metrics)?;
+        }
+        // A sharded model evaluates on every rank (its collectives need them all).
+        if session.main || engine.parallel().is_some() {
+            if let (Some(loss), Some(metrics)) =
+                (evaluate_if_due(recipe, &engine, done)?, &mut metrics)
+            {
+                metrics.log_eval(done, loss)?;
+            }
         }
         let saved = save_if_due(session, &mut engine, &state, done, lr)?;
         if let (Some(dir), Some(metrics)) = (saved, &mut metrics) {
@@ -157,20 +181,26 @@ fn micro_batches(
     Ok(micro)
 }
 
-/// Traffic counters of the DP group and the world before a step.
-struct TrafficMark(Traffic, Traffic);
+/// Traffic counters of the mesh's groups (dp, tp, ep, edp) and the world before a step.
+struct TrafficMark(Vec<Traffic>);
 
 impl TrafficMark {
+    fn groups<'s>(session: &'s Session) -> [&'s ProcessGroup; 5] {
+        let g = &session.groups;
+        [&g.dp, &g.tp, &g.ep, &g.edp, session.world]
+    }
+
     fn take(session: &Session) -> Self {
-        Self(session.groups.dp.traffic(), session.world.traffic())
+        Self(Self::groups(session).map(|g| g.traffic()).into())
     }
 
     /// What each group's collectives moved since the mark (nothing on a world of one).
     fn delta(&self, session: &Session) -> Vec<CommBytes> {
         let mut comm = Vec::new();
         if session.world.size() > 1 {
-            traffic_delta(&session.groups.dp, &self.0, &mut comm);
-            traffic_delta(session.world, &self.1, &mut comm);
+            for (group, before) in Self::groups(session).into_iter().zip(&self.0) {
+                traffic_delta(group, before, &mut comm);
+            }
         }
         comm
     }
@@ -219,19 +249,15 @@ fn step_metrics(
     }
 }
 
-/// Evaluation runs on rank 0 only, on the same samples as a one-rank run.
-fn evaluate_if_due(
-    recipe: &Recipe,
-    engine: &Engine,
-    done: u64,
-    metrics: &mut MetricsSink,
-) -> Result<(), TrainError> {
+/// The evaluation loss when one is due after step `done`, on the same samples as a one-rank
+/// run: on rank 0 only, or under model parallelism on every rank alike.
+fn evaluate_if_due(recipe: &Recipe, engine: &Engine, done: u64) -> Result<Option<f64>, TrainError> {
     let t = &recipe.train;
     let (Some(eval_dir), true) = (
         &recipe.data.eval,
         t.eval_every > 0 && done.is_multiple_of(t.eval_every),
     ) else {
-        return Ok(());
+        return Ok(None);
     };
     let r = evaluate(
         &engine.model,
@@ -241,8 +267,10 @@ fn evaluate_if_due(
         t.micro_batch_size,
         t.eval_batches,
     )?;
-    metrics.log_eval(done, r.loss)?;
-    Ok(())
+    if let Some(p) = engine.parallel() {
+        p.boundaries.take_error()?;
+    }
+    Ok(Some(r.loss))
 }
 
 /// What the loop carries from step to step besides the engine.
