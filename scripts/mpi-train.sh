@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Data parallelism over MPI: the smoke recipe under `mpirun -n 2` and `-n 4 --oversubscribe`
-# (plain DP and ZeRO-1) against the one-rank run of the same global batch of 8 sequences:
-# losses per step and final weights within 1e-5 (tests/interop/compare_runs.py).
+# Data, tensor and expert parallelism over MPI: the smoke recipe under `mpirun -n 2` and
+# `-n 4 --oversubscribe` (plain DP and ZeRO-1, and dp2·tp2·ep2 with sequence parallelism and
+# ZeRO-1) against the one-rank run of the same global batch of 8 sequences: losses per step
+# and final weights within 1e-5 (tests/interop/compare_runs.py).
 # Needs a moeru built with `--features mpi` at target/debug/moeru, Open MPI, and Python with
 # numpy + safetensors.
 set -euo pipefail
@@ -20,7 +21,7 @@ run() { # name, grad_accum, launcher...
         --set data.seq_len=64 --set data.eval=null --set train.eval_every=0 \
         --set checkpoint.every=$steps --set checkpoint.dir="$out/$name/ckpt" \
         --set logging.dir="$out/$name/logs" --set logging.progress=false \
-        --set logging.tensorboard=false ${ZERO:+--set parallel.zero_stage=1}
+        --set logging.tensorboard=false ${ZERO:+--set parallel.zero_stage=1} ${EXTRA:-}
 }
 
 run one 4 env
@@ -28,7 +29,9 @@ run mpi2 2 mpirun -n 2
 ZERO=1 run mpi2-zero1 2 mpirun -n 2
 run mpi4 1 mpirun -n 4 --oversubscribe
 ZERO=1 run mpi4-zero1 1 mpirun -n 4 --oversubscribe
-for r in mpi2 mpi2-zero1 mpi4 mpi4-zero1; do
+ZERO=1 EXTRA="--set parallel.tp=2 --set parallel.ep=2 --set parallel.sequence_parallel=true" \
+    run mpi4-tp2-ep2 2 mpirun -n 4 --oversubscribe
+for r in mpi2 mpi2-zero1 mpi4 mpi4-zero1 mpi4-tp2-ep2; do
     python3 tests/interop/compare_runs.py "$out/one" "$out/$r" $steps
 done
 rm -rf "$out"

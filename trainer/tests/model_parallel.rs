@@ -290,3 +290,100 @@ fn per_rank_bytes_fall_as_one_over_tp_and_ep() {
     .unwrap();
     assert_eq!(r.sizes.total, whole, "the formula counts the whole model");
 }
+
+/// Bytes rank 0's collectives moved on `group` with `op` in step line `m` (`payload` or
+/// `wire`).
+fn comm(m: &serde_json::Value, group: &str, op: &str, what: &str) -> u64 {
+    m["comm"][group][op][what].as_u64().unwrap_or(0)
+}
+
+/// The tensor-parallel traffic of a dense model against its analytic volume: per micro-batch
+/// of R tokens, L layers, hidden H, head_dim D (f32 on the wire; a tp2 ring moves each
+/// all-reduce's bytes once, each gather's and scatter's half).
+#[test]
+fn tensor_parallel_traffic_equals_the_analytic_volume() {
+    let (r, h, d, l) = (2 * 64u64, 64u64, 16u64, 4u64);
+    for sp in [false, true] {
+        let out = tempfile::tempdir().unwrap();
+        let lay = layout(1, 2, 1, sp, false);
+        let mut rec = recipe_for(out.path(), lay, &DENSE);
+        (
+            rec.train.steps,
+            rec.train.grad_accum,
+            rec.schedule.warmup_steps,
+        ) = (2, 1, 0);
+        run_threads(&rec, &RunOptions::default(), 2).unwrap();
+        // Activations [R, H] cross the tp boundary at the embedding, twice a layer (attention
+        // and MLP) and before the LM head, once forward and once backward; the
+        // vocabulary-parallel loss all-reduces a max and two sums per token.
+        let crossings = 2 * (2 * l + 1);
+        let loss = 4 * 3 * r;
+        for m in metrics(out.path()).iter().filter(|m| m["loss"].is_f64()) {
+            let what = format!("sp {sp} step {}", m["step"]);
+            let all_reduce = comm(m, "tp", "all_reduce", "payload");
+            if sp {
+                // Gathers before column-parallel layers, reduce-scatters after row-parallel
+                // ones (and their adjoints); every replicated weight's gradient is partial
+                // (two norms and the QK-norms a layer, the final norm), and the router-loss
+                // shares are summed (two f64).
+                let activations = crossings * r * h * 4;
+                assert_eq!(
+                    comm(m, "tp", "all_gather", "payload"),
+                    activations,
+                    "{what}"
+                );
+                assert_eq!(
+                    comm(m, "tp", "reduce_scatter", "payload"),
+                    activations,
+                    "{what}"
+                );
+                assert_eq!(
+                    comm(m, "tp", "all_gather", "wire"),
+                    activations / 2,
+                    "{what}"
+                );
+                let partial = 4 * (l * (2 * h + 2 * d) + h);
+                assert_eq!(all_reduce, loss + partial + 16, "{what}");
+            } else {
+                let partial = 4 * 2 * d * l;
+                assert_eq!(all_reduce, crossings * r * h * 4 + loss + partial, "{what}");
+                assert!(m["comm"]["tp"].get("all_gather").is_none(), "{what}");
+            }
+            assert_eq!(comm(m, "tp", "all_reduce", "wire"), all_reduce, "{what}");
+            // The global norm's one f64 is the only other collective of the step.
+            assert_eq!(comm(m, "world", "all_reduce", "payload"), 8, "{what}");
+        }
+    }
+}
+
+/// The all-to-all traffic of expert parallelism against its volume: per MoE layer and
+/// micro-batch, the count exchange (E i64), the rank's routed rows out and their gradients
+/// back (R_local × k rows each), and the rows its experts received back and their gradients
+/// (the rows logged as its `ep_load`, since its EP group holds every routing rank here).
+#[test]
+fn expert_parallel_traffic_equals_the_routed_rows() {
+    let (h, k, experts, moe_layers) = (64u64, 2u64, 4u64, 3u64);
+    for lay in [layout(2, 1, 2, false, false), layout(1, 2, 2, true, false)] {
+        let out = tempfile::tempdir().unwrap();
+        let mut rec = recipe_for(out.path(), lay, &[]);
+        (
+            rec.train.steps,
+            rec.train.grad_accum,
+            rec.schedule.warmup_steps,
+        ) = (2, 1, 0);
+        run_threads(&rec, &RunOptions::default(), lay.dp * lay.tp).unwrap();
+        let routed = 2 * 64 / lay.tp as u64 * k;
+        for m in metrics(out.path()).iter().filter(|m| m["loss"].is_f64()) {
+            let what = format!("{lay:?} step {}", m["step"]);
+            let received = m["ep_load"][0].as_u64().unwrap();
+            let load: u64 = (0..lay.ep).map(|i| m["ep_load"][i].as_u64().unwrap()).sum();
+            assert_eq!(
+                load,
+                moe_layers * routed * (lay.dp * lay.tp) as u64,
+                "{what}"
+            );
+            let want = moe_layers * (8 * experts + 2 * routed * h * 4) + 2 * received * h * 4;
+            assert_eq!(comm(m, "ep", "all_to_all", "payload"), want, "{what}");
+        }
+    }
+}

@@ -27,6 +27,9 @@ pub struct StepMetrics {
     pub aux_loss: Option<f64>,
     pub z_loss: Option<f64>,
     pub expert_load: Vec<LayerLoad>,
+    /// Under expert parallelism: rows routed to each EP rank's experts this step, over every
+    /// MoE layer (the most loaded rank is the step's straggler); empty otherwise.
+    pub ep_load: Vec<u64>,
     /// Bytes this rank's collectives moved this step, by group and op.
     pub comm: Vec<CommBytes>,
 }
@@ -43,7 +46,7 @@ pub struct CommBytes {
 impl StepMetrics {
     /// The JSON object written to `metrics.jsonl`. Floats keep serde_json's shortest
     /// round-tripping form; a non-finite float becomes `null` (JSON has no NaN/inf).
-    /// `aux_loss`, `z_loss` and `expert_load` are present only when set / non-empty.
+    /// `aux_loss`, `z_loss`, `expert_load` and `ep_load` are present only when set / non-empty.
     pub fn to_json(&self) -> Value {
         let mut obj = Map::new();
         obj.insert("step".into(), json!(self.step));
@@ -65,6 +68,9 @@ impl StepMetrics {
                 .map(|l| json!({ "layer": l.layer, "max": l.max, "mean": l.mean }))
                 .collect();
             obj.insert("expert_load".into(), Value::Array(loads));
+        }
+        if !self.ep_load.is_empty() {
+            obj.insert("ep_load".into(), json!(self.ep_load));
         }
         if !self.comm.is_empty() {
             let mut groups = Map::new();
@@ -107,6 +113,12 @@ impl StepMetrics {
                 })
                 .collect::<Option<Vec<_>>>()?,
         };
+        let ep_load = match v.get("ep_load") {
+            None => Vec::new(),
+            Some(list) => (list.as_array()?.iter())
+                .map(Value::as_u64)
+                .collect::<Option<Vec<_>>>()?,
+        };
         let mut comm = Vec::new();
         if let Some(Value::Object(groups)) = v.get("comm") {
             for (group, ops) in groups {
@@ -131,6 +143,7 @@ impl StepMetrics {
             aux_loss: f("aux_loss"),
             z_loss: f("z_loss"),
             expert_load,
+            ep_load,
         })
     }
 
@@ -158,6 +171,14 @@ impl StepMetrics {
         for l in &self.expert_load {
             out.push((format!("moe/layer{}/load_max", l.layer), l.max as f32));
             out.push((format!("moe/layer{}/load_mean", l.layer), l.mean as f32));
+        }
+        if let Some(&max) = self.ep_load.iter().max() {
+            let mean = self.ep_load.iter().sum::<u64>() as f64 / self.ep_load.len() as f64;
+            // The straggler measure: 1 when every EP rank's experts got the same rows.
+            out.push((
+                "moe/ep_load_max_over_mean".into(),
+                (max as f64 / mean.max(1.0)) as f32,
+            ));
         }
         out
     }

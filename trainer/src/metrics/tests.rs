@@ -41,6 +41,11 @@ fn metrics(step: u64, moe: bool) -> StepMetrics {
         } else {
             Vec::new()
         },
+        ep_load: if moe {
+            vec![300, 212 + step]
+        } else {
+            Vec::new()
+        },
         comm: if moe {
             vec![CommBytes {
                 group: "dp".into(),

@@ -94,7 +94,8 @@ pub fn run(session: &Session, opts: &RunOptions) -> Result<RunSummary, TrainErro
         let done = step + 1;
         if let Some(metrics) = &mut metrics {
             let elapsed = began.elapsed().as_secs_f64().max(1e-9);
-            metrics.log_step(&step_metrics(done, lr, &report, elapsed, comm))?;
+            let ep = session.mesh.sizes.ep;
+            metrics.log_step(&step_metrics(done, lr, &report, elapsed, comm, ep))?;
         }
         // A sharded model evaluates on every rank (its collectives need them all).
         if session.main || engine.parallel().is_some() {
@@ -226,6 +227,7 @@ fn step_metrics(
     r: &StepReport,
     elapsed: f64,
     comm: Vec<CommBytes>,
+    ep: usize,
 ) -> StepMetrics {
     StepMetrics {
         step: done,
@@ -245,8 +247,22 @@ fn step_metrics(
                 mean: counts.iter().sum::<u64>() as f64 / counts.len().max(1) as f64,
             })
             .collect(),
+        ep_load: ep_load(&r.expert_counts, ep),
         comm,
     }
+}
+
+/// Rows routed to each of `ep` ranks' experts (contiguous ranges), over every MoE layer of
+/// `counts` (global per-expert counts); empty when `ep` is 1.
+fn ep_load(counts: &[(usize, Vec<u64>)], ep: usize) -> Vec<u64> {
+    let mut load = vec![0; if ep > 1 { ep } else { 0 }];
+    for (_, c) in counts.iter().filter(|_| ep > 1) {
+        let local = c.len() / ep;
+        for (r, chunk) in c.chunks(local.max(1)).enumerate().take(ep) {
+            load[r] += chunk.iter().sum::<u64>();
+        }
+    }
+    load
 }
 
 /// The evaluation loss when one is due after step `done`, on the same samples as a one-rank
