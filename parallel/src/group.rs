@@ -37,6 +37,8 @@ pub struct OpTraffic {
     /// uses: all_reduce 2(p−1)/p × payload, reduce_scatter and all_gather (p−1)/p × payload,
     /// broadcast payload (root) or 0, all_to_all the bytes sent to other ranks.
     pub wire_bytes: u64,
+    /// Nanoseconds this rank spent inside the op's exchange (waiting for peers included).
+    pub busy_ns: u64,
 }
 
 /// Counters by op name, kept for the life of the group.
@@ -96,6 +98,16 @@ impl ProcessGroup {
         e.wire_bytes += wire as u64;
     }
 
+    /// Runs one exchange of `op`, adding its wall time to the op's counters.
+    fn timed<R>(&self, op: &'static str, exchange: impl FnOnce() -> R) -> R {
+        let started = std::time::Instant::now();
+        let out = exchange();
+        let ns = started.elapsed().as_nanos() as u64;
+        let mut t = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
+        t.entry(op).or_default().busy_ns += ns;
+        out
+    }
+
     /// Counts an op of a size-1 group that its caller did without a buffer (the tensor ops
     /// return their input as it is): the counters read as if the op had run, with no wire bytes.
     pub(crate) fn count_local(&self, op: &'static str, payload: usize) {
@@ -115,7 +127,7 @@ impl ProcessGroup {
         if self.size() == 1 {
             return Ok(());
         }
-        self.comm.all_reduce(bytes_mut(buf), T::DTYPE, op)
+        self.timed("all_reduce", || self.comm.all_reduce(bytes_mut(buf), T::DTYPE, op))
     }
 
     pub fn all_gather<T: Elem>(&self, send: &[T]) -> Result<Vec<T>> {
@@ -126,7 +138,9 @@ impl ProcessGroup {
             out.copy_from_slice(send);
             return Ok(out);
         }
-        self.comm.all_gather(bytes(send), bytes_mut(&mut out))?;
+        self.timed("all_gather", || {
+            self.comm.all_gather(bytes(send), bytes_mut(&mut out))
+        })?;
         Ok(out)
     }
 
@@ -144,8 +158,10 @@ impl ProcessGroup {
             out.copy_from_slice(send);
             return Ok(out);
         }
-        self.comm
-            .reduce_scatter(bytes(send), bytes_mut(&mut out), T::DTYPE, op)?;
+        self.timed("reduce_scatter", || {
+            self.comm
+                .reduce_scatter(bytes(send), bytes_mut(&mut out), T::DTYPE, op)
+        })?;
         Ok(out)
     }
 
@@ -170,7 +186,7 @@ impl ProcessGroup {
         let raw = if self.size() == 1 {
             bytes(send).to_vec()
         } else {
-            self.comm.all_to_all(bytes(send), &sb, &rb)?
+            self.timed("all_to_all", || self.comm.all_to_all(bytes(send), &sb, &rb))?
         };
         Ok(bytemuck::pod_collect_to_vec(&raw))
     }
@@ -181,18 +197,18 @@ impl ProcessGroup {
         if self.size() == 1 {
             return Ok(());
         }
-        self.comm.broadcast(bytes_mut(buf), root)
+        self.timed("broadcast", || self.comm.broadcast(bytes_mut(buf), root))
     }
 
     pub fn send<T: Elem>(&self, buf: &[T], dst: usize, tag: u32) -> Result<()> {
         let n = std::mem::size_of_val(buf);
         self.count("send", n, n);
-        self.comm.send(bytes(buf), dst, tag)
+        self.timed("send", || self.comm.send(bytes(buf), dst, tag))
     }
 
     pub fn recv<T: Elem>(&self, buf: &mut [T], src: usize, tag: u32) -> Result<()> {
         self.count("recv", std::mem::size_of_val(buf), 0);
-        self.comm.recv(bytes_mut(buf), src, tag)
+        self.timed("recv", || self.comm.recv(bytes_mut(buf), src, tag))
     }
 
     pub fn barrier(&self) -> Result<()> {

@@ -35,12 +35,14 @@ pub struct StepMetrics {
 }
 
 /// One op's traffic on one process group during a step (see `moeru_parallel::OpTraffic`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CommBytes {
     pub group: String,
     pub op: String,
     pub payload: u64,
     pub wire: u64,
+    /// Wall time this rank spent in the op's exchanges (waiting for peers included).
+    pub seconds: f64,
 }
 
 impl StepMetrics {
@@ -81,7 +83,7 @@ impl StepMetrics {
                 if let Value::Object(ops) = ops {
                     ops.insert(
                         c.op.clone(),
-                        json!({ "payload": c.payload, "wire": c.wire }),
+                        json!({ "payload": c.payload, "wire": c.wire, "seconds": c.seconds }),
                     );
                 }
             }
@@ -128,6 +130,7 @@ impl StepMetrics {
                         op: op.clone(),
                         payload: t.get("payload")?.as_u64()?,
                         wire: t.get("wire")?.as_u64()?,
+                        seconds: t.get("seconds").and_then(Value::as_f64).unwrap_or(0.0),
                     });
                 }
             }
@@ -163,10 +166,13 @@ impl StepMetrics {
         }
         let mut wire = std::collections::BTreeMap::new();
         for c in &self.comm {
-            *wire.entry(&c.group).or_insert(0) += c.wire;
+            let (bytes, seconds) = wire.entry(&c.group).or_insert((0, 0.0));
+            *bytes += c.wire;
+            *seconds += c.seconds;
         }
-        for (group, bytes) in wire {
+        for (group, (bytes, seconds)) in wire {
             out.push((format!("comm/{group}_wire_bytes"), bytes as f32));
+            out.push((format!("comm/{group}_seconds"), seconds as f32));
         }
         for l in &self.expert_load {
             out.push((format!("moe/layer{}/load_max", l.layer), l.max as f32));

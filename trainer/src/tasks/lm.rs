@@ -216,6 +216,7 @@ fn traffic_delta(group: &ProcessGroup, before: &Traffic, out: &mut Vec<CommBytes
                 op: op.to_string(),
                 payload: t.payload_bytes - b.payload_bytes,
                 wire: t.wire_bytes - b.wire_bytes,
+                seconds: (t.busy_ns - b.busy_ns) as f64 * 1e-9,
             });
         }
     }
