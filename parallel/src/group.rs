@@ -127,7 +127,9 @@ impl ProcessGroup {
         if self.size() == 1 {
             return Ok(());
         }
-        self.timed("all_reduce", || self.comm.all_reduce(bytes_mut(buf), T::DTYPE, op))
+        self.timed("all_reduce", || {
+            self.comm.all_reduce(bytes_mut(buf), T::DTYPE, op)
+        })
     }
 
     pub fn all_gather<T: Elem>(&self, send: &[T]) -> Result<Vec<T>> {

@@ -8,7 +8,9 @@ use std::path::Path;
 
 use common::{losses, max_diff, max_loss_diff, metrics, step_dir, tensors, test_recipe, Set};
 use moeru_models::Qwen3Config;
+use moeru_trainer::parallel_sizes::validate_parallel_sizes;
 use moeru_trainer::recipe::schema::Recipe;
+use moeru_trainer::run::mesh_for;
 use moeru_trainer::{run_threads, run_threads_summaries, run_training, RunOptions, TrainError};
 
 const STEPS: u64 = 10;
@@ -386,4 +388,36 @@ fn expert_parallel_traffic_equals_the_routed_rows() {
             assert_eq!(comm(m, "ep", "all_to_all", "payload"), want, "{what}");
         }
     }
+}
+
+/// recipes/qwen3-30b-a3b-sft.yaml's layout divides Qwen3-30B-A3B (its config.json fields) on
+/// 16 ranks, and its per-GPU parameter count is the one its memory arithmetic uses.
+#[test]
+fn the_qwen3_30b_a3b_recipe_divides_its_model() {
+    let json = serde_json::json!({
+        "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048,
+        "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+        "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": true,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "tie_word_embeddings": false,
+    });
+    let serde_json::Value::Object(map) = json else {
+        unreachable!()
+    };
+    let c = Qwen3Config::from_map(map, Path::new("Qwen3-30B-A3B")).unwrap();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/qwen3-30b-a3b-sft.yaml");
+    let r = moeru_trainer::recipe::load(&path, &[]).unwrap();
+    validate_parallel_sizes(&r.parallel, &c).unwrap();
+    let mesh = mesh_for(&r, 16).unwrap();
+    assert_eq!((mesh.sizes.dp, mesh.sizes.tp, mesh.sizes.ep), (8, 2, 16));
+    assert_eq!(
+        part_params(&c, 1, 1),
+        30_532_122_624,
+        "Qwen3-30B-A3B's parameter count"
+    );
+    let per_gpu = part_params(&c, r.parallel.tp, r.parallel.ep) as f64 / 1e9;
+    assert!(
+        (per_gpu - 2.59).abs() < 0.005,
+        "{per_gpu} B parameters per GPU"
+    );
 }
