@@ -41,30 +41,47 @@ pub fn named_tensors<M: Params>(model: &mut M) -> Vec<(String, OwnedTensor)> {
 pub fn hf_tensors(model: &mut Qwen3Model) -> Vec<(String, OwnedTensor)> {
     let mut out = Vec::new();
     for (name, tensor) in named_tensors(model) {
-        let shape = tensor.shape.clone();
-        let values = tensor.f32_values();
-        if let Some(prefix) = name.strip_suffix(".experts.gate_up_proj") {
-            let (inter, h) = (shape[1] / 2, shape[2]);
-            for (x, expert) in values.chunks(2 * inter * h).enumerate() {
-                let (gate, up) = expert.split_at(inter * h);
-                let p = format!("{prefix}.experts.{x}");
-                out.push((
-                    format!("{p}.gate_proj.weight"),
-                    OwnedTensor::f32(gate, vec![inter, h]),
-                ));
-                out.push((
-                    format!("{p}.up_proj.weight"),
-                    OwnedTensor::f32(up, vec![inter, h]),
-                ));
-            }
-        } else if let Some(prefix) = name.strip_suffix(".experts.down_proj") {
-            for (x, expert) in values.chunks(shape[1] * shape[2]).enumerate() {
-                let key = format!("{prefix}.experts.{x}.down_proj.weight");
-                out.push((key, OwnedTensor::f32(expert, shape[1..].to_vec())));
-            }
+        if name.contains(".experts.") {
+            let shape = tensor.shape.clone();
+            out.extend(hf_param_tensors(&name, &shape, &tensor.f32_values(), 0));
         } else {
             out.push((name, tensor));
         }
+    }
+    out
+}
+
+/// One parameter (moeru's name, shape and f32 values) as its on-disk Hugging Face tensors:
+/// stacked experts split per expert and numbered from `first_expert` (the first expert of the
+/// part given, under expert parallelism), anything else as it is.
+pub fn hf_param_tensors(
+    name: &str,
+    shape: &[usize],
+    values: &[f32],
+    first_expert: usize,
+) -> Vec<(String, OwnedTensor)> {
+    let mut out = Vec::new();
+    if let Some(prefix) = name.strip_suffix(".experts.gate_up_proj") {
+        let (inter, h) = (shape[1] / 2, shape[2]);
+        for (x, expert) in values.chunks(2 * inter * h).enumerate() {
+            let (gate, up) = expert.split_at(inter * h);
+            let p = format!("{prefix}.experts.{}", first_expert + x);
+            out.push((
+                format!("{p}.gate_proj.weight"),
+                OwnedTensor::f32(gate, vec![inter, h]),
+            ));
+            out.push((
+                format!("{p}.up_proj.weight"),
+                OwnedTensor::f32(up, vec![inter, h]),
+            ));
+        }
+    } else if let Some(prefix) = name.strip_suffix(".experts.down_proj") {
+        for (x, expert) in values.chunks(shape[1] * shape[2]).enumerate() {
+            let key = format!("{prefix}.experts.{}.down_proj.weight", first_expert + x);
+            out.push((key, OwnedTensor::f32(expert, shape[1..].to_vec())));
+        }
+    } else {
+        out.push((name.to_string(), OwnedTensor::f32(values, shape.to_vec())));
     }
     out
 }

@@ -9,8 +9,8 @@ pub mod run_checkpoint;
 pub mod tensor_file;
 
 pub use error::CheckpointError;
-pub use hf_export::{export_hf, hf_tensors, named_tensors};
-pub use hf_load::{load_hf_model, load_hf_model_sharded, HfFolder};
+pub use hf_export::{export_hf, hf_param_tensors, hf_tensors, named_tensors};
+pub use hf_load::{load_hf_model, load_hf_model_sharded, HfFolder, INDEX_FILE};
 pub use peft_adapter::{
     export_merged_hf, load_peft_adapter, peft_adapter_files, read_peft_lora_config,
     save_peft_adapter,

@@ -2,8 +2,10 @@
 
     python3 compare_runs.py RUN_A RUN_B STEP [--tol 1e-5]
 
-RUN_x is a folder with logs/metrics.jsonl and ckpt/step-NNNNNN/model.safetensors. Exits 1
-when a loss or a weight differs by more than the tolerance.
+RUN_x is a folder with logs/metrics.jsonl and ckpt/step-NNNNNN/: model.safetensors (moeru's
+names, experts stacked) or, from a tensor/expert-parallel run, model.safetensors.index.json
+with per-expert Hugging Face names; both are compared under the latter. Exits 1 when a loss
+or a weight differs by more than the tolerance.
 """
 import argparse
 import json
@@ -23,6 +25,30 @@ def losses(run: Path):
     return out
 
 
+def weights(step_dir: Path):
+    """Every tensor of a checkpoint under Hugging Face names, experts one by one."""
+    index = step_dir / "model.safetensors.index.json"
+    if index.exists():
+        out = {}
+        for f in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            out.update(load_file(str(step_dir / f)))
+        return out
+    out = {}
+    for name, t in load_file(str(step_dir / "model.safetensors")).items():
+        if name.endswith(".experts.gate_up_proj"):
+            inter = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                p = f"{name[:-len('gate_up_proj')]}{e}"
+                out[f"{p}.gate_proj.weight"] = t[e, :inter]
+                out[f"{p}.up_proj.weight"] = t[e, inter:]
+        elif name.endswith(".experts.down_proj"):
+            for e in range(t.shape[0]):
+                out[f"{name[:-len('down_proj')]}{e}.down_proj.weight"] = t[e]
+        else:
+            out[name] = t
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("a", type=Path)
@@ -34,8 +60,8 @@ def main():
     if len(la) != len(lb) or not la:
         sys.exit(f"{args.a}: {len(la)} steps logged, {args.b}: {len(lb)}")
     loss_diff = max(abs(x - y) for x, y in zip(la, lb))
-    ckpt = f"ckpt/step-{args.step:06d}/model.safetensors"
-    wa, wb = load_file(str(args.a / ckpt)), load_file(str(args.b / ckpt))
+    ckpt = f"ckpt/step-{args.step:06d}"
+    wa, wb = weights(args.a / ckpt), weights(args.b / ckpt)
     if sorted(wa) != sorted(wb):
         sys.exit("the checkpoints hold different tensors")
     weight_diff = max(float(np.max(np.abs(wa[k] - wb[k]))) for k in wa)

@@ -6,9 +6,9 @@
 //! ZeRO-1, as one file per DP rank (`optim-dpRRR-of-NNN.safetensors`: that rank's flat shard
 //! and its flat ranges) plus `optim_layout.json` (parameter names and sizes in flat order).
 //! Restoring assembles the whole moments from either form, so a checkpoint loads onto any DP
-//! size, with or without ZeRO-1. A tensor- or expert-parallel run gathers its parts onto
-//! rank 0 and writes the one-rank layout (whole weights, whole moments), so its checkpoints
-//! load onto any layout too; the model is loaded in the part the restoring rank holds.
+//! size, with or without ZeRO-1. A tensor- or expert-parallel run's ranks write the parts
+//! they own (`checkpoint_sharded.rs`); every form loads onto any layout, the model in the
+//! part the restoring rank holds.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,13 +23,16 @@ use moeru_checkpoints::{
     OwnedTensor, TensorFile,
 };
 use moeru_data::LoaderState;
-use moeru_models::params::to_f32_vec;
+use moeru_models::params::{param_shapes, to_f32_vec};
+use moeru_models::shard::{cut_part, full_shape};
+use moeru_models::Placement;
 use moeru_models::{Boundaries, Qwen3Config, Qwen3Model};
 use moeru_parallel::ProcessGroup;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::optim::{AdamW, Moments, SavedMoments};
-use crate::engine::{Engine, WholeState};
+use crate::checkpoint_sharded::{is_sliced, sharded_contents, SlicedMoments};
+use crate::engine::optim::{flat_tensor, AdamW, Moments, SavedMoments};
+use crate::engine::Engine;
 use crate::error::TrainError;
 use crate::lora::BaseFingerprint;
 
@@ -98,9 +101,10 @@ pub fn save(
     world.barrier()?;
     let mut contents = CheckpointContents::default();
     if engine.parallel().is_some() {
-        // Model parallelism: the canonical layout, gathered whole onto rank 0.
-        if let Some(whole) = engine.gather_whole()? {
-            whole_contents(whole, &engine.model.config, state, &mut contents);
+        // Model parallelism: every owner writes its parts (`checkpoint_sharded.rs`).
+        sharded_contents(engine, &mut contents)?;
+        if main {
+            config_and_state(&engine.model.config, state, &mut contents);
         }
     } else {
         if main {
@@ -154,10 +158,8 @@ fn model_contents(
             contents
                 .tensors
                 .push((MODEL_FILE.into(), named_tensors(model)));
-            contents.json.push((
-                "config.json".into(),
-                serde_json::Value::Object(model.config.to_export_json()),
-            ));
+            config_and_state(&model.config, state, contents);
+            return Ok(());
         }
     }
     contents.json.push((
@@ -167,34 +169,12 @@ fn model_contents(
     Ok(())
 }
 
-/// A model-parallel run's checkpoint in the one-rank layout: the whole weights, config.json,
-/// whole moments and the trainer state, so that it loads onto any layout.
-fn whole_contents(
-    whole: WholeState,
-    config: &Qwen3Config,
-    state: &TrainerState,
-    contents: &mut CheckpointContents,
-) {
-    let weights = (whole.params.into_iter())
-        .map(|(name, shape, values)| (name, OwnedTensor::f32(&values, shape)))
-        .collect();
-    contents.tensors.push((MODEL_FILE.into(), weights));
+/// config.json and the trainer state.
+fn config_and_state(config: &Qwen3Config, state: &TrainerState, contents: &mut CheckpointContents) {
     contents.json.push((
         "config.json".into(),
         serde_json::Value::Object(config.to_export_json()),
     ));
-    let mut optim = Vec::new();
-    for (name, (m, v)) in whole.moments {
-        optim.push((
-            format!("exp_avg.{name}"),
-            OwnedTensor::f32(&m, vec![m.len()]),
-        ));
-        optim.push((
-            format!("exp_avg_sq.{name}"),
-            OwnedTensor::f32(&v, vec![v.len()]),
-        ));
-    }
-    contents.tensors.push((OPTIM_FILE.into(), optim));
     contents.json.push((
         STATE_FILE.into(),
         serde_json::to_value(state).expect("state serialises"),
@@ -258,14 +238,68 @@ fn whole_moments(state: &BTreeMap<&str, &Moments>) -> Vec<(String, OwnedTensor)>
     optim
 }
 
+/// A checkpoint's AdamW moments.
+pub enum RestoredMoments {
+    /// Whole per parameter (a data-parallel checkpoint, with or without ZeRO-1).
+    Whole(BTreeMap<String, Moments>),
+    /// A model-parallel checkpoint's runs, assembled one parameter at a time.
+    Sliced(SlicedMoments),
+}
+
+impl RestoredMoments {
+    /// The moments of the part of each trainable parameter of `model` that its shard holds
+    /// (whole on one rank); parameters without saved moments are left out.
+    pub fn for_model(
+        self,
+        model: &mut Qwen3Model,
+        device: &Device,
+    ) -> Result<BTreeMap<String, Moments>, CheckpointError> {
+        let shard = model.shard();
+        if let (RestoredMoments::Whole(map), true) = (&self, shard.is_single()) {
+            return Ok(map.clone());
+        }
+        let device = device.clone().inner();
+        let mut out = BTreeMap::new();
+        for (name, dims) in param_shapes(&mut model.trainable()) {
+            let placement = shard.plan(&name).placement;
+            let whole = match &self {
+                RestoredMoments::Whole(map) => map.get(&name).map(|m| {
+                    [
+                        to_f32_vec(m.exp_avg.clone()),
+                        to_f32_vec(m.exp_avg_sq.clone()),
+                    ]
+                }),
+                RestoredMoments::Sliced(s) => s.whole(&name)?,
+            };
+            let Some(whole) = whole else { continue };
+            let full = full_shape(&dims, &placement);
+            let [exp_avg, exp_avg_sq] = whole.map(|w| {
+                let part = match &placement {
+                    Placement::Split(split) => cut_part(&w, &full, split),
+                    Placement::Replicated => w,
+                };
+                flat_tensor(part, &device)
+            });
+            out.insert(
+                name,
+                Moments {
+                    exp_avg,
+                    exp_avg_sq,
+                },
+            );
+        }
+        Ok(out)
+    }
+}
+
 /// A verified checkpoint found in a run folder.
 pub struct Restored {
     pub dir: PathBuf,
     /// The trained model; `None` for a LoRA checkpoint, whose adapters (PEFT files in `dir`)
     /// go onto the base the recipe loads (see `state.lora_base`).
     pub model: Option<Qwen3Model>,
-    /// Whole moments per parameter, whatever DP size and ZeRO setting wrote them.
-    pub moments: BTreeMap<String, Moments>,
+    /// The moments, whatever layout wrote them.
+    pub moments: RestoredMoments,
     pub state: TrainerState,
 }
 
@@ -294,9 +328,11 @@ pub fn restore_latest(
         .map_err(|e| CheckpointError::io(&state_path, format!("invalid trainer state: {e}")))?;
     let inner = device.clone().inner();
     let moments = if dir.join(OPTIM_FILE).exists() {
-        load_whole(&dir.join(OPTIM_FILE), &inner)?
+        RestoredMoments::Whole(load_whole(&dir.join(OPTIM_FILE), &inner)?)
+    } else if is_sliced(&dir) {
+        RestoredMoments::Sliced(SlicedMoments::open(&dir)?)
     } else {
-        load_shards(&dir, &inner)?
+        RestoredMoments::Whole(load_shards(&dir, &inner)?)
     };
     Ok((
         Some(Restored {

@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod checkpoint_sharded;
 pub mod engine;
 pub mod error;
 pub mod eval;

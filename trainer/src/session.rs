@@ -200,13 +200,14 @@ impl<'w> Session<'w> {
             }
             eprintln!("resuming from {} (step {})", r.dir.display(), r.state.step);
         }
-        let (model, lora_base) = restored_model(recipe, &mut r, &self.device)?;
         // A LoRA run is never sharded (`validate_lora_layout`), so its base is built whole.
+        let (mut model, lora_base) = restored_model(recipe, &mut r, &self.device)?;
+        let moments = r.moments.for_model(&mut model, &self.device)?;
         Ok(Start {
             model,
             optimizer: OptimizerStart {
                 steps: r.state.step,
-                moments: r.moments,
+                moments,
             },
             loader: DataLoader::from_state(self.loader_config(), &r.state.loader)?,
             step: r.state.step,

@@ -15,13 +15,13 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use burn::tensor::{Device, Tensor};
-use moeru_models::params::{param_shapes, to_f32_vec};
+use moeru_models::params::param_shapes;
 use moeru_models::{Precision, Qwen3Model};
 use moeru_parallel::{thread_world, CommError, ProcessGroup, ReduceOp};
 
 pub use micro::MicroBatch;
-use optim::{AdamW, AdamWConfig, Moments};
-pub use parallel::{ModelParallel, WholeState};
+use optim::{AdamW, AdamWConfig, Moments, Piece};
+pub use parallel::ModelParallel;
 use schedule::Schedule;
 use sync::{GradSync, Subset, SyncKind};
 
@@ -65,7 +65,8 @@ pub struct Engine<'g> {
     /// The data-parallel group: the global batch is its ranks' micro-batches.
     replicas: &'g ProcessGroup,
     parallel: Option<ModelParallel<'g>>,
-    /// Under model parallelism, which pieces this rank counts in the global norm.
+    /// Under model parallelism, the pieces this rank counts in the global norm and writes
+    /// into checkpoints (each element on one rank of the world).
     counted: Vec<bool>,
     config: EngineConfig,
 }
@@ -84,7 +85,7 @@ impl<'g> Engine<'g> {
 
     /// An engine over this rank's part of a tensor- and/or expert-parallel model: dense
     /// gradients sync over `replicas` as `config.sync` says, expert ones over
-    /// `parallel.edp`; `start.moments` are whole (a checkpoint's) and are cut to this part.
+    /// `parallel.edp`; `start.moments` are this part's (`checkpoint::RestoredMoments`).
     pub fn sharded(
         model: Qwen3Model,
         config: EngineConfig,
@@ -100,7 +101,7 @@ impl<'g> Engine<'g> {
         config: EngineConfig,
         replicas: &'g ProcessGroup,
         parallel: Option<ModelParallel<'g>>,
-        mut start: OptimizerStart,
+        start: OptimizerStart,
     ) -> Self {
         let device = model.device().inner();
         let buckets = config.bucket_elems;
@@ -133,9 +134,6 @@ impl<'g> Engine<'g> {
                 buckets,
             )],
         };
-        if let Some(p) = &parallel {
-            start.moments = p.local_moments(&mut trainable, &start.moments, &device);
-        }
         let (mut pieces, mut piece_counts, mut placement) = (Vec::new(), Vec::new(), None);
         for sync in &syncs {
             let (p, place) = sync.pieces();
@@ -248,29 +246,30 @@ impl<'g> Engine<'g> {
         Ok(())
     }
 
-    /// Under model parallelism, the whole model and moments on world rank 0 (collective over
-    /// every rank; `None` elsewhere, and without model parallelism).
-    pub fn gather_whole(&mut self) -> Result<Option<WholeState>, CommError> {
-        let Some(p) = &self.parallel else {
-            return Ok(None);
-        };
-        let moments = self.optim.moments();
-        let mut local = BTreeMap::new();
-        let mut at = 0;
-        for (sync, &n) in self.syncs.iter().zip(&self.piece_counts) {
-            let mine = &moments[at..at + n];
-            at += n;
-            let flat = |f: fn(&Moments) -> &Tensor<1>| -> Vec<f32> {
-                mine.iter().flat_map(|m| to_f32_vec(f(m).clone())).collect()
-            };
-            let exp_avg = sync.gather_flat(&flat(|m| &m.exp_avg))?;
-            let exp_avg_sq = sync.gather_flat(&flat(|m| &m.exp_avg_sq))?;
-            for (name, len, offset) in sync.params() {
-                let run = |v: &[f32]| v[offset..offset + len].to_vec();
-                local.insert(name.to_string(), (run(&exp_avg), run(&exp_avg_sq)));
-            }
-        }
-        p.gather_whole(&mut self.model.trainable(), local)
+    /// The data-parallel group.
+    pub fn replicas(&self) -> &'g ProcessGroup {
+        self.replicas
+    }
+
+    /// (name, local shape, values) of every trainable parameter, in visiting order.
+    pub fn local_params(&mut self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        parallel::local_params(&mut self.model.trainable())
+    }
+
+    /// The local shape of every trainable parameter.
+    pub fn local_shapes(&self) -> BTreeMap<String, Vec<usize>> {
+        let mut model = self.model.clone();
+        param_shapes(&mut model.trainable()).into_iter().collect()
+    }
+
+    /// Under model parallelism, the optimizer pieces whose moments this rank writes into a
+    /// checkpoint: each element once over the world, as the global norm counts them.
+    pub fn owned_pieces(&self) -> Vec<(&Piece, &Moments)> {
+        let pieces = self.optim.pieces().iter().zip(self.optim.moments());
+        (pieces.zip(&self.counted))
+            .filter(|(_, &counted)| counted)
+            .map(|(p, _)| p)
+            .collect()
     }
 
     fn sum_over_replicas(&self, values: &mut [f64]) -> Result<(), CommError> {

@@ -1,21 +1,18 @@
 //! The model-parallel side of an engine: this rank's shard and the groups its gradients and
-//! reported values complete over, and the canonical (whole-model) view a checkpoint takes.
+//! reported values complete over.
 //!
 //! Owns: which group completes which gradient or value, and which pieces this rank counts in
 //! the global norm. Must not: decide placements (`moeru_models::shard` does) or do optimizer
 //! math.
 
-use std::collections::BTreeMap;
-
 use burn::tensor::{Device, Tensor};
-use moeru_models::params::{param_shapes, to_f32_vec, ParamVisitor, Params};
-use moeru_models::shard::{cut_part, full_shape, join_parts};
+use moeru_models::params::{to_f32_vec, ParamVisitor, Params};
 use moeru_models::{ModelShard, Placement};
 use moeru_parallel::boundaries::ShardBoundaries;
 use moeru_parallel::{CommError, ProcessGroup, ReduceOp};
 
 use super::grads::GradBuffer;
-use super::optim::{flat_tensor, Moments, Piece};
+use super::optim::{flat_tensor, Piece};
 use super::sync::{GradSync, SyncKind};
 
 /// A rank of a tensor- and/or expert-parallel layout.
@@ -29,14 +26,6 @@ pub struct ModelParallel<'g> {
     pub edp: &'g ProcessGroup,
     /// Every rank: the global norm's squares and the checkpoint's gathers end here.
     pub world: &'g ProcessGroup,
-}
-
-/// A model and its AdamW moments, whole, as one rank holding everything would have them.
-pub struct WholeState {
-    /// (name, whole shape, values) in visiting order.
-    pub params: Vec<(String, Vec<usize>, Vec<f32>)>,
-    /// (exp_avg, exp_avg_sq) per parameter.
-    pub moments: BTreeMap<String, (Vec<f32>, Vec<f32>)>,
 }
 
 impl ModelParallel<'_> {
@@ -115,96 +104,10 @@ impl ModelParallel<'_> {
         summed[4..].copy_from_slice(&shares[2..]);
         Ok(())
     }
-
-    /// This rank's part of whole moments (as a checkpoint restores them) for the parameters
-    /// of `model`.
-    pub fn local_moments<M: Params>(
-        &self,
-        model: &mut M,
-        whole: &BTreeMap<String, Moments>,
-        device: &Device,
-    ) -> BTreeMap<String, Moments> {
-        let mut out = BTreeMap::new();
-        for (name, dims) in param_shapes(model) {
-            let Some(m) = whole.get(&name) else { continue };
-            let plan = self.shard.plan(&name);
-            let Placement::Split(split) = plan.placement else {
-                out.insert(name, m.clone());
-                continue;
-            };
-            let full = full_shape(&dims, &plan.placement);
-            let cut = |t: &Tensor<1>| {
-                let part = cut_part(&to_f32_vec(t.clone()), &full, &split);
-                flat_tensor(part, device)
-            };
-            let local = Moments {
-                exp_avg: cut(&m.exp_avg),
-                exp_avg_sq: cut(&m.exp_avg_sq),
-            };
-            out.insert(name, local);
-        }
-        out
-    }
-
-    /// The whole model and moments from every rank's part (collective over the world; the
-    /// result on world rank 0, `None` elsewhere). `local` holds this rank's part of each
-    /// parameter's moments, whole over its sync group already.
-    pub fn gather_whole<M: Params>(
-        &self,
-        model: &mut M,
-        mut local: BTreeMap<String, (Vec<f32>, Vec<f32>)>,
-    ) -> Result<Option<WholeState>, CommError> {
-        let mut whole = WholeState {
-            params: Vec::new(),
-            moments: BTreeMap::new(),
-        };
-        for (name, dims, values) in local_params(model) {
-            let plan = self.shard.plan(&name);
-            let (m, v) = local.remove(&name).unwrap_or_default();
-            let mut parts = [values, m, v];
-            let full = full_shape(&dims, &plan.placement);
-            if let Placement::Split(s) = plan.placement {
-                let group = if plan.expert { self.ep } else { self.tp };
-                parts = gather_parts(group, parts, &dims, s.dim)?;
-            }
-            let [values, m, v] = parts;
-            if !m.is_empty() {
-                whole.moments.insert(name.clone(), (m, v));
-            }
-            whole.params.push((name, full, values));
-        }
-        Ok((self.world.rank() == 0).then_some(whole))
-    }
-}
-
-/// Each of `parts` (same-shaped `dims` slices, or empty) joined over `group` along `dim`, in
-/// one all-gather.
-fn gather_parts(
-    group: &ProcessGroup,
-    parts: [Vec<f32>; 3],
-    dims: &[usize],
-    dim: usize,
-) -> Result<[Vec<f32>; 3], CommError> {
-    let lens = parts.each_ref().map(Vec::len);
-    let send: Vec<f32> = parts.concat();
-    let gathered = group.all_gather(&send)?;
-    let ranks = group.size();
-    let mut at = 0;
-    let mut per_kind: [Vec<f32>; 3] = Default::default();
-    for _ in 0..ranks {
-        for (k, &len) in lens.iter().enumerate() {
-            per_kind[k].extend_from_slice(&gathered[at..at + len]);
-            at += len;
-        }
-    }
-    Ok(per_kind.map(|g| match g.is_empty() {
-        true => g,
-        false => join_parts(&g, ranks, dims, dim),
-    }))
 }
 
 /// (name, local shape, values) of every parameter of `model`, in visiting order.
-fn local_params<M: Params>(model: &mut M) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+pub fn local_params<M: Params>(model: &mut M) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     struct Collect(Vec<(String, Vec<usize>, Vec<f32>)>);
     impl ParamVisitor for Collect {
         fn visit<const D: usize>(&mut self, name: &str, param: &mut Tensor<D>) {

@@ -5,13 +5,13 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use moeru_data::DataLoader;
-use moeru_models::{DropoutKey, Qwen3Config};
+use moeru_models::{DropoutKey, Qwen3Config, Qwen3Model};
 use moeru_parallel::{ProcessGroup, Traffic};
 
 use crate::checkpoint::{save, SaveTarget, TrainerState};
 use crate::engine::optim::AdamWConfig;
 use crate::engine::sync::SyncKind;
-use crate::engine::{Engine, EngineConfig, MicroBatch, ModelParallel};
+use crate::engine::{Engine, EngineConfig, MicroBatch, ModelParallel, OptimizerStart};
 use crate::error::TrainError;
 use crate::eval::evaluate;
 use crate::lora::{fingerprint, BaseFingerprint, TrainableSizes};
@@ -21,38 +21,21 @@ use crate::recipe::recipe_hash;
 use crate::recipe::schema::Recipe;
 use crate::run::{RunOptions, RunSummary};
 use crate::schedule::learning_rate;
-use crate::session::Session;
+use crate::session::{Session, Start};
 
 /// Trains (or resumes) `session`'s recipe on this rank.
 pub fn run(session: &Session, opts: &RunOptions) -> Result<RunSummary, TrainError> {
     let recipe = session.recipe;
-    let start = session.start(opts.require_resume)?;
-    let config = engine_config(recipe, session.groups.dp.size());
-    let dp = &session.groups.dp;
-    let mut engine = match &session.boundaries {
-        Some(boundaries) => {
-            let parallel = ModelParallel {
-                shard: start.model.shard(),
-                boundaries: boundaries.clone(),
-                tp: &session.groups.tp,
-                ep: &session.groups.ep,
-                edp: &session.groups.edp,
-                world: session.world,
-            };
-            Engine::sharded(start.model, config, dp, parallel, start.optimizer)
-        }
-        None => Engine::new(start.model, config, dp, start.optimizer),
-    };
-    let sizes = TrainableSizes::of(&mut engine.model, Some(engine.optim.held_elements()));
-    if session.main {
-        eprintln!("{}", sizes.line(engine.model.lora_config().is_some()));
-    }
-    if engine.parallel().is_some() {
-        eprintln!(
-            "{}",
-            sizes.rank_line(session.world.rank(), &engine.model.shard())
-        );
-    }
+    let Start {
+        model,
+        optimizer,
+        loader,
+        step: start_step,
+        tokens_seen,
+        lora_base,
+    } = session.start(opts.require_resume)?;
+    let mut engine = build_engine(session, model, optimizer);
+    let sizes = report_sizes(session, &mut engine);
     let objective = LmObjective {
         weights: aux_weights(recipe, &engine.model.config),
     };
@@ -63,20 +46,20 @@ pub fn run(session: &Session, opts: &RunOptions) -> Result<RunSummary, TrainErro
             recipe.logging.tensorboard,
             recipe.logging.progress,
             t.steps,
-            start.step,
+            start_step,
         )?),
         false => None,
     };
     let mut state = LoopState {
-        loader: start.loader,
-        tokens_seen: start.tokens_seen,
-        lora_base: start.lora_base,
+        loader,
+        tokens_seen,
+        lora_base,
     };
     let end = opts
         .stop_after
-        .map_or(t.steps, |n| (start.step + n).min(t.steps));
+        .map_or(t.steps, |n| (start_step + n).min(t.steps));
     let mut last_loss = f64::NAN;
-    for step in start.step..end {
+    for step in start_step..end {
         if let Some(f) = opts
             .fault
             .filter(|f| f.rank == session.world.rank() && f.step == step + 1)
@@ -114,12 +97,50 @@ pub fn run(session: &Session, opts: &RunOptions) -> Result<RunSummary, TrainErro
         metrics.finish()?;
     }
     Ok(RunSummary {
-        start_step: start.step,
+        start_step,
         end_step: end,
         last_loss,
         sizes,
         rank: session.world.rank(),
     })
+}
+
+/// The engine over the starting model and optimizer state: sharded under tensor or expert
+/// parallelism.
+fn build_engine<'s>(
+    session: &'s Session,
+    model: Qwen3Model,
+    optimizer: OptimizerStart,
+) -> Engine<'s> {
+    let config = engine_config(session.recipe, session.groups.dp.size());
+    let dp = &session.groups.dp;
+    match &session.boundaries {
+        Some(boundaries) => {
+            let parallel = ModelParallel {
+                shard: model.shard(),
+                boundaries: boundaries.clone(),
+                tp: &session.groups.tp,
+                ep: &session.groups.ep,
+                edp: &session.groups.edp,
+                world: session.world,
+            };
+            Engine::sharded(model, config, dp, parallel, optimizer)
+        }
+        None => Engine::new(model, config, dp, optimizer),
+    }
+}
+
+/// Prints what trains and, under model parallelism, every rank's bytes.
+fn report_sizes(session: &Session, engine: &mut Engine) -> TrainableSizes {
+    let sizes = TrainableSizes::of(&mut engine.model, Some(engine.optim.held_elements()));
+    if session.main {
+        eprintln!("{}", sizes.line(engine.model.lora_config().is_some()));
+    }
+    if engine.parallel().is_some() {
+        let rank = session.world.rank();
+        eprintln!("{}", sizes.rank_line(rank, &engine.model.shard()));
+    }
+    sizes
 }
 
 fn engine_config(recipe: &Recipe, dp_size: usize) -> EngineConfig {
