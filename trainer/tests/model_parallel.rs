@@ -173,7 +173,9 @@ fn eval_losses(out: &Path) -> Vec<(u64, f64)> {
 
 #[test]
 fn tied_embeddings_under_tp2_with_evaluation() {
-    let model: [Set; 4] = [
+    // The smoke model as it is: 2 layers, tied embeddings.
+    let model: [Set; 5] = [
+        ("model.architecture.num_hidden_layers", &2),
         ("model.architecture.tie_word_embeddings", &true),
         ("data.eval", &"recipes/smoke/data/eval"),
         ("train.eval_every", &5),
@@ -181,15 +183,16 @@ fn tied_embeddings_under_tp2_with_evaluation() {
     ];
     let reference = tempfile::tempdir().unwrap();
     run(reference.path(), ONE, &model, &RunOptions::default()).unwrap();
-    let out = tempfile::tempdir().unwrap();
-    let l = layout(1, 2, 2, true, false);
-    run(out.path(), l, &model, &RunOptions::default()).unwrap();
-    assert_matches(out.path(), reference.path(), &format!("tied {l:?}"));
-    let (a, b) = (eval_losses(out.path()), eval_losses(reference.path()));
-    assert_eq!(a.len(), 2, "{a:?}");
-    for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
-        assert_eq!(sa, sb);
-        assert!((la - lb).abs() <= 1e-5, "eval at step {sa}: {la} vs {lb}");
+    for l in [layout(1, 2, 1, true, false), layout(1, 2, 2, true, false)] {
+        let out = tempfile::tempdir().unwrap();
+        run(out.path(), l, &model, &RunOptions::default()).unwrap();
+        assert_matches(out.path(), reference.path(), &format!("tied {l:?}"));
+        let (a, b) = (eval_losses(out.path()), eval_losses(reference.path()));
+        assert_eq!(a.len(), 2, "{a:?}");
+        for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
+            assert_eq!(sa, sb);
+            assert!((la - lb).abs() <= 1e-5, "eval at step {sa}: {la} vs {lb}");
+        }
     }
 }
 
@@ -229,7 +232,7 @@ fn a_tp_ep_checkpoint_resumes_at_other_layouts() {
 #[test]
 fn layouts_the_model_does_not_divide_are_refused() {
     let out = tempfile::tempdir().unwrap();
-    let cases: [(Layout, &[Set], &str); 4] = [
+    let cases: [(Layout, &[Set], &str); 5] = [
         (layout(1, 4, 1, true, false), &[], "num_key_value_heads (2)"),
         (layout(1, 2, 1, false, false), &[], "sequence_parallel"),
         (layout(1, 1, 3, false, false), &[], "`parallel.ep` = 3"),
@@ -237,6 +240,11 @@ fn layouts_the_model_does_not_divide_are_refused() {
             layout(1, 2, 1, true, false),
             &[("model.architecture.intermediate_size", &127)],
             "intermediate_size (127)",
+        ),
+        (
+            layout(1, 2, 1, true, false),
+            &[("model.architecture.vocab_size", &385)],
+            "vocab_size (385)",
         ),
     ];
     for (l, model, want) in cases {
