@@ -27,6 +27,9 @@ pub struct ForwardCtx {
     /// every forward), `None` for evaluation (no dropout).
     pub dropout: Option<DropoutKey>,
     pub adapters: Adapters,
+    /// MoE expert capacity as a multiple of an even share of the routed rows; assignments
+    /// beyond it are dropped (`moe.rs`). `None`: dropless.
+    pub capacity_factor: Option<f64>,
 }
 
 impl ForwardCtx {
@@ -41,6 +44,13 @@ impl ForwardCtx {
     pub fn with_dropout(self, key: Option<DropoutKey>) -> Self {
         Self {
             dropout: key,
+            ..self
+        }
+    }
+
+    pub fn with_capacity_factor(self, capacity_factor: Option<f64>) -> Self {
+        Self {
+            capacity_factor,
             ..self
         }
     }

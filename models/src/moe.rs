@@ -11,7 +11,7 @@ use crate::forward_ctx::ForwardCtx;
 use crate::layers::logsumexp_rows;
 use crate::linear::Linear;
 use crate::lora::{LoraAdapter, LoraSlot};
-use crate::params::{ParamSource, ParamVisitor, Params};
+use crate::params::{to_f32_vec, ParamSource, ParamVisitor, Params};
 use crate::routing::RoutingPlan;
 
 #[derive(Debug, Clone)]
@@ -23,6 +23,23 @@ pub struct MoeBlock {
     norm_topk_prob: bool,
 }
 
+/// Marks the assignments over each expert's capacity ⌈`factor` · assignments / `experts`⌉
+/// dropped (−1): per expert, those with the highest router weight stay (ties: earlier
+/// assignment first), Megatron's "probs" drop policy.
+fn drop_over_capacity(expert_of: &mut [i64], weights: &[f32], experts: usize, factor: f64) {
+    let capacity = (factor * expert_of.len() as f64 / experts as f64).ceil() as usize;
+    let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); experts];
+    for (a, &e) in expert_of.iter().enumerate() {
+        by_expert[e as usize].push(a);
+    }
+    for list in by_expert.iter_mut().filter(|l| l.len() > capacity) {
+        list.sort_by(|&x, &y| weights[y].total_cmp(&weights[x]).then(x.cmp(&y)));
+        for &a in &list[capacity..] {
+            expert_of[a] = -1;
+        }
+    }
+}
+
 /// What one MoE layer reports besides its output.
 #[derive(Debug, Clone)]
 pub struct RouterStats {
@@ -30,7 +47,7 @@ pub struct RouterStats {
     pub prob_sum: Tensor<1>,
     /// Σ over tokens of logsumexp(router logits)² (differentiable; feeds the z-loss).
     pub z_sum: Tensor<1>,
-    /// Tokens routed to each expert (top-k assignments).
+    /// Tokens routed to each expert (top-k assignments, before any capacity drop).
     pub expert_counts: Vec<u64>,
     /// Number of tokens routed.
     pub tokens: usize,
@@ -82,15 +99,24 @@ impl MoeBlock {
         if self.norm_topk_prob {
             weights = weights.clone() / weights.sum_dim(1);
         }
-        let expert_of = chosen
+        let mut expert_of = chosen
             .into_data()
             .try_into_vec_as::<i64>()
             .expect("top-k indices are integers");
         let weights = weights.reshape([tokens * k]);
-        let (y, expert_counts, computed_rows) = if bd.shard().ep == 1 {
+        // The load-balancing loss and the loads count the assignments before any drop.
+        let mut expert_counts = vec![0u64; experts];
+        for &e in &expert_of {
+            expert_counts[e as usize] += 1;
+        }
+        if let Some(factor) = ctx.capacity_factor {
+            let w = to_f32_vec(weights.clone());
+            drop_over_capacity(&mut expert_of, &w, experts, factor);
+        }
+        let (y, computed_rows) = if bd.shard().ep == 1 {
             let plan = RoutingPlan::new(&expert_of, k, experts);
             let y = self.experts.forward(&x, &plan, &weights, ctx);
-            (y, plan.counts, plan.computed_rows)
+            (y, plan.computed_rows)
         } else {
             self.dispatch(&x, &expert_of, weights, ctx, bd)
         };
@@ -108,8 +134,8 @@ impl MoeBlock {
     /// this rank's assignments by expert, exchange the counts, send each routed row to its
     /// expert's rank, run the local experts over what arrives (grouped as routing.rs plans
     /// them), send the outputs back, and weight them by the router probabilities here, on the
-    /// token's own rank, so the router's gradient never crosses ranks. Returns the output,
-    /// this rank's assignments per expert and the rows its experts computed.
+    /// token's own rank, so the router's gradient never crosses ranks. Dropped assignments
+    /// (negative experts) are not sent. Returns the output and the rows its experts computed.
     fn dispatch(
         &self,
         x: &Tensor<2>,
@@ -117,17 +143,19 @@ impl MoeBlock {
         weights: Tensor<1>,
         ctx: &ForwardCtx,
         bd: &dyn Boundaries,
-    ) -> (Tensor<2>, Vec<u64>, u64) {
+    ) -> (Tensor<2>, u64) {
         let [tokens, hidden] = x.dims();
         let device = x.device();
         let (experts, ep) = (self.num_experts(), bd.shard().ep);
         let local = experts / ep;
         // A stable sort keeps each expert's rows in token order, as the one-rank plan has them.
-        let mut order: Vec<usize> = (0..expert_of.len()).collect();
+        let mut order: Vec<usize> = (0..expert_of.len())
+            .filter(|&a| expert_of[a] >= 0)
+            .collect();
         order.sort_by_key(|&a| expert_of[a]);
         let mut counts = vec![0u64; experts];
-        for &e in expert_of {
-            counts[e as usize] += 1;
+        for &a in &order {
+            counts[expert_of[a] as usize] += 1;
         }
         let per_rank = |c: &[u64]| -> Vec<usize> {
             c.chunks(local)
@@ -174,7 +202,7 @@ impl MoeBlock {
             weighted,
             IndexingUpdateOp::Add,
         );
-        (y, counts, plan.computed_rows)
+        (y, plan.computed_rows)
     }
 
     pub(crate) fn lora_slot(&mut self, param: &str) -> Option<LoraSlot<'_>> {
@@ -254,5 +282,77 @@ pub fn token_shards(bd: &dyn Boundaries) -> usize {
         shard.tp
     } else {
         1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boundaries::Local;
+    use crate::init::RandomInit;
+
+    #[test]
+    fn over_capacity_the_lowest_weights_drop() {
+        // Capacity ⌈1.0 · 6 / 2⌉ = 3: expert 0 has four assignments and loses its weakest;
+        // of two equal weights the later one drops.
+        let mut expert_of = vec![0, 0, 0, 1, 0, 1];
+        drop_over_capacity(&mut expert_of, &[0.1, 0.9, 0.5, 0.3, 0.5, 0.2], 2, 1.0);
+        assert_eq!(expert_of, vec![-1, 0, 0, 1, 0, 1]);
+        let mut tie = vec![0, 0, 0, 0];
+        drop_over_capacity(&mut tie, &[0.5; 4], 2, 1.0);
+        assert_eq!(tie, vec![0, 0, -1, -1]);
+    }
+
+    /// With a capacity, a token that lost none of its assignments gets exactly the dropless
+    /// output, one that lost some does not, and fewer rows are computed.
+    #[test]
+    fn dropped_assignments_leave_the_other_tokens_alone() {
+        let json = serde_json::json!({
+            "model_type": "qwen3_moe", "vocab_size": 16, "hidden_size": 8, "intermediate_size": 8,
+            "moe_intermediate_size": 4, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 4, "num_experts": 4, "num_experts_per_tok": 2,
+        });
+        let serde_json::Value::Object(map) = json else {
+            unreachable!()
+        };
+        let c = Qwen3Config::from_map(map, std::path::Path::new("test")).unwrap();
+        let device = Device::flex();
+        let mut init = RandomInit { seed: 5, std: 0.8 };
+        let m = c.moe.clone().unwrap();
+        let block = MoeBlock::new(&c, &m, "mlp", &mut init, &device).unwrap();
+        let tokens = 24;
+        let x: Vec<f32> = (0..tokens * 8)
+            .map(|i| ((i * 37 % 17) as f32 - 8.0) / 4.0)
+            .collect();
+        let x = Tensor::<2>::from_data(TensorData::new(x, [tokens, 8]), &device);
+        let full_ctx = ForwardCtx::default();
+        let drop_ctx = full_ctx.with_capacity_factor(Some(0.75));
+        let (full, full_stats) = block.forward(x.clone(), &full_ctx, &Local);
+        let (dropped, stats) = block.forward(x.clone(), &drop_ctx, &Local);
+        assert_eq!(
+            stats.expert_counts, full_stats.expert_counts,
+            "counts before the drop"
+        );
+        assert!(stats.computed_rows < full_stats.computed_rows);
+        // Which tokens lost an assignment, by the same rule on the same weights.
+        let logits = block.gate.forward(x, &full_ctx);
+        let probs = softmax(logits, 1);
+        let (top, chosen) = probs.topk_with_indices(2, 1);
+        let top = to_f32_vec(top.clone() / top.sum_dim(1));
+        let mut expert_of = chosen.into_data().try_into_vec_as::<i64>().unwrap();
+        drop_over_capacity(&mut expert_of, &top, 4, 0.75);
+        let (full, dropped) = (to_f32_vec(full), to_f32_vec(dropped));
+        let mut lost = 0;
+        for t in 0..tokens {
+            let row = |v: &[f32]| v[t * 8..(t + 1) * 8].to_vec();
+            let kept = expert_of[2 * t] >= 0 && expert_of[2 * t + 1] >= 0;
+            let same = row(&full) == row(&dropped);
+            assert_eq!(
+                kept, same,
+                "token {t}: kept {kept}, output unchanged {same}"
+            );
+            lost += usize::from(!kept);
+        }
+        assert!(lost > 0, "the capacity dropped something");
     }
 }

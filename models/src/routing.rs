@@ -40,13 +40,14 @@ pub struct RoutingPlan {
 }
 
 impl RoutingPlan {
-    /// `expert_of[a]` is the expert of assignment `a` = token · top_k + slot.
+    /// `expert_of[a]` is the expert of assignment `a` = token · top_k + slot, or negative
+    /// for an assignment dropped over capacity (no row computes it).
     pub fn new(expert_of: &[i64], top_k: usize, experts: usize) -> Self {
         let mut counts = vec![0u64; experts];
-        for &e in expert_of {
+        for &e in expert_of.iter().filter(|&&e| e >= 0) {
             counts[e as usize] += 1;
         }
-        let cuts = choose_groups(&counts, expert_of.len() as u64);
+        let cuts = choose_groups(&counts, counts.iter().sum());
         let mut groups = Vec::with_capacity(cuts.len());
         // Where each expert's rows go: (group, position in the group).
         let mut place = vec![(usize::MAX, 0usize); experts];
@@ -66,7 +67,7 @@ impl RoutingPlan {
             });
         }
         let mut fill = vec![0usize; experts];
-        for (a, &e) in expert_of.iter().enumerate() {
+        for (a, &e) in expert_of.iter().enumerate().filter(|(_, &e)| e >= 0) {
             let e = e as usize;
             let (g, j) = place[e];
             let group = &mut groups[g];

@@ -37,6 +37,7 @@ fn adamw_steps_match_pytorch() {
         precision: Precision::F32,
         bucket_elems: 1 << 20,
         sync: SyncKind::Local,
+        capacity_factor: None,
     };
     let world = one_rank();
     let mut engine = Engine::new(model, config, &world, OptimizerStart::default());

@@ -162,6 +162,7 @@ pub fn run_bench(opts: &BenchOptions, device: &Device) -> Result<BenchReport, Tr
         precision: opts.precision,
         bucket_elems: 1 << 20,
         sync: SyncKind::Local,
+        capacity_factor: None,
     };
     let world = one_rank();
     let mut engine = Engine::new(model, config, &world, OptimizerStart::default());

@@ -576,3 +576,13 @@ fn lora_section_is_on_as_a_mapping_and_off_as_null() {
     let e = err(MINIMAL, &[base[0], base[1], "lora.dropout=1.5"]);
     assert!(e.contains("lora.dropout") && e.contains("1.5"), "{e}");
 }
+
+#[test]
+fn capacity_factor_is_positive_or_null() {
+    let base = ["model.architecture=null", "model.path=m"];
+    assert_eq!(ok(MINIMAL, &base).moe.capacity_factor, None);
+    let on = ok(MINIMAL, &[base[0], base[1], "moe.capacity_factor=1.25"]);
+    assert_eq!(on.moe.capacity_factor, Some(1.25));
+    let e = err(MINIMAL, &[base[0], base[1], "moe.capacity_factor=0"]);
+    assert!(e.contains("moe.capacity_factor") && e.contains("is 0"), "{e}");
+}

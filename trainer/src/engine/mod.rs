@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use burn::tensor::{Device, Tensor};
 use moeru_models::params::param_shapes;
-use moeru_models::{Precision, Qwen3Model};
+use moeru_models::{ForwardCtx, Precision, Qwen3Model};
 use moeru_parallel::{thread_world, CommError, ProcessGroup, ReduceOp};
 
 pub use micro::MicroBatch;
@@ -43,6 +43,8 @@ pub struct EngineConfig {
     pub precision: Precision,
     /// ZeRO-1 and plain DP lay gradients out in buckets of this many elements.
     pub bucket_elems: usize,
+    /// MoE expert capacity factor (`moe.capacity_factor`); `None`: dropless.
+    pub capacity_factor: Option<f64>,
     pub sync: SyncKind,
 }
 
@@ -190,12 +192,13 @@ impl<'g> Engine<'g> {
         let mut counts = objective.counts(micro);
         self.sum_over_replicas(&mut counts)?;
         let mut report = StepReport::default();
-        let precision = self.config.precision;
+        let base = ForwardCtx::new(self.config.precision)
+            .with_capacity_factor(self.config.capacity_factor);
         let mut buffer = self.schedule.run(
             &mut self.model,
             objective,
             micro,
-            precision,
+            base,
             &counts,
             &mut report,
         );

@@ -4,7 +4,7 @@
 //!
 //! Owns: the order of forwards and backwards. Must not: sync or apply gradients.
 
-use moeru_models::{ForwardCtx, Precision, Qwen3Model};
+use moeru_models::{ForwardCtx, Qwen3Model};
 
 use super::grads::GradBuffer;
 use super::MicroBatch;
@@ -19,13 +19,13 @@ pub enum Schedule {
 
 impl Schedule {
     /// Runs `micro` through `objective` and returns the accumulated gradients of what trains.
-    /// Each micro-batch's forward gets its own context (precision, its dropout key).
+    /// Each micro-batch's forward gets `base` (precision, capacity) with its dropout key.
     pub fn run(
         &self,
         model: &mut Qwen3Model,
         objective: &dyn Objective,
         micro: &[MicroBatch],
-        precision: Precision,
+        base: ForwardCtx,
         counts: &[f64],
         report: &mut StepReport,
     ) -> GradBuffer {
@@ -33,7 +33,7 @@ impl Schedule {
         match self {
             Schedule::Local => {
                 for mb in micro {
-                    let ctx = ForwardCtx::new(precision).with_dropout(mb.dropout);
+                    let ctx = base.with_dropout(mb.dropout);
                     let loss = objective.micro_loss(model, mb, &ctx, counts, report);
                     let g = loss.backward();
                     // Only what trains gets gradients (LoRA: the adapters).

@@ -149,6 +149,7 @@ pub const KEYS: &[Key] = &[
     key("moe", Section, false, ""),
     key("moe.aux_loss_coef", OptFloat, false, ""),
     key("moe.z_loss_coef", Float, false, ""),
+    key("moe.capacity_factor", OptFloat, false, ""),
     key("precision", Enum(&["f32", "bf16"]), false, ""),
     key("device", Str, false, ""),
     key("lora", OptSection, false, ""),

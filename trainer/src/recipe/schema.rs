@@ -192,6 +192,11 @@ pub struct MoeSection {
     /// Router z-loss coefficient (0 = off).
     #[serde(default)]
     pub z_loss_coef: f64,
+    /// Expert capacity as a multiple of an even share (`tokens · top_k / experts`) of each
+    /// micro-batch's routed rows on a rank; assignments beyond it are dropped (lowest router
+    /// probability first). `null`: dropless.
+    #[serde(default)]
+    pub capacity_factor: Option<f64>,
 }
 
 /// Adapters `y = xW + s·(x A) B` on a frozen base, s = alpha / rank (alpha / √rank with
@@ -302,6 +307,7 @@ impl Default for MoeSection {
         Self {
             aux_loss_coef: None,
             z_loss_coef: 0.0,
+            capacity_factor: None,
         }
     }
 }

@@ -167,6 +167,17 @@ pub fn validate(r: &Recipe) -> Result<(), Violation> {
         non_negative("moe.aux_loss_coef", c)?;
     }
     non_negative("moe.z_loss_coef", r.moe.z_loss_coef)?;
+    if let Some(cf) = r.moe.capacity_factor {
+        if cf.is_nan() || cf <= 0.0 {
+            return Err(Violation {
+                key: "moe.capacity_factor",
+                msg: format!(
+                    "is {cf}; it must be greater than 0 (e.g. 1.25), or null for dropless routing"
+                ),
+                related: &[],
+            });
+        }
+    }
     if let Some(l) = &r.lora {
         validate_lora(l, r.model.path.is_some())?;
     }

@@ -160,6 +160,7 @@ fn engine_config(recipe: &Recipe, dp_size: usize) -> EngineConfig {
         clip: o.grad_clip,
         precision: recipe.precision,
         bucket_elems: ((recipe.parallel.bucket_mb * 1024.0 * 1024.0) / 4.0).max(1.0) as usize,
+        capacity_factor: recipe.moe.capacity_factor,
         sync,
     }
 }
