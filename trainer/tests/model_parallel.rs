@@ -380,6 +380,51 @@ fn tensor_parallel_traffic_equals_the_analytic_volume() {
     }
 }
 
+/// The tensor-parallel traffic of the MoE (1 dense + 3 MoE layers) under sequence
+/// parallelism: only attention and the dense MLP are tensor-parallel regions (experts run on
+/// each rank's rows); the load-balancing loss sums the E router counts over tp once per
+/// micro-batch, and every replicated weight's gradient (the routers' too) is partial.
+#[test]
+fn moe_tensor_parallel_traffic_equals_the_analytic_volume() {
+    let (r, h, d, l, dense, experts) = (2 * 64u64, 64u64, 16u64, 4u64, 1u64, 4u64);
+    let moe = l - dense;
+    let out = tempfile::tempdir().unwrap();
+    let lay = layout(1, 2, 1, true, false);
+    let mut rec = recipe_for(out.path(), lay, &[]);
+    (
+        rec.train.steps,
+        rec.train.grad_accum,
+        rec.schedule.warmup_steps,
+    ) = (2, 1, 0);
+    run_threads(&rec, &RunOptions::default(), 2).unwrap();
+    let activations = 2 * (l + dense + 1) * r * h * 4;
+    let partial = 4 * (l * (2 * h + 2 * d) + h + moe * experts * h);
+    let shares = 8 * (2 + experts * moe);
+    for m in metrics(out.path()).iter().filter(|m| m["loss"].is_f64()) {
+        let what = format!("step {}", m["step"]);
+        assert_eq!(
+            comm(m, "tp", "all_gather", "payload"),
+            activations,
+            "{what}"
+        );
+        assert_eq!(
+            comm(m, "tp", "reduce_scatter", "payload"),
+            activations,
+            "{what}"
+        );
+        let all_reduce = comm(m, "tp", "all_reduce", "payload");
+        assert_eq!(
+            all_reduce,
+            4 * 3 * r + 8 * experts + partial + shares,
+            "{what}"
+        );
+        assert!(
+            m["comm"].get("ep").is_none(),
+            "{what}: no expert parallelism"
+        );
+    }
+}
+
 /// The all-to-all traffic of expert parallelism against its volume: per MoE layer and
 /// micro-batch, the count exchange (E i64), the rank's routed rows out and their gradients
 /// back (R_local × k rows each), and the rows its experts received back and their gradients

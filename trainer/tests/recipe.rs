@@ -584,5 +584,8 @@ fn capacity_factor_is_positive_or_null() {
     let on = ok(MINIMAL, &[base[0], base[1], "moe.capacity_factor=1.25"]);
     assert_eq!(on.moe.capacity_factor, Some(1.25));
     let e = err(MINIMAL, &[base[0], base[1], "moe.capacity_factor=0"]);
-    assert!(e.contains("moe.capacity_factor") && e.contains("is 0"), "{e}");
+    assert!(
+        e.contains("moe.capacity_factor") && e.contains("is 0"),
+        "{e}"
+    );
 }
