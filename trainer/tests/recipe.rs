@@ -123,7 +123,9 @@ fn unknown_key_in_file_has_position_and_suggestion() {
     assert!(msg.contains("unknown key `logging.progres`; did you mean `logging.progress`?"));
     let msg = err(&format!("{MINIMAL}moe:\n  zzzzzzzzzz: 1\n"), &[]);
     assert!(
-        msg.ends_with("valid keys here: `moe.aux_loss_coef`, `moe.z_loss_coef`"),
+        msg.ends_with(
+            "valid keys here: `moe.aux_loss_coef`, `moe.z_loss_coef`, `moe.capacity_factor`"
+        ),
         "{msg}"
     );
 }

@@ -116,6 +116,38 @@ pub fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
         .collect()
 }
 
+/// The weights of the checkpoint of `step` under `out`, under Hugging Face names (experts one
+/// by one) whichever layout wrote them, sorted by name.
+pub fn hf_weights(out: &Path, step: u64) -> Vec<(String, Vec<f32>)> {
+    let dir = step_dir(out, step);
+    let device = burn::tensor::Device::flex();
+    let mut model =
+        moeru_checkpoints::load_hf_model(&dir, &device).unwrap_or_else(|e| panic!("{e}"));
+    let mut named: Vec<(String, Vec<f32>)> = moeru_checkpoints::hf_tensors(&mut model)
+        .into_iter()
+        .map(|(n, t)| (n, t.f32_values()))
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
+/// Per-step losses and the weights after `steps` of run `out` against `reference`, both
+/// within 1e-5, and the run learned something (or matching would prove little).
+pub fn assert_runs_match(out: &Path, reference: &Path, steps: u64, what: &str) {
+    let (a, b) = (losses(out), losses(reference));
+    assert_eq!(a.len(), steps as usize, "{what}: steps logged");
+    assert_eq!(a.len(), b.len(), "{what}");
+    let loss_diff = max_loss_diff(&a, &b);
+    let weight_diff = max_diff(&hf_weights(out, steps), &hf_weights(reference, steps));
+    eprintln!("{what}: max loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e}");
+    assert!(loss_diff <= 1e-5, "{what}: loss differs by {loss_diff}");
+    assert!(
+        weight_diff <= 1e-5,
+        "{what}: weights differ by {weight_diff}"
+    );
+    assert!(a[a.len() - 1] < a[0] - 0.1, "{what}: loss {a:?}");
+}
+
 /// The largest element difference of two [`tensors`] lists, which must name the same tensors.
 pub fn max_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
     assert_eq!(a.len(), b.len());
