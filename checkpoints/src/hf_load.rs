@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use moeru_models::params::{param_from_data, ParamSource};
+use moeru_models::shard::narrow_param;
+use moeru_models::Split;
 use moeru_models::{Boundaries, Local, Qwen3Config, Qwen3Model};
 
 use crate::error::CheckpointError;
@@ -82,6 +84,27 @@ impl HfFolder {
 
     /// Reads one stored tensor as f32, checking its shape.
     pub fn read(&mut self, name: &str, expected: &[usize]) -> Result<Vec<f32>, CheckpointError> {
+        let file = self.check(name, expected)?;
+        let (values, _) = self.files[file].f32(name)?;
+        self.used.insert(name.to_string());
+        Ok(values)
+    }
+
+    /// Rows `rows` (dim 0) of one stored tensor whose whole shape must be `expected`.
+    fn read_rows(
+        &mut self,
+        name: &str,
+        expected: &[usize],
+        rows: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>, CheckpointError> {
+        let file = self.check(name, expected)?;
+        let (values, _) = self.files[file].f32_rows(name, rows)?;
+        self.used.insert(name.to_string());
+        Ok(values)
+    }
+
+    /// The file of tensor `name`, after checking its shape against `expected`.
+    fn check(&self, name: &str, expected: &[usize]) -> Result<usize, CheckpointError> {
         let Some((file, shape)) = self.tensors.get(name) else {
             return Err(CheckpointError::MissingTensor {
                 dir: self.dir.clone(),
@@ -89,35 +112,66 @@ impl HfFolder {
                 expected: expected.to_vec(),
             });
         };
-        let file = &self.files[*file];
         if shape != expected {
             return Err(CheckpointError::ShapeMismatch {
-                file: file.path.clone(),
+                file: self.files[*file].path.clone(),
                 name: name.into(),
                 found: shape.clone(),
                 expected: expected.to_vec(),
             });
         }
-        let (values, _) = file.f32(name)?;
-        self.used.insert(name.to_string());
-        Ok(values)
+        Ok(*file)
     }
 
-    /// Stacks `{prefix}.{e}.{suffix}` for every expert, each `per_expert`-shaped.
+    /// Stacks `{prefix}.{e}.{suffix}` for the experts `experts` of `all`, each
+    /// `per_expert`-shaped; the others are checked (they are other ranks' parts) but not read.
     fn stack_experts(
         &mut self,
         prefix: &str,
         suffixes: &[&str],
-        experts: usize,
+        (all, experts): (usize, std::ops::Range<usize>),
         per_expert: &[usize],
     ) -> Result<Vec<f32>, CheckpointError> {
         let mut out = Vec::new();
-        for e in 0..experts {
+        for e in 0..all {
             for suffix in suffixes {
-                out.extend(self.read(&format!("{prefix}.{e}.{suffix}"), per_expert)?);
+                let name = format!("{prefix}.{e}.{suffix}");
+                if experts.contains(&e) {
+                    out.extend(self.read(&name, per_expert)?);
+                } else {
+                    self.check(&name, per_expert)?;
+                    self.used.insert(name);
+                }
             }
         }
         Ok(out)
+    }
+
+    /// A parameter read whole (`rows`: all of dim 0) or in rows `rows` of dim 0: a fused
+    /// tensor, or transformers' per-expert tensors stacked.
+    fn rows_of(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        rows: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>, CheckpointError> {
+        // transformers keeps experts fused in memory but per expert on disk: accept both.
+        if self.tensors.contains_key(name) {
+            return match rows.len() == shape[0] {
+                true => self.read(name, shape),
+                false => self.read_rows(name, shape, rows),
+            };
+        }
+        let experts = (shape[0], rows);
+        if let (Some(prefix), 3) = (name.strip_suffix(".gate_up_proj"), shape.len()) {
+            let per_expert = [shape[1] / 2, shape[2]];
+            let suffixes = ["gate_proj.weight", "up_proj.weight"];
+            self.stack_experts(prefix, &suffixes, experts, &per_expert)
+        } else if let (Some(prefix), 3) = (name.strip_suffix(".down_proj"), shape.len()) {
+            self.stack_experts(prefix, &["down_proj.weight"], experts, &shape[1..])
+        } else {
+            self.read(name, shape)
+        }
     }
 
     /// Fails on any tensor that no parameter asked for.
@@ -147,23 +201,25 @@ impl ParamSource for HfFolder {
         shape: [usize; D],
         device: &Device,
     ) -> Result<Tensor<D>, CheckpointError> {
-        // transformers keeps experts fused in memory but per expert on disk: accept both.
-        let values = if self.tensors.contains_key(name) {
-            self.read(name, &shape)?
-        } else if let (Some(prefix), 3) = (name.strip_suffix(".gate_up_proj"), D) {
-            let [e, two_i, h] = [shape[0], shape[1], shape[2]];
-            self.stack_experts(
-                prefix,
-                &["gate_proj.weight", "up_proj.weight"],
-                e,
-                &[two_i / 2, h],
-            )?
-        } else if let (Some(prefix), 3) = (name.strip_suffix(".down_proj"), D) {
-            self.stack_experts(prefix, &["down_proj.weight"], shape[0], &shape[1..])?
-        } else {
-            self.read(name, &shape)?
-        };
+        let values = self.rows_of(name, &shape, 0..shape[0])?;
         Ok(param_from_data(TensorData::new(values, shape), device))
+    }
+
+    /// A part along dim 0 (heads, vocabulary rows, experts) reads only its rows or experts;
+    /// a part along another dim reads the tensor whole and narrows it.
+    fn tensor_part<const D: usize>(
+        &mut self,
+        name: &str,
+        full: [usize; D],
+        split: &Split,
+        device: &Device,
+    ) -> Result<Tensor<D>, CheckpointError> {
+        if split.dim != 0 {
+            return Ok(narrow_param(self.tensor(name, full, device)?, split));
+        }
+        let values = self.rows_of(name, &full, split.range(full[0]))?;
+        let local = split.local_shape(full);
+        Ok(param_from_data(TensorData::new(values, local), device))
     }
 }
 

@@ -83,6 +83,21 @@ impl TensorFile {
         ))
     }
 
+    /// Rows `rows` (along dim 0) of the tensor `name` converted to f32, decoding only their
+    /// bytes, and the tensor's whole shape.
+    pub fn f32_rows(
+        &self,
+        name: &str,
+        rows: std::ops::Range<usize>,
+    ) -> Result<(Vec<f32>, Vec<usize>), CheckpointError> {
+        let view = self.view(name)?;
+        let shape = view.shape().to_vec();
+        let row_bytes = shape[1..].iter().product::<usize>() * view.dtype().bitsize() / 8;
+        let data = &view.data()[rows.start * row_bytes..rows.end * row_bytes];
+        let values = decode_f32(view.dtype(), data).ok_or_else(|| self.dtype_error(name, &view))?;
+        Ok((values, shape))
+    }
+
     /// The tensor `name` as i64 (from I64 or I32), with its shape.
     pub fn i64(&self, name: &str) -> Result<(Vec<i64>, Vec<usize>), CheckpointError> {
         let view = self.view(name)?;
@@ -119,8 +134,12 @@ fn le_chunks<const N: usize>(data: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ 
 }
 
 fn to_f32(view: &TensorView) -> Option<Vec<f32>> {
-    let data = view.data();
-    Some(match view.dtype() {
+    decode_f32(view.dtype(), view.data())
+}
+
+/// Little-endian F32, BF16 or F16 bytes as f32.
+fn decode_f32(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
         Dtype::F32 => le_chunks::<4>(data).map(f32::from_le_bytes).collect(),
         Dtype::BF16 => le_chunks::<2>(data)
             .map(|b| half::bf16::from_le_bytes(b).to_f32())
