@@ -4,7 +4,7 @@
 use moeru_models::lora::KNOWN_TARGETS;
 use moeru_models::DeviceSpec;
 
-use super::schema::{LoraSection, Recipe};
+use super::schema::{LoraSection, MoeSection, Recipe};
 
 /// A failed check: the key it is about and the message (without the key).
 #[derive(Debug, Clone, PartialEq)]
@@ -24,6 +24,23 @@ fn at_least(key: &'static str, value: u64, min: u64, why: &str) -> Result<(), Vi
         msg: format!("is {value}; it must be at least {min}{why}"),
         related: &[],
     })
+}
+
+fn validate_moe(m: &MoeSection) -> Result<(), Violation> {
+    if let Some(c) = m.aux_loss_coef {
+        non_negative("moe.aux_loss_coef", c)?;
+    }
+    non_negative("moe.z_loss_coef", m.z_loss_coef)?;
+    match m.capacity_factor {
+        Some(cf) if cf.is_nan() || cf <= 0.0 => Err(Violation {
+            key: "moe.capacity_factor",
+            msg: format!(
+                "is {cf}; it must be greater than 0 (e.g. 1.25), or null for dropless routing"
+            ),
+            related: &[],
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn non_negative(key: &'static str, value: f64) -> Result<(), Violation> {
@@ -163,21 +180,7 @@ pub fn validate(r: &Recipe) -> Result<(), Violation> {
     }
     non_negative("optim.weight_decay", o.weight_decay)?;
     non_negative("optim.grad_clip", o.grad_clip)?;
-    if let Some(c) = r.moe.aux_loss_coef {
-        non_negative("moe.aux_loss_coef", c)?;
-    }
-    non_negative("moe.z_loss_coef", r.moe.z_loss_coef)?;
-    if let Some(cf) = r.moe.capacity_factor {
-        if cf.is_nan() || cf <= 0.0 {
-            return Err(Violation {
-                key: "moe.capacity_factor",
-                msg: format!(
-                    "is {cf}; it must be greater than 0 (e.g. 1.25), or null for dropless routing"
-                ),
-                related: &[],
-            });
-        }
-    }
+    validate_moe(&r.moe)?;
     if let Some(l) = &r.lora {
         validate_lora(l, r.model.path.is_some())?;
     }
