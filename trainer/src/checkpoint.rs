@@ -255,14 +255,15 @@ impl RestoredMoments {
         device: &Device,
     ) -> Result<BTreeMap<String, Moments>, CheckpointError> {
         let shard = model.shard();
-        if let (RestoredMoments::Whole(map), true) = (&self, shard.is_single()) {
-            return Ok(map.clone());
-        }
+        let saved = match self {
+            RestoredMoments::Whole(map) if shard.is_single() => return Ok(map),
+            saved => saved,
+        };
         let device = device.clone().inner();
         let mut out = BTreeMap::new();
         for (name, dims) in param_shapes(&mut model.trainable()) {
             let placement = shard.plan(&name).placement;
-            let whole = match &self {
+            let whole = match &saved {
                 RestoredMoments::Whole(map) => map.get(&name).map(|m| {
                     [
                         to_f32_vec(m.exp_avg.clone()),

@@ -60,6 +60,7 @@ pub fn slices_file(rank: usize) -> String {
     format!("optim-r{rank:05}.json")
 }
 
+/// The moments of a slice map's runs: the map's file with a `.safetensors` extension.
 fn moments_file(rank: usize) -> String {
     format!("optim-r{rank:05}.safetensors")
 }
@@ -75,7 +76,11 @@ pub fn sharded_contents(
     engine: &mut Engine,
     contents: &mut CheckpointContents,
 ) -> Result<(), TrainError> {
-    let weights = owned_weights(engine)?;
+    let params = engine.local_params();
+    let shapes: BTreeMap<String, Vec<usize>> = (params.iter())
+        .map(|(n, dims, _)| (n.clone(), dims.clone()))
+        .collect();
+    let weights = owned_weights(engine, params)?;
     let p = engine.parallel().expect("a model-parallel engine");
     let rank = p.world.rank();
     let names: Vec<&str> = weights.iter().map(|(n, _)| n.as_str()).collect();
@@ -104,7 +109,7 @@ pub fn sharded_contents(
         contents.tensors.push((weights_file(rank), weights));
     }
     // Every rank writes its slice map, empty or not, so that a reader finds them all.
-    let (entries, tensors) = owned_moments(engine);
+    let (entries, tensors) = owned_moments(engine, &shapes);
     let map = serde_json::to_value(&entries).expect("slice map serialises");
     contents.json.push((slices_file(rank), map));
     if !tensors.is_empty() {
@@ -116,8 +121,10 @@ pub fn sharded_contents(
 /// The whole Hugging Face tensors this rank writes: its experts when it is first in its
 /// expert-data-parallel group; on data-parallel rank 0, every `tp`-th dense tensor, joined
 /// over tp first when split (all tp ranks take part in each join).
-fn owned_weights(engine: &mut Engine) -> Result<Vec<(String, OwnedTensor)>, TrainError> {
-    let params = engine.local_params();
+fn owned_weights(
+    engine: &Engine,
+    params: Vec<(String, Vec<usize>, Vec<f32>)>,
+) -> Result<Vec<(String, OwnedTensor)>, TrainError> {
     let first_rank = engine.replicas().rank() == 0;
     let p = engine.parallel().expect("a model-parallel engine");
     let tp = p.tp.size();
@@ -146,10 +153,13 @@ fn owned_weights(engine: &mut Engine) -> Result<Vec<(String, OwnedTensor)>, Trai
     Ok(out)
 }
 
-/// The slice map and moment tensors of the optimizer pieces this rank owns.
-fn owned_moments(engine: &Engine) -> (Vec<SliceEntry>, Vec<(String, OwnedTensor)>) {
+/// The slice map and moment tensors of the optimizer pieces this rank owns (`shapes`: each
+/// parameter's local shape).
+fn owned_moments(
+    engine: &Engine,
+    shapes: &BTreeMap<String, Vec<usize>>,
+) -> (Vec<SliceEntry>, Vec<(String, OwnedTensor)>) {
     let p = engine.parallel().expect("a model-parallel engine");
-    let shapes = engine.local_shapes();
     let (mut entries, mut tensors) = (Vec::new(), Vec::new());
     for (k, (piece, m)) in engine.owned_pieces().into_iter().enumerate() {
         let plan = p.shard.plan(&piece.name);

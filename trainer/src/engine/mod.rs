@@ -259,12 +259,6 @@ impl<'g> Engine<'g> {
         parallel::local_params(&mut self.model.trainable())
     }
 
-    /// The local shape of every trainable parameter.
-    pub fn local_shapes(&self) -> BTreeMap<String, Vec<usize>> {
-        let mut model = self.model.clone();
-        param_shapes(&mut model.trainable()).into_iter().collect()
-    }
-
     /// Under model parallelism, the optimizer pieces whose moments this rank writes into a
     /// checkpoint: each element once over the world, as the global norm counts them.
     pub fn owned_pieces(&self) -> Vec<(&Piece, &Moments)> {

@@ -93,30 +93,6 @@ impl<'g> GradSync<'g> {
         self.group
     }
 
-    /// (name, elements, flat offset) of every parameter this sync holds, in flat order.
-    pub fn params(&self) -> impl Iterator<Item = (&str, usize, usize)> {
-        self.layout
-            .params
-            .iter()
-            .map(|s| (s.name.as_str(), s.len, s.offset))
-    }
-
-    /// Elements of every parameter this sync holds.
-    pub fn total(&self) -> usize {
-        self.layout.total
-    }
-
-    /// The whole flat vector from this rank's run of it (its pieces' values concatenated in
-    /// piece order): ZeRO-1 all-gathers; otherwise this rank holds the whole already.
-    pub fn gather_flat(&self, shard: &[f32]) -> Result<Vec<f32>, CommError> {
-        if self.kind != SyncKind::Zero1 {
-            return Ok(shard.to_vec());
-        }
-        let mut flat = vec![0.0; self.layout.total];
-        self.bucketed().all_gather(shard, &mut flat)?;
-        Ok(flat)
-    }
-
     /// The pieces this rank updates and, under ZeRO-1, where they sit in the flat layout.
     pub fn pieces(&self) -> (Vec<Piece>, Option<ShardPlacement>) {
         let slots = &self.layout.params;
