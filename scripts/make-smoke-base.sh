@@ -4,6 +4,7 @@
 #   recipes/smoke/base            the smoke model after its 60 pretraining steps, as a
 #                                 Hugging Face folder (the frozen base the LoRA recipe tunes)
 #   recipes/smoke/data/chat-*     recipes/smoke/chat-*.jsonl prepared with --chat
+#   recipes/smoke/data/pairs-*    recipes/smoke/pairs-*.jsonl prepared with --preference (DPO)
 # Usage: bash scripts/make-smoke-base.sh [path/to/moeru]   (default: target/debug/moeru)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,4 +20,9 @@ for split in train eval; do
   rm -rf "recipes/smoke/data/chat-$split"
   "$moeru" data prepare --quiet --chat --tokenizer recipes/smoke/tokenizer.json \
     --input "recipes/smoke/chat-$split.jsonl" --output "recipes/smoke/data/chat-$split"
+done
+for split in train eval; do
+  rm -rf "recipes/smoke/data/pairs-$split"
+  "$moeru" data prepare --quiet --preference --tokenizer recipes/smoke/tokenizer.json \
+    --input "recipes/smoke/pairs-$split.jsonl" --output "recipes/smoke/data/pairs-$split"
 done

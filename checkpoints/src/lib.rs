@@ -1,6 +1,7 @@
 //! Model weights on disk: Hugging Face folders in and out, and moeru training checkpoints.
 
 pub mod error;
+pub mod generation_config;
 pub mod hf_export;
 pub mod hf_load;
 pub mod peft_adapter;
@@ -9,11 +10,12 @@ pub mod run_checkpoint;
 pub mod tensor_file;
 
 pub use error::CheckpointError;
+pub use generation_config::StopIds;
 pub use hf_export::{export_hf, hf_param_tensors, hf_tensors, named_tensors};
 pub use hf_load::{load_hf_model, load_hf_model_sharded, HfFolder, INDEX_FILE};
 pub use peft_adapter::{
-    export_merged_hf, load_peft_adapter, peft_adapter_files, read_peft_lora_config,
-    save_peft_adapter,
+    export_merged_hf, load_peft_adapter, peft_adapter_files, peft_adapter_files_of,
+    read_peft_lora_config, save_peft_adapter,
 };
 pub use peft_config::{PeftAdapterConfig, PeftError};
 pub use run_checkpoint::{

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use moeru_models::lora::{is_parameter_site, peft_module};
+use moeru_models::lora::{expert_b_ranks, is_parameter_site, peft_b_shape, peft_module};
 use moeru_models::params::{param_from_data, ParamSource};
 use moeru_models::{LoraConfig, LoraSite, Qwen3Config, Qwen3Model};
 use serde_json::{Map, Value};
@@ -62,6 +62,17 @@ pub fn peft_adapter_files(
     model: &mut Qwen3Model,
     base_model_name_or_path: &str,
 ) -> Result<(Vec<(String, OwnedTensor)>, Value), PeftError> {
+    let held = named_tensors(&mut model.trainable());
+    peft_adapter_files_of(model, base_model_name_or_path, held)
+}
+
+/// [`peft_adapter_files`] of the whole adapter tensors `held` (moeru names and in-memory
+/// shapes, e.g. gathered from the ranks of a sharded run) of `model`'s sites.
+pub fn peft_adapter_files_of(
+    model: &mut Qwen3Model,
+    base_model_name_or_path: &str,
+    held: Vec<(String, OwnedTensor)>,
+) -> Result<(Vec<(String, OwnedTensor)>, Value), PeftError> {
     let cfg = model.lora_config().cloned().ok_or_else(|| {
         PeftError::Unrepresentable("the model has no LoRA adapters attached".into())
     })?;
@@ -89,9 +100,15 @@ pub fn peft_adapter_files(
         alpha_pattern,
         base_model_name_or_path,
     );
-    let tensors: Vec<_> = named_tensors(&mut model.trainable())
+    let expert_b = expert_b_ranks(&sites);
+    let tensors: Vec<_> = held
         .into_iter()
-        .map(|(name, t)| (format!("{PEFT_PREFIX}{name}"), t))
+        .map(|(name, mut t)| {
+            if let Some(&rank) = expert_b.get(&name) {
+                t.shape = peft_b_shape(&t.shape, rank);
+            }
+            (format!("{PEFT_PREFIX}{name}"), t)
+        })
         .collect();
     Ok((tensors, json))
 }

@@ -125,6 +125,22 @@ pub fn render(messages: &[Message]) -> Result<RenderedChat, ChatError> {
     })
 }
 
+/// `messages` rendered as a prompt for generation: the template with `add_generation_prompt`,
+/// i.e. [`render`]'s text followed by `<|im_start|>assistant\n`, and with `enable_thinking`
+/// false the empty think block `<think>\n\n</think>\n\n` (the model then answers directly).
+pub fn render_generation_prompt(
+    messages: &[Message],
+    enable_thinking: bool,
+) -> Result<String, ChatError> {
+    let mut text = render(messages)?.text;
+    text.push_str(IM_START);
+    text.push_str("assistant\n");
+    if !enable_thinking {
+        text.push_str("<think>\n\n</think>\n\n");
+    }
+    Ok(text)
+}
+
 /// The per-token loss mask: 1 where the token's byte range overlaps an assistant span.
 /// `offsets` are the tokens' byte ranges in `chat.text`, in order.
 pub fn loss_mask(chat: &RenderedChat, offsets: &[(usize, usize)]) -> Vec<u8> {
@@ -164,6 +180,19 @@ mod tests {
         );
         let (a, b) = r.assistant_spans[0];
         assert_eq!(&r.text[a..b], "<think>\n\n</think>\n\nyo<|im_end|>");
+    }
+
+    #[test]
+    fn generation_prompt_opens_the_assistant_turn() {
+        let m = [msg("system", "s"), msg("user", "hi")];
+        let head = "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n";
+        let thinking = render_generation_prompt(&m, true).unwrap();
+        assert_eq!(thinking, format!("{head}<|im_start|>assistant\n"));
+        let direct = render_generation_prompt(&m, false).unwrap();
+        assert_eq!(
+            direct,
+            format!("{head}<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        );
     }
 
     #[test]

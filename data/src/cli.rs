@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use crate::error::{DataError, Result};
-use crate::input::InputSpec;
+use crate::input::{InputSpec, PreferenceSpec};
 use crate::loader::{DataLoader, LoaderConfig};
 use crate::manifest::Manifest;
+use crate::pairs::{PairLoader, PairLoaderConfig, PREFERENCE_MODE};
 use crate::prepare::{prepare, PrepareOptions};
 use crate::sample::PackMode;
 use crate::shard_writer::ShardLayout;
@@ -15,8 +16,9 @@ use crate::shard_writer::ShardLayout;
 #[derive(Debug, Subcommand)]
 pub enum DataCommand {
     /// Tokenize JSONL / Parquet / text inputs into Parquet token shards with a manifest.
-    Prepare(PrepareArgs),
-    /// Check a prepared dataset (manifest, sha256 of every shard) and print packed samples.
+    Prepare(Box<PrepareArgs>),
+    /// Check a prepared dataset (manifest, sha256 of every shard) and print packed samples
+    /// (preference pairs for a `--preference` dataset).
     Inspect(InspectArgs),
 }
 
@@ -34,6 +36,22 @@ pub struct PrepareArgs {
     /// Chat mode: render `messages` with the Qwen3 template and mask all but assistant turns.
     #[arg(long)]
     pub chat: bool,
+    /// Preference (DPO) mode: tokenize prompt / chosen / rejected as TRL's DPOTrainer does and
+    /// store one document per pair (plain strings or conversational message lists).
+    #[arg(long, conflicts_with_all = ["chat", "ids_field"])]
+    pub preference: bool,
+    /// Field holding the prompt (preference mode).
+    #[arg(long, default_value = "prompt")]
+    pub prompt_field: String,
+    /// Field holding the chosen completion (preference mode).
+    #[arg(long, default_value = "chosen")]
+    pub chosen_field: String,
+    /// Field holding the rejected completion (preference mode).
+    #[arg(long, default_value = "rejected")]
+    pub rejected_field: String,
+    /// Preference mode: fail on a prompt of this many tokens or more (the training seq_len).
+    #[arg(long, requires = "preference")]
+    pub seq_len: Option<usize>,
     /// Field holding the document text (pretraining mode).
     #[arg(long, default_value = "text")]
     pub text_field: String,
@@ -49,7 +67,7 @@ pub struct PrepareArgs {
     /// Close a Parquet row group after this many tokens (the loader's read unit).
     #[arg(long, default_value_t = 1 << 20)]
     pub row_group_tokens: u64,
-    /// Token appended to every pretraining document.
+    /// Token appended to every pretraining document (and to plain preference completions).
     #[arg(long, default_value = "<|endoftext|>")]
     pub eos_token: String,
     /// Do not draw a progress bar.
@@ -61,7 +79,7 @@ pub struct PrepareArgs {
 pub struct InspectArgs {
     /// A prepared dataset directory.
     pub dir: PathBuf,
-    /// Print this many packed samples (token ids, masks, positions).
+    /// Print this many packed samples (token ids, masks, positions), or preference pairs.
     #[arg(long, default_value_t = 0)]
     pub samples: usize,
     #[arg(long, default_value_t = 4096)]
@@ -84,6 +102,12 @@ impl PrepareArgs {
                 text_field: self.text_field.clone(),
                 messages_field: self.messages_field.clone(),
                 ids_field: self.ids_field.clone(),
+                preference: self.preference.then(|| PreferenceSpec {
+                    prompt_field: self.prompt_field.clone(),
+                    chosen_field: self.chosen_field.clone(),
+                    rejected_field: self.rejected_field.clone(),
+                    seq_len: self.seq_len,
+                }),
             },
             layout: ShardLayout {
                 shard_tokens: self.shard_tokens,
@@ -131,6 +155,9 @@ fn inspect(args: &InspectArgs) -> Result<()> {
         m.tokenizer.sha256,
         m.tokenizer.vocab_size
     );
+    if args.samples > 0 && m.mode == PREFERENCE_MODE {
+        return print_pairs(args);
+    }
     if args.samples > 0 {
         let mut cfg = LoaderConfig::new(&args.dir, args.seq_len, 1, args.seed);
         cfg.mode = if args.pad {
@@ -147,6 +174,23 @@ fn inspect(args: &InspectArgs) -> Result<()> {
                 let json = serde_json::to_string(&s).unwrap_or_default();
                 println!("sample {i}: {json}");
             }
+        }
+    }
+    Ok(())
+}
+
+/// `inspect --samples N` on a preference dataset: the first N pairs of the shuffled stream.
+fn print_pairs(args: &InspectArgs) -> Result<()> {
+    let mut cfg = PairLoaderConfig::new(&args.dir, args.seq_len, 1, args.seed);
+    cfg.epochs = Some(1);
+    let mut loader = PairLoader::new(cfg)?;
+    for i in 0..args.samples {
+        let Some(batch) = loader.next_batch()? else {
+            break;
+        };
+        for p in batch {
+            let json = serde_json::to_string(&p).unwrap_or_default();
+            println!("pair {i}: {json}");
         }
     }
     Ok(())

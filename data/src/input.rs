@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use arrow::array::{Array, ArrayRef, RecordBatch};
+use arrow::array::{Array, RecordBatch};
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use parquet::arrow::ProjectionMask;
 
@@ -25,6 +25,36 @@ pub struct InputSpec {
     pub messages_field: String,
     /// Pre-tokenized input: read token ids from this field instead of text.
     pub ids_field: Option<String>,
+    /// Preference (DPO) mode: read prompt / chosen / rejected fields instead.
+    pub preference: Option<PreferenceSpec>,
+}
+
+/// Which fields hold a preference pair (TRL's names by default), and the prompt length limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreferenceSpec {
+    pub prompt_field: String,
+    pub chosen_field: String,
+    pub rejected_field: String,
+    /// When set, a prompt of `seq_len` tokens or more is an error (`--seq-len`).
+    pub seq_len: Option<usize>,
+}
+
+impl Default for PreferenceSpec {
+    fn default() -> Self {
+        Self {
+            prompt_field: "prompt".into(),
+            chosen_field: "chosen".into(),
+            rejected_field: "rejected".into(),
+            seq_len: None,
+        }
+    }
+}
+
+impl PreferenceSpec {
+    /// The three field names, in prompt, chosen, rejected order.
+    pub fn fields(&self) -> [&str; 3] {
+        [&self.prompt_field, &self.chosen_field, &self.rejected_field]
+    }
 }
 
 impl Default for InputSpec {
@@ -34,13 +64,17 @@ impl Default for InputSpec {
             text_field: "text".into(),
             messages_field: "messages".into(),
             ids_field: None,
+            preference: None,
         }
     }
 }
 
 impl InputSpec {
-    /// The field this spec reads.
+    /// The field this spec reads (in preference mode: the prompt field).
     pub fn field(&self) -> &str {
+        if let Some(p) = &self.preference {
+            return &p.prompt_field;
+        }
         match (&self.ids_field, self.chat) {
             (Some(f), _) => f,
             (None, true) => &self.messages_field,
@@ -55,6 +89,23 @@ pub enum Content {
     Text(String),
     Messages(Vec<Message>),
     Ids(Vec<i64>),
+    /// A preference pair (preference mode).
+    Preference(PreferenceRow),
+}
+
+/// One part of a preference row: plain text, or messages (TRL's conversational format).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Part {
+    Text(String),
+    Messages(Vec<Message>),
+}
+
+/// A preference row as read: prompt, chosen and rejected, each plain or conversational.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreferenceRow {
+    pub prompt: Part,
+    pub chosen: Part,
+    pub rejected: Part,
 }
 
 /// One input row and where it came from.
@@ -140,7 +191,7 @@ enum Inner {
     },
     Parquet {
         batches: ParquetRecordBatchReader,
-        batch: Option<(ArrayRef, usize)>,
+        batch: Option<(RecordBatch, usize)>,
         row: u64,
     },
     Text {
@@ -159,7 +210,7 @@ impl RecordReader {
                 }
             }
             Format::Parquet => Inner::Parquet {
-                batches: open_parquet(path, spec.field())?,
+                batches: open_parquet(path, spec)?,
                 batch: None,
                 row: 0,
             },
@@ -195,10 +246,13 @@ impl RecordReader {
                 batch,
                 row,
             } => loop {
-                if let Some((col, i)) = batch {
-                    if *i < col.len() {
+                if let Some((b, i)) = batch {
+                    if *i < b.num_rows() {
                         let r = *row;
-                        let content = arrow_content(&path, r, col.as_ref(), *i, &self.spec)?;
+                        let content = match &self.spec.preference {
+                            Some(p) => crate::input_pref::arrow_row(&path, r, b, *i, p)?,
+                            None => arrow_content(&path, r, b.column(0).as_ref(), *i, &self.spec)?,
+                        };
                         *i += 1;
                         *row += 1;
                         return Ok(Some(Record { row: r, content }));
@@ -208,7 +262,7 @@ impl RecordReader {
                     None => return Ok(None),
                     Some(b) => {
                         let b: RecordBatch = b.map_err(|e| DataError::parquet(&path, e))?;
-                        *batch = Some((b.column(0).clone(), 0));
+                        *batch = Some((b, 0));
                     }
                 }
             },
@@ -227,11 +281,12 @@ impl RecordReader {
                         "convert the file to UTF-8",
                     )
                 })?;
-                if self.spec.chat || self.spec.ids_field.is_some() {
+                if self.spec.chat || self.spec.ids_field.is_some() || self.spec.preference.is_some()
+                {
                     return Err(DataError::Invalid(
                         Location::file(&path),
-                        "a plain text file has no messages or token ids; use JSONL or Parquet \
-                         for --chat and --ids-field"
+                        "a plain text file has no messages, token ids or preference pairs; use \
+                         JSONL or Parquet for --chat, --ids-field and --preference"
                             .into(),
                     ));
                 }
@@ -251,25 +306,34 @@ impl Iterator for RecordReader {
     }
 }
 
-fn open_parquet(path: &Path, field: &str) -> Result<ParquetRecordBatchReader> {
+fn open_parquet(path: &Path, spec: &InputSpec) -> Result<ParquetRecordBatchReader> {
     let f = File::open(path).map_err(|e| DataError::io(path, "opening input", e))?;
     let builder =
         ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| DataError::parquet(path, e))?;
     let schema = builder.schema().clone();
-    let Some((idx, _)) = schema.fields().find(field) else {
-        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-        return Err(DataError::MissingField(
-            Location {
-                file: path.to_path_buf(),
-                row: None,
-                field: Some(field.to_string()),
-            },
-            format!(
-                "the file's columns are {names:?}; pass the right --text-field / --messages-field"
-            ),
-        ));
+    let (fields, flags): (Vec<&str>, &str) = match &spec.preference {
+        Some(p) => (
+            p.fields().to_vec(),
+            "--prompt-field / --chosen-field / --rejected-field",
+        ),
+        None => (vec![spec.field()], "--text-field / --messages-field"),
     };
-    let mask = ProjectionMask::roots(builder.parquet_schema(), [idx]);
+    let mut roots = Vec::with_capacity(fields.len());
+    for field in fields {
+        let Some((idx, _)) = schema.fields().find(field) else {
+            let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            return Err(DataError::MissingField(
+                Location {
+                    file: path.to_path_buf(),
+                    row: None,
+                    field: Some(field.to_string()),
+                },
+                format!("the file's columns are {names:?}; pass the right {flags}"),
+            ));
+        };
+        roots.push(idx);
+    }
+    let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
     builder
         .with_projection(mask)
         .with_batch_size(1024)
@@ -293,6 +357,9 @@ fn json_content(
             "write one JSON object per line",
         ));
     };
+    if let Some(p) = &spec.preference {
+        return crate::input_pref::json_row(path, row, obj, p);
+    }
     let Some(v) = obj.get(field) else {
         let keys: Vec<&String> = obj.keys().collect();
         return Err(DataError::MissingField(
@@ -344,7 +411,7 @@ fn json_content(
     }
 }
 
-fn json_type(v: &serde_json::Value) -> String {
+pub(crate) fn json_type(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::Null => "null",
         serde_json::Value::Bool(_) => "a boolean",

@@ -5,6 +5,8 @@
 //! - [`chat`]: the Qwen3 ChatML template and the assistant loss mask.
 //! - [`loader`]: the streaming, packing, shuffling, DP-splitting, exactly resumable loader
 //!   that yields [`PackedSample`]s.
+//! - [`pairs`]: preference (DPO) pairs — their storage as documents and the [`PairLoader`];
+//!   [`preference`] tokenizes them at prepare time as TRL 1.16 does.
 //! - [`cli`]: the `moeru data …` subcommands.
 
 pub mod chat;
@@ -14,9 +16,12 @@ pub mod error;
 pub mod fsutil;
 pub mod input;
 mod input_arrow;
+mod input_pref;
 pub mod loader;
 pub mod manifest;
+pub mod pairs;
 mod plain_pages;
+pub mod preference;
 pub mod prepare;
 pub mod reader;
 pub mod rng;
@@ -26,8 +31,9 @@ pub mod stream;
 pub mod tokenizer;
 
 pub use error::{DataError, Location, Result};
-pub use loader::{DataLoader, LoaderConfig, LoaderState};
+pub use loader::{DataLoader, LoaderConfig, LoaderState, StreamKind};
 pub use manifest::Manifest;
+pub use pairs::{PairLoader, PairLoaderConfig, PreferencePair};
 pub use prepare::{prepare, PrepareOptions, PrepareReport};
 pub use sample::{PackMode, PackedSample};
 pub use stream::Position;

@@ -80,13 +80,34 @@ pub struct LoaderState {
     pub mode: PackMode,
     pub shuffle: bool,
     pub window_row_groups: u64,
+    /// What the stream yields: packed samples ([`DataLoader`]) or preference pairs
+    /// ([`crate::pairs::PairLoader`]); a state resumes only a loader of the same kind.
+    #[serde(default, skip_serializing_if = "StreamKind::is_samples")]
+    pub stream: StreamKind,
     #[serde(flatten)]
     pub position: Position,
-    /// Global samples consumed so far.
+    /// Global samples (pairs, for a pair stream) consumed so far.
     pub samples: u64,
     /// Informational: where the next token comes from (shard file, row group, row).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<(String, usize, u64)>,
+}
+
+/// The kind of loader a [`LoaderState`] belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamKind {
+    /// Packed (or padded) samples of `seq_len` tokens.
+    #[default]
+    Samples,
+    /// Preference pairs, one stored document each (`mode` is then `pad`: nothing is packed).
+    Pairs,
+}
+
+impl StreamKind {
+    fn is_samples(&self) -> bool {
+        *self == StreamKind::Samples
+    }
 }
 
 impl LoaderState {
@@ -100,7 +121,7 @@ impl LoaderState {
     }
 }
 
-const STATE_VERSION: u32 = 1;
+pub(crate) const STATE_VERSION: u32 = 1;
 
 /// A rank's view of the global packed sample stream.
 pub struct DataLoader {
@@ -115,6 +136,15 @@ impl DataLoader {
     pub fn new(cfg: LoaderConfig) -> Result<Self> {
         validate(&cfg)?;
         let manifest = Manifest::read(&cfg.dir)?;
+        if manifest.mode == crate::pairs::PREFERENCE_MODE {
+            return Err(DataError::Manifest {
+                path: cfg.dir.clone(),
+                msg: "holds preference pairs (mode \"preference\"), which are not packed into \
+                      samples; train on it with `data.task: dpo`, or prepare the \
+                      data without --preference"
+                    .into(),
+            });
+        }
         let shuffle = ShuffleConfig {
             seed: cfg.seed,
             shuffle: cfg.shuffle,
@@ -168,6 +198,7 @@ impl DataLoader {
             mode: self.cfg.mode,
             shuffle: self.cfg.shuffle,
             window_row_groups: self.cfg.window_row_groups,
+            stream: StreamKind::Samples,
             position: self.stream.position(),
             samples: self.samples,
             source,
@@ -176,44 +207,7 @@ impl DataLoader {
 
     /// Continue from `state` as rank `dp_rank` of `dp_size`.
     pub fn resume(&mut self, state: &LoaderState, dp_rank: usize, dp_size: usize) -> Result<()> {
-        let mine = self.state();
-        let checks: [(&str, String, String); 7] = [
-            (
-                "version",
-                state.version.to_string(),
-                mine.version.to_string(),
-            ),
-            ("dataset", state.dataset.clone(), mine.dataset.clone()),
-            ("seed", state.seed.to_string(), mine.seed.to_string()),
-            (
-                "seq_len",
-                state.seq_len.to_string(),
-                mine.seq_len.to_string(),
-            ),
-            (
-                "mode",
-                format!("{:?}", state.mode),
-                format!("{:?}", mine.mode),
-            ),
-            (
-                "shuffle",
-                state.shuffle.to_string(),
-                mine.shuffle.to_string(),
-            ),
-            (
-                "window_row_groups",
-                state.window_row_groups.to_string(),
-                mine.window_row_groups.to_string(),
-            ),
-        ];
-        for (key, saved, now) in checks {
-            if saved != now {
-                return Err(DataError::StateMismatch(format!(
-                    "`{key}` was {saved} when the state was saved but is {now} now; resume with the \
-                     same data and data settings, or start the data stream afresh"
-                )));
-            }
-        }
+        check_resumable(state, &self.state())?;
         let mut cfg = self.cfg.clone();
         cfg.dp_rank = dp_rank;
         cfg.dp_size = dp_size;
@@ -303,6 +297,54 @@ fn validate(cfg: &LoaderConfig) -> Result<()> {
             "seq_len {} does not fit i32 position ids",
             cfg.seq_len
         )));
+    }
+    Ok(())
+}
+
+/// Refuse to resume from `saved` when it was saved with other data or data settings than the
+/// loader whose fresh state is `now` (the position and consumed count are not compared).
+pub(crate) fn check_resumable(saved: &LoaderState, now: &LoaderState) -> Result<()> {
+    let checks: [(&str, String, String); 8] = [
+        (
+            "version",
+            saved.version.to_string(),
+            now.version.to_string(),
+        ),
+        ("dataset", saved.dataset.clone(), now.dataset.clone()),
+        ("seed", saved.seed.to_string(), now.seed.to_string()),
+        (
+            "seq_len",
+            saved.seq_len.to_string(),
+            now.seq_len.to_string(),
+        ),
+        (
+            "mode",
+            format!("{:?}", saved.mode),
+            format!("{:?}", now.mode),
+        ),
+        (
+            "shuffle",
+            saved.shuffle.to_string(),
+            now.shuffle.to_string(),
+        ),
+        (
+            "window_row_groups",
+            saved.window_row_groups.to_string(),
+            now.window_row_groups.to_string(),
+        ),
+        (
+            "stream",
+            format!("{:?}", saved.stream),
+            format!("{:?}", now.stream),
+        ),
+    ];
+    for (key, saved, now) in checks {
+        if saved != now {
+            return Err(DataError::StateMismatch(format!(
+                "`{key}` was {saved} when the state was saved but is {now} now; resume with the \
+                 same data and data settings, or start the data stream afresh"
+            )));
+        }
     }
     Ok(())
 }

@@ -18,7 +18,8 @@ pub struct TokenizerInfo {
     pub sha256: String,
     /// Every token id in the shards is `< vocab_size`.
     pub vocab_size: u64,
-    /// The token appended to each pretraining document, if any.
+    /// The token appended to each pretraining document (or, in `preference` mode, to plain
+    /// chosen / rejected completions), if any.
     pub eos_id: Option<u32>,
 }
 
@@ -43,11 +44,12 @@ pub struct ShardInfo {
 pub struct Manifest {
     pub format: String,
     pub created_by: String,
-    /// `chat` or `pretrain`.
+    /// `chat`, `pretrain` or `preference` (one document per pair, see [`crate::pairs`]).
     pub mode: String,
+    /// Documents (in `preference` mode: pairs).
     pub documents: u64,
     pub tokens: u64,
-    /// Tokens whose loss mask is 1.
+    /// Tokens whose loss mask is 1 (in `preference` mode: chosen + rejected tokens).
     pub loss_tokens: u64,
     pub tokenizer: TokenizerInfo,
     pub inputs: Vec<String>,

@@ -1,6 +1,7 @@
-//! `moeru data prepare`: read inputs, tokenize (pretraining text + EOS, or chat with the Qwen3
-//! template and an assistant loss mask), and write Parquet shards plus `manifest.json` into a
-//! staging folder that is renamed onto the output only when everything succeeded.
+//! `moeru data prepare`: read inputs, tokenize (pretraining text + EOS, chat with the Qwen3
+//! template and an assistant loss mask, or preference pairs as TRL does: `preference.rs`), and
+//! write Parquet shards plus `manifest.json` into a staging folder that is renamed onto the
+//! output only when everything succeeded.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -10,6 +11,7 @@ use crate::error::{DataError, Location, Result};
 use crate::fsutil::StagingDir;
 use crate::input::{expand_inputs, Content, InputSpec, Record, RecordReader};
 use crate::manifest::{Manifest, TokenizerInfo, FORMAT};
+use crate::preference;
 use crate::shard_writer::{ShardLayout, ShardWriter};
 use crate::tokenizer::TextTokenizer;
 
@@ -21,7 +23,8 @@ pub struct PrepareOptions {
     pub output: PathBuf,
     pub spec: InputSpec,
     pub layout: ShardLayout,
-    /// Appended to each pretraining document (not in chat mode, not to pre-tokenized ids).
+    /// Appended to each pretraining document (not in chat mode, not to pre-tokenized ids), and
+    /// to plain chosen / rejected completions in preference mode.
     pub eos_token: String,
     /// Draw a progress bar on stderr (it is hidden anyway when stderr is not a terminal).
     pub progress: bool,
@@ -76,7 +79,8 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     let start = Instant::now();
     let tok = TextTokenizer::from_file(&opts.tokenizer)?;
     let files = expand_inputs(&opts.inputs)?;
-    let eos = if opts.spec.chat || opts.spec.ids_field.is_some() {
+    let preference = opts.spec.preference.is_some();
+    let eos = if !preference && (opts.spec.chat || opts.spec.ids_field.is_some()) {
         None
     } else {
         Some(tok.token_id(&opts.eos_token).ok_or_else(|| {
@@ -95,6 +99,12 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     let staging = StagingDir::new(&opts.output)?;
     let mut writer = ShardWriter::new(staging.path(), opts.layout)?;
     let bar = progress_bar(opts.progress, files.len() as u64);
+    let ctx = Ctx {
+        tok: &tok,
+        spec: &opts.spec,
+        eos,
+        eos_text: &opts.eos_token,
+    };
     let mut totals = Totals {
         documents: 0,
         tokens: 0,
@@ -108,30 +118,14 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
             chunk.push(rec?);
             rows += 1;
             if chunk.len() == CHUNK {
-                process_chunk(
-                    &tok,
-                    file,
-                    &opts.spec,
-                    eos,
-                    &mut chunk,
-                    &mut writer,
-                    &mut totals,
-                )?;
+                process_chunk(&ctx, file, &mut chunk, &mut writer, &mut totals)?;
                 bar.set_message(format!(
                     "{} docs, {} tokens",
                     totals.documents, totals.tokens
                 ));
             }
         }
-        process_chunk(
-            &tok,
-            file,
-            &opts.spec,
-            eos,
-            &mut chunk,
-            &mut writer,
-            &mut totals,
-        )?;
+        process_chunk(&ctx, file, &mut chunk, &mut writer, &mut totals)?;
         if rows == 0 {
             return Err(DataError::EmptyInput(file.clone()));
         }
@@ -145,7 +139,14 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     let manifest = Manifest {
         format: FORMAT.into(),
         created_by: format!("moeru-data {}", env!("CARGO_PKG_VERSION")),
-        mode: if opts.spec.chat { "chat" } else { "pretrain" }.into(),
+        mode: if preference {
+            crate::pairs::PREFERENCE_MODE
+        } else if opts.spec.chat {
+            "chat"
+        } else {
+            "pretrain"
+        }
+        .into(),
         documents: totals.documents,
         tokens: totals.tokens,
         loss_tokens: totals.loss_tokens,
@@ -189,24 +190,43 @@ struct Doc {
     mask: Vec<u8>,
 }
 
-fn process_chunk(
-    tok: &TextTokenizer,
-    file: &Path,
-    spec: &InputSpec,
+/// What every chunk is tokenized with.
+struct Ctx<'a> {
+    tok: &'a TextTokenizer,
+    spec: &'a InputSpec,
+    /// The EOS id (pretraining, preference) and its text (appended to plain completions).
     eos: Option<u32>,
+    eos_text: &'a str,
+}
+
+fn process_chunk(
+    ctx: &Ctx,
+    file: &Path,
     chunk: &mut Vec<Record>,
     writer: &mut ShardWriter,
     totals: &mut Totals,
 ) -> Result<()> {
     let records = std::mem::take(chunk);
-    let docs = tokenize_records(tok, file, spec, eos, &records)?;
+    let docs: Vec<Option<Doc>> = match &ctx.spec.preference {
+        Some(p) => preference::tokenize_pairs(ctx.tok, file, p, ctx.eos_text, &records)?
+            .into_iter()
+            .map(|d| {
+                Some(Doc {
+                    ids: d.ids,
+                    mask: d.mask,
+                })
+            })
+            .collect(),
+        None => tokenize_records(ctx.tok, file, ctx.spec, ctx.eos, &records)?,
+    };
     for doc in docs.into_iter() {
         match doc {
             None => totals.skipped += 1,
             Some(d) => {
                 totals.documents += 1;
                 totals.tokens += d.ids.len() as u64;
-                totals.loss_tokens += d.mask.iter().map(|&m| m as u64).sum::<u64>();
+                // chat / pretraining masks are 0/1; preference part codes count chosen+rejected
+                totals.loss_tokens += d.mask.iter().filter(|&&m| m != 0).count() as u64;
                 writer.push(&d.ids, &d.mask)?;
             }
         }
@@ -248,6 +268,12 @@ fn tokenize_records(
                 out.push(None);
                 texts.push(t.clone());
                 spans.push(None);
+            }
+            Content::Preference(_) => {
+                return Err(DataError::Invalid(
+                    Location::row(file, rec.row),
+                    "a preference row outside preference mode; pass --preference".into(),
+                ))
             }
             Content::Messages(msgs) => {
                 let rendered = chat::render(msgs).map_err(|e| match e {

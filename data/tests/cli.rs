@@ -2,21 +2,9 @@
 
 mod common;
 
-use clap::Parser;
-use moeru_data::cli::{run_data_command, DataCommand};
+use common::run;
+
 use moeru_data::Manifest;
-
-#[derive(Parser)]
-struct Cli {
-    #[command(subcommand)]
-    cmd: DataCommand,
-}
-
-fn run(args: &[&str]) -> Result<(), moeru_data::DataError> {
-    let cli =
-        Cli::try_parse_from(std::iter::once("moeru-data").chain(args.iter().copied())).unwrap();
-    run_data_command(cli.cmd)
-}
 
 #[test]
 fn prepare_then_inspect() {

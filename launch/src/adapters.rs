@@ -49,3 +49,20 @@ pub fn load_with_adapter(
     })?;
     Ok(model)
 }
+
+/// The model a command runs: `model` with `adapter` attached, or, when `model` is itself an
+/// adapter folder (a LoRA checkpoint), that adapter on its base; with the base model folder.
+pub fn load_model(
+    model: &Path,
+    adapter: Option<&Path>,
+    device: &Device,
+) -> anyhow::Result<(Qwen3Model, PathBuf)> {
+    Ok(match adapter {
+        Some(adapter) => (load_with_adapter(model, adapter, device)?, model.into()),
+        None if is_adapter(model) => {
+            let base = base_of(model, None)?;
+            (load_with_adapter(&base, model, device)?, base)
+        }
+        None => (load_hf_model(model, device)?, model.into()),
+    })
+}

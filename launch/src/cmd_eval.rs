@@ -1,9 +1,8 @@
 use std::path::PathBuf;
 
-use moeru_checkpoints::load_hf_model;
 use moeru_trainer::eval::evaluate;
 
-use crate::adapters::{base_of, is_adapter, load_with_adapter};
+use crate::adapters::load_model;
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
@@ -30,14 +29,7 @@ pub struct EvalArgs {
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let device = args.compute.open()?;
-    let model = match &args.adapter {
-        Some(adapter) => load_with_adapter(&args.model, adapter, &device)?,
-        None if is_adapter(&args.model) => {
-            let base = base_of(&args.model, None)?;
-            load_with_adapter(&base, &args.model, &device)?
-        }
-        None => load_hf_model(&args.model, &device)?,
-    };
+    let (model, _) = load_model(&args.model, args.adapter.as_deref(), &device)?;
     let r = evaluate(
         &model,
         args.compute.precision,

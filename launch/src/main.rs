@@ -5,9 +5,12 @@ mod cmd_bench;
 mod cmd_eval;
 mod cmd_export;
 mod cmd_forward;
+mod cmd_generate;
 mod cmd_launch;
 mod cmd_train;
 mod compute;
+mod generate_text;
+mod generate_watch;
 mod ranks;
 
 use std::process::ExitCode;
@@ -36,6 +39,9 @@ enum Command {
     Eval(cmd_eval::EvalArgs),
     /// Run a model folder on token ids and write logits and loss (parity checks, debugging).
     Forward(cmd_forward::ForwardArgs),
+    /// Continue prompts (token ids in a safetensors file) greedily or by seeded sampling, as
+    /// transformers' `generate`, with an optional LoRA adapter.
+    Generate(Box<cmd_generate::GenerateArgs>),
     /// Write a Hugging Face folder from a model folder or a training checkpoint (with
     /// --merge-lora: LoRA adapters folded into their base).
     Export(cmd_export::ExportArgs),
@@ -60,6 +66,7 @@ fn main() -> ExitCode {
         },
         Command::Eval(args) => report(cmd_eval::run(args)),
         Command::Forward(args) => report(cmd_forward::run(args)),
+        Command::Generate(args) => report(cmd_generate::run(*args)),
         Command::Export(args) => report(cmd_export::run(args)),
         Command::Bench(args) => report(cmd_bench::run(args)),
         Command::Data(cmd) => report(moeru_data::cli::run_data_command(cmd).map_err(Into::into)),

@@ -4,33 +4,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
-use common::{moeru, p, workspace, TINY_MOE};
+use common::{assert_clean_failure, moeru, p, workspace, TINY_MOE};
 use moeru_checkpoints::{write_tensors, OwnedTensor, TensorFile};
 
 fn reference() -> PathBuf {
     workspace().join("tests/reference")
-}
-
-/// A failed run: non-zero exit, one `error:` line on stderr, no panic or backtrace.
-fn assert_clean_failure(out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        !out.status.success(),
-        "expected failure, got success; stderr: {stderr}"
-    );
-    assert!(
-        !stderr.contains("panicked") && !stderr.contains("backtrace"),
-        "{stderr}"
-    );
-    assert_eq!(
-        stderr.trim_end().lines().count(),
-        1,
-        "not one line: {stderr}"
-    );
-    assert!(stderr.starts_with("error:"), "{stderr}");
-    stderr
 }
 
 /// `moeru forward` on reference model `name`'s input ids, with `extra` arguments.

@@ -6,6 +6,7 @@ use crate::attention_core::{block_positions, causal_attention};
 use crate::boundaries::Boundaries;
 use crate::config::Qwen3Config;
 use crate::forward_ctx::ForwardCtx;
+use crate::kv_cache::LayerKv;
 use crate::layers::rms_norm;
 use crate::linear::Linear;
 use crate::lora::{LoraAdapter, LoraSlot};
@@ -71,10 +72,13 @@ impl Attention {
     /// `x [rows, hidden]` (this rank's rows of the residual stream, normed) → this rank's
     /// rows of the attention output `[rows, hidden]`, in the matmul dtype. The heads are this
     /// rank's: `bd.column_in` gives them every row, `bd.row_out` sums o_proj's partial sums.
+    /// With `cache` (generation) the keys attended are the cached ones followed by these
+    /// rows', which join the cache.
     pub fn forward(
         &self,
         x: Tensor<2>,
         attn: &AttentionContext,
+        cache: Option<&mut LayerKv>,
         ctx: &ForwardCtx,
         bd: &dyn Boundaries,
     ) -> Tensor<2> {
@@ -98,9 +102,13 @@ impl Attention {
 
         // Query heads g·rep..(g+1)·rep share kv head g; grouping them avoids repeating k and v.
         let q = p.mm(q).reshape([b, nkv, nh / nkv, s, hd]);
-        let block = block_positions(q.dims());
-        let scale = (hd as f64).powf(-0.5);
-        let out = causal_attention(q, p.mm(k), p.mm(v), attn.bias.clone(), scale, block)
+        let (k, v, bias) = (p.mm(k), p.mm(v), attn.bias.clone());
+        let (scale, block) = ((hd as f64).powf(-0.5), block_positions(q.dims()));
+        let out = match cache {
+            Some(cache) => cache.attend(q, k, v, bias, scale),
+            None => causal_attention(q, k, v, bias, scale, block),
+        };
+        let out = out
             .reshape([b, nh, s, hd])
             .swap_dims(1, 2)
             .reshape([b * s, nh * hd]);

@@ -6,6 +6,7 @@ use crate::attention::{Attention, AttentionContext};
 use crate::boundaries::Boundaries;
 use crate::config::Qwen3Config;
 use crate::forward_ctx::ForwardCtx;
+use crate::kv_cache::LayerKv;
 use crate::layers::{rms_norm, swiglu};
 use crate::linear::Linear;
 use crate::lora::{LoraAdapter, LoraSlot};
@@ -139,16 +140,17 @@ impl DecoderLayer {
     }
 
     /// This rank's rows of the residual stream `x [rows, hidden]` (f32) → the new rows and,
-    /// for MoE layers, router stats.
+    /// for MoE layers, router stats; `cache` as in [`Attention::forward`].
     pub fn forward(
         &self,
         x: Tensor<2>,
         attn: &AttentionContext,
+        cache: Option<&mut LayerKv>,
         ctx: &ForwardCtx,
         bd: &dyn Boundaries,
     ) -> (Tensor<2>, Option<RouterStats>) {
         let normed = rms_norm(x.clone(), &self.input_layernorm, self.eps);
-        let attn = self.self_attn.forward(normed, attn, ctx, bd);
+        let attn = self.self_attn.forward(normed, attn, cache, ctx, bd);
         // The residual stream stays f32 (as under autocast, where f32 + bf16 is f32).
         let x = x + to_f32(attn);
         let normed = rms_norm(x.clone(), &self.post_attention_layernorm, self.eps);

@@ -17,7 +17,11 @@ pub mod experts;
 pub mod forward_ctx;
 #[cfg(test)]
 mod forward_tests;
+pub mod generate;
+#[cfg(test)]
+mod generate_tests;
 pub mod init;
+pub mod kv_cache;
 pub mod layers;
 pub mod linear;
 pub mod lora;
@@ -29,6 +33,7 @@ pub mod params;
 pub mod precision;
 pub mod rope;
 pub mod routing;
+pub mod sampling;
 pub mod shard;
 
 pub use batch::Batch;

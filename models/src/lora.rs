@@ -11,8 +11,13 @@
 //!   down_proj's `…experts.lora_A.weight`): `lora_A [E·r, in]` is the per-expert stack
 //!   `[E, r, in]` flattened; `lora_B [out, r·E]` is `[out, r, E]` flattened (rank-major, expert
 //!   minor), so expert e's B is `lora_B[:, j·E + e]`. Expert e's weight gains `s·B_e·A_e`.
+//!   In memory the experts' B is held as `[out·r, E]`, the same elements in the same order,
+//!   so that under expert parallelism a rank's experts are a plain column range of it (PEFT's
+//!   2-D view interleaves them); the adapter files are read and written in PEFT's shape.
 //!
 //! Scaling is `alpha / r`, or `alpha / √r` with rsLoRA (per site: rank and alpha may differ).
+
+use std::collections::BTreeMap;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
@@ -21,6 +26,7 @@ use crate::init::{name_hash, SplitMix64};
 use crate::layers::linear;
 use crate::params::{param_from_data, ParamSource};
 use crate::precision::{like, scale};
+use crate::shard::{cut_part, is_expert_param, Split};
 
 /// What `lora.target_modules` may name. On a MoE model `gate_proj`/`up_proj`/`down_proj` mean
 /// the experts and `gate` the router, as peft rewrites them for transformers 5.
@@ -209,7 +215,7 @@ pub struct LoraAdapter {
     pub b_name: String,
     /// `[r, in]`, or `[E·r, in]` for experts.
     pub a: Tensor<2>,
-    /// `[out, r]`, or `[out, r·E]` for experts.
+    /// `[out, r]`, or `[out·r, E]` for experts (PEFT's `[out, r·E]` reshaped).
     pub b: Tensor<2>,
     pub rank: usize,
     pub alpha: f64,
@@ -217,6 +223,9 @@ pub struct LoraAdapter {
     /// 1 unless the site is a stacked expert weight.
     pub experts: usize,
     pub dropout: f64,
+    /// On a row-parallel site under tensor parallelism, the input columns this rank holds:
+    /// the dropout mask is drawn for the whole input and cut, so it equals the one-rank mask.
+    pub input_part: Option<Split>,
 }
 
 impl LoraAdapter {
@@ -243,7 +252,7 @@ impl LoraAdapter {
     fn per_expert(&self) -> (Tensor<3>, Tensor<3>) {
         let (e, r) = (self.experts, self.rank);
         let [_, inp] = self.a.dims();
-        let [out, _] = self.b.dims();
+        let out = self.b.dims()[0] / r;
         let a = self.a.clone().reshape([e, r, inp]);
         let b = self.b.clone().reshape([out, r, e]).permute([2, 0, 1]);
         (a, b)
@@ -267,17 +276,42 @@ impl LoraAdapter {
             return x;
         };
         let dims = x.dims();
-        let n: usize = dims.iter().product();
+        let mut whole = dims;
+        if let Some(part) = &self.input_part {
+            whole[D - 1] *= part.parts;
+        }
+        let n: usize = whole.iter().product();
         let stream = key.seed ^ name_hash(&self.a_name) ^ key.counter.wrapping_mul(MIX);
         let mut rng = SplitMix64::new(stream);
         let (p, keep) = (self.dropout, (1.0 / (1.0 - self.dropout)) as f32);
-        let mask: Vec<f32> = (0..n)
+        let mut mask: Vec<f32> = (0..n)
             .map(|_| if rng.next_unit() > p { keep } else { 0.0 })
             .collect();
+        if let Some(part) = &self.input_part {
+            let split = Split {
+                dim: D - 1,
+                ..*part
+            };
+            mask = cut_part(&mask, &whole, &split);
+        }
         let mask = Tensor::<D>::from_data(TensorData::new(mask, dims), &x.device());
         let mask = like(mask, &x);
         x * mask
     }
+}
+
+/// The experts' B tensors (held as `[out·r, E]`, see the module docs) among the adapters of
+/// `sites`, with their ranks.
+pub fn expert_b_ranks(sites: &[LoraSite]) -> BTreeMap<String, usize> {
+    (sites.iter())
+        .filter(|s| is_expert_param(&s.param))
+        .map(|s| (adapter_names(&s.param, sites).1, s.rank))
+        .collect()
+}
+
+/// PEFT's `[out, r·E]` for an experts' B held as `[out·r, E]`.
+pub fn peft_b_shape(held: &[usize], rank: usize) -> Vec<usize> {
+    vec![held[0] / rank, held[1] * rank]
 }
 
 /// An odd constant to spread the counter over the seed's bits.

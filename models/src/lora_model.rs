@@ -4,16 +4,17 @@
 //! is rebuilt with `require_grad` off, so backward computes no gradient for it and an
 //! optimizer walking [`Qwen3Model::trainable`] keeps no state for it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use burn::tensor::Tensor;
+use burn::tensor::{Device, Tensor};
 
 use crate::lora::{
-    adapter_names, is_parameter_site, scaling, LoraAdapter, LoraConfig, LoraError, LoraInit,
-    LoraSite, LoraSlot,
+    adapter_names, expert_b_ranks, is_parameter_site, scaling, LoraAdapter, LoraConfig, LoraError,
+    LoraInit, LoraSite, LoraSlot,
 };
 use crate::model::Qwen3Model;
-use crate::params::{ParamSource, ParamVisitor, Params};
+use crate::params::{param_from_data, ParamSource, ParamVisitor, Params};
+use crate::shard::{full_shape, Placement, ShardedSource};
 
 impl Qwen3Model {
     /// Attaches fresh adapters on the sites `cfg` selects (see [`LoraConfig::sites`]):
@@ -25,8 +26,10 @@ impl Qwen3Model {
     }
 
     /// Attaches adapters on `sites`, asking `src` for each A and B by its adapter name with
-    /// PEFT's shape (see `lora.rs`). `cfg` supplies dropout and rsLoRA (its rank and alpha are
-    /// recorded; each site's own rank and alpha give its scaling). Nothing changes on error.
+    /// PEFT's whole shape (see `lora.rs`); a sharded model keeps the part its shard's plan
+    /// gives it (`shard.rs`), so a rank draws or reads exactly its slice of the one-rank
+    /// adapter. `cfg` supplies dropout and rsLoRA (its rank and alpha are recorded; each
+    /// site's own rank and alpha give its scaling). Nothing changes on error.
     pub fn attach_lora_sites<S: ParamSource>(
         &mut self,
         cfg: &LoraConfig,
@@ -54,13 +57,23 @@ impl Qwen3Model {
                 return Err(LoraError::DropoutOnParameters(cfg.dropout).into());
             }
         }
-        let device = self.device();
+        let (device, shard) = (self.device(), self.shard());
+        let expert_b = expert_b_ranks(sites);
+        let mut peft = PeftShapes {
+            inner: src,
+            expert_b: &expert_b,
+        };
+        let mut src = ShardedSource {
+            inner: &mut peft,
+            shard,
+        };
         let mut adapters = Vec::with_capacity(sites.len());
         for s in sites {
-            let dims = self
+            let local = self
                 .lora_slot(&s.param)
                 .ok_or_else(|| LoraError::UnknownSite(s.param.clone()))?
                 .dims;
+            let dims = full_shape(&local, &shard.plan(&s.param).placement);
             // [out, in] for a linear or the router, [E, out, in] for stacked experts.
             let (experts, out, inp) = match dims[..] {
                 [e, o, i] => (e, o, i),
@@ -69,7 +82,14 @@ impl Qwen3Model {
             };
             let (a_name, b_name) = adapter_names(&s.param, sites);
             let a = src.tensor(&a_name, [s.rank * experts, inp], &device)?;
-            let b = src.tensor(&b_name, [out, s.rank * experts], &device)?;
+            let b = match local.len() {
+                3 => src.tensor(&b_name, [out * s.rank, experts], &device)?,
+                _ => src.tensor(&b_name, [out, s.rank], &device)?,
+            };
+            let input_part = match shard.plan(&a_name).placement {
+                Placement::Split(p) if !shard.plan(&a_name).expert => Some(p),
+                _ => None,
+            };
             adapters.push(LoraAdapter {
                 site: s.param.clone(),
                 a_name,
@@ -79,8 +99,9 @@ impl Qwen3Model {
                 rank: s.rank,
                 alpha: s.alpha,
                 scale: scaling(s.alpha, s.rank, cfg.use_rslora),
-                experts,
+                experts: if local.len() == 3 { local[0] } else { 1 },
                 dropout: cfg.dropout,
+                input_part,
             });
         }
         for adapter in adapters {
@@ -138,6 +159,15 @@ impl Qwen3Model {
         }
     }
 
+    /// A copy that backward never reaches: every parameter, adapters included, detached
+    /// and not requiring gradients (a DPO / GRPO reference). Shares storage until `self`'s
+    /// parameters are replaced by an update.
+    pub fn frozen(&self) -> Qwen3Model {
+        let mut copy = self.clone();
+        copy.all_params().visit_params(&mut SetRequireGrad(false));
+        copy
+    }
+
     /// A merged copy (see [`Qwen3Model::merge_lora`]); `self` keeps its adapters.
     pub fn merged(&self) -> Qwen3Model {
         let mut copy = self.clone();
@@ -150,6 +180,34 @@ impl Qwen3Model {
         let (index, _) = rest.split_once('.')?;
         let layer = self.layers.get_mut(index.parse::<usize>().ok()?)?;
         layer.lora_slot(param)
+    }
+}
+
+/// Asks the source for the experts' B in PEFT's shape `[out, r·E]` and hands it on as held,
+/// `[out·r, E]` (the same elements in the same order; see `lora.rs`).
+struct PeftShapes<'a, S> {
+    inner: &'a mut S,
+    /// B tensor name → rank.
+    expert_b: &'a BTreeMap<String, usize>,
+}
+
+impl<S: ParamSource> ParamSource for PeftShapes<'_, S> {
+    type Error = S::Error;
+
+    fn tensor<const D: usize>(
+        &mut self,
+        name: &str,
+        shape: [usize; D],
+        device: &Device,
+    ) -> Result<Tensor<D>, S::Error> {
+        let Some(&rank) = self.expert_b.get(name) else {
+            return self.inner.tensor(name, shape, device);
+        };
+        let mut peft = shape;
+        (peft[0], peft[1]) = (shape[0] / rank, shape[1] * rank);
+        let t = self.inner.tensor(name, peft, device)?;
+        // A new leaf: a reshaped tracked tensor would send its gradient to the one read.
+        Ok(param_from_data(t.reshape(shape).into_data(), device))
     }
 }
 

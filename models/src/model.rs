@@ -2,6 +2,8 @@
 
 use burn::tensor::{Device, Int, Tensor};
 
+use std::ops::Range;
+
 use std::sync::Arc;
 
 use crate::attention::AttentionContext;
@@ -10,6 +12,7 @@ use crate::boundaries::{Boundaries, Local};
 use crate::config::Qwen3Config;
 use crate::decoder::DecoderLayer;
 use crate::forward_ctx::ForwardCtx;
+use crate::kv_cache::KvCache;
 use crate::layers::{linear, rms_norm};
 use crate::lora::LoraConfig;
 use crate::loss::{next_token_targets, token_logprobs, token_loss_sum, VocabShard};
@@ -108,30 +111,93 @@ impl Qwen3Model {
     /// are what the LM head sees.
     pub fn forward(&self, batch: &Batch, ctx: &ForwardCtx) -> ForwardOutput {
         let [b, s] = batch.dims();
-        let (device, h) = (self.device(), self.config.hidden_size);
-        let bd = &*self.boundaries;
-        let mut x = bd.row_out(self.embed(batch.input_ids.clone().reshape([b * s])));
-        let (cos, sin) = rope_tables(&batch.position_ids, &self.inv_freq, &device);
-        let bias = Tensor::<3>::zeros([b, s, s], &device)
+        let bias = Tensor::<3>::zeros([b, s, s], &self.device())
             .mask_fill(batch.attention_block_mask(), f32::NEG_INFINITY)
             .reshape([b, 1, 1, s, s]);
-        let attn = AttentionContext { cos, sin, bias };
-        let mut router = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let (next, stats) = layer.forward(x, &attn, ctx, bd);
-            x = next;
-            if let Some(stats) = stats {
-                router.push((i, stats));
-            }
-        }
-        let hidden = rms_norm(x, &self.norm, self.config.rms_norm_eps);
-        let hidden = bd.column_in(hidden).reshape([b, s, h]);
+        let (x, router) = self.stack(&batch.input_ids, &batch.position_ids, bias, None, ctx);
+        let bd = &*self.boundaries;
+        let hidden = bd.column_in(x).reshape([b, s, self.config.hidden_size]);
         let stats: Vec<RouterStats> = router.iter().map(|(_, s)| s.clone()).collect();
         ForwardOutput {
             hidden,
             aux_loss: load_balancing_loss(&stats, bd),
             z_loss: router_z_loss(&stats, token_shards(bd)),
             router,
+        }
+    }
+
+    /// Embedding, decoder layers and final norm over `ids [b, s]` at `positions` with the
+    /// additive attention mask `bias [b, 1, 1, s, keys]`: this rank's rows of the normed
+    /// hidden states and each MoE layer's router stats. With `cache` (generation) the keys
+    /// are the cached positions followed by these.
+    pub(crate) fn stack(
+        &self,
+        ids: &Tensor<2, Int>,
+        positions: &Tensor<2, Int>,
+        bias: Tensor<5>,
+        cache: Option<&mut KvCache>,
+        ctx: &ForwardCtx,
+    ) -> (Tensor<2>, Vec<(usize, RouterStats)>) {
+        let [b, s] = ids.dims();
+        let x = self
+            .boundaries
+            .row_out(self.embed(ids.clone().reshape([b * s])));
+        let (cos, sin) = rope_tables(positions, &self.inv_freq, &self.device());
+        let attn = AttentionContext { cos, sin, bias };
+        let layers = 0..self.layers.len();
+        let (x, router) = self.run_layers(x, layers, &attn, cache, ctx);
+        (rms_norm(x, &self.norm, self.config.rms_norm_eps), router)
+    }
+
+    /// Decoder layers `layers` (global indices) over the rows `x`, with their router stats.
+    fn run_layers(
+        &self,
+        mut x: Tensor<2>,
+        layers: Range<usize>,
+        attn: &AttentionContext,
+        mut cache: Option<&mut KvCache>,
+        ctx: &ForwardCtx,
+    ) -> (Tensor<2>, Vec<(usize, RouterStats)>) {
+        let bd = &*self.boundaries;
+        let mut router = Vec::new();
+        for i in layers {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let (next, stats) = self.layers[i].forward(x, attn, layer_cache, ctx, bd);
+            x = next;
+            if let Some(stats) = stats {
+                router.push((i, stats));
+            }
+        }
+        (x, router)
+    }
+
+    /// One pipeline stage's share of [`Qwen3Model::forward`] over `batch`: the embedding when
+    /// `input` is `None` (the first stage), else the previous stage's output rows
+    /// `[batch·seq, hidden]`; then decoder layers `layers`; then, when `last`, the final norm.
+    /// Returns this stage's output rows and its MoE layers' router stats. Chaining the stages
+    /// over consecutive ranges is the whole forward, op for op.
+    pub fn stage_forward(
+        &self,
+        batch: &Batch,
+        input: Option<Tensor<2>>,
+        layers: Range<usize>,
+        last: bool,
+        ctx: &ForwardCtx,
+    ) -> (Tensor<2>, Vec<(usize, RouterStats)>) {
+        let [b, s] = batch.dims();
+        let bias = Tensor::<3>::zeros([b, s, s], &self.device())
+            .mask_fill(batch.attention_block_mask(), f32::NEG_INFINITY)
+            .reshape([b, 1, 1, s, s]);
+        let x = input.unwrap_or_else(|| {
+            let ids = batch.input_ids.clone().reshape([b * s]);
+            self.boundaries.row_out(self.embed(ids))
+        });
+        let (cos, sin) = rope_tables(&batch.position_ids, &self.inv_freq, &self.device());
+        let attn = AttentionContext { cos, sin, bias };
+        let (x, router) = self.run_layers(x, layers, &attn, None, ctx);
+        match last {
+            true => (rms_norm(x, &self.norm, self.config.rms_norm_eps), router),
+            false => (x, router),
         }
     }
 

@@ -98,6 +98,9 @@ impl ModelShard {
 
     /// The plan for the parameter `name` (a Hugging Face name, see `params.rs`).
     pub fn plan(&self, name: &str) -> ParamPlan {
+        if let Some((module, which)) = lora_tensor(name) {
+            return self.lora_plan(module, which);
+        }
         let tp = |dim| self.split(dim, self.tp_rank, self.tp);
         let (placement, expert) = if is_expert_param(name) {
             (self.split(0, self.ep_rank, self.ep), true)
@@ -117,11 +120,60 @@ impl ModelShard {
         }
     }
 
+    /// A LoRA tensor is split like its base weight, so that `x·Aᵀ·Bᵀ` needs no collective of
+    /// its own: on a column-parallel site B `[out, r]` by output rows and A whole; on a
+    /// row-parallel one A `[r, in]` by input columns and B whole (its term joins the partial
+    /// sum the base's reduction completes); on experts A `[E·r, in]` by expert rows and B,
+    /// held as `[out·r, E]` (see `lora.rs`), by expert columns. The whole factor of a split
+    /// site sees only its rank's part of the product, so its gradient is partial over tp.
+    fn lora_plan(&self, module: &str, which: LoraFactor) -> ParamPlan {
+        let tp = |dim| self.split(dim, self.tp_rank, self.tp);
+        let site = format!("{module}.weight");
+        let (placement, expert) = if module.contains(".mlp.experts") {
+            let dim = if which == LoraFactor::A { 0 } else { 1 };
+            (self.split(dim, self.ep_rank, self.ep), true)
+        } else {
+            let split_factor = match (is_column(&site), is_row(&site)) {
+                (true, _) => Some((LoraFactor::B, 0)),
+                (_, true) => Some((LoraFactor::A, 1)),
+                _ => None,
+            };
+            match split_factor {
+                Some((f, dim)) if f == which => (tp(dim), false),
+                _ => (Placement::Replicated, false),
+            }
+        };
+        let replicated = placement == Placement::Replicated && !expert;
+        let on_split_site = is_column(&site) || is_row(&site);
+        ParamPlan {
+            placement,
+            expert,
+            tp_partial: replicated && self.tp > 1 && (on_split_site || self.sequence_parallel()),
+        }
+    }
+
     fn split(&self, dim: usize, index: usize, parts: usize) -> Placement {
         match parts {
             1 => Placement::Replicated,
             _ => Placement::Split(Split { dim, index, parts }),
         }
+    }
+}
+
+/// The two factors of a LoRA adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LoraFactor {
+    A,
+    B,
+}
+
+/// `(module, factor)` of a LoRA tensor `{module}.lora_A.weight` / `{module}.lora_B.weight`.
+fn lora_tensor(name: &str) -> Option<(&str, LoraFactor)> {
+    let base = name.strip_suffix(".weight")?;
+    if let Some(m) = base.strip_suffix(".lora_A") {
+        Some((m, LoraFactor::A))
+    } else {
+        Some((base.strip_suffix(".lora_B")?, LoraFactor::B))
     }
 }
 
@@ -285,6 +337,56 @@ mod tests {
         assert!(sp.plan(qn).tp_partial && sp.plan(norm).tp_partial && !sp.plan(q).tp_partial);
         assert!(!ModelShard::single().plan(qn).tp_partial);
         assert!(!shard(1, 0, true, 1, 0).sequence_parallel());
+    }
+
+    #[test]
+    fn lora_factors_split_like_their_base_weight() {
+        let split = |dim, index, parts| Placement::Split(Split { dim, index, parts });
+        let s = shard(2, 1, true, 2, 0);
+        let l = "model.layers.1";
+        let cases = [
+            (
+                "self_attn.q_proj.lora_A.weight",
+                Placement::Replicated,
+                true,
+            ),
+            ("self_attn.q_proj.lora_B.weight", split(0, 1, 2), false),
+            ("self_attn.o_proj.lora_A.weight", split(1, 1, 2), false),
+            (
+                "self_attn.o_proj.lora_B.weight",
+                Placement::Replicated,
+                true,
+            ),
+            ("mlp.gate_proj.lora_B.weight", split(0, 1, 2), false),
+            ("mlp.down_proj.lora_A.weight", split(1, 1, 2), false),
+            ("mlp.gate.lora_A.weight", Placement::Replicated, true),
+            ("mlp.experts.lora_A.weight", split(0, 0, 2), false),
+            ("mlp.experts.lora_B.weight", split(1, 0, 2), false),
+            (
+                "mlp.experts.base_layer.lora_A.weight",
+                split(0, 0, 2),
+                false,
+            ),
+            (
+                "mlp.experts.base_layer.lora_B.weight",
+                split(1, 0, 2),
+                false,
+            ),
+        ];
+        for (name, placement, partial) in cases {
+            let plan = s.plan(&format!("{l}.{name}"));
+            assert_eq!(plan.placement, placement, "{name}");
+            assert_eq!(plan.tp_partial, partial, "{name}");
+            assert_eq!(plan.expert, name.contains("experts"), "{name}");
+        }
+        // Without sequence parallelism the router's adapter sees every row.
+        let router = shard(2, 0, false, 1, 0).plan("model.layers.1.mlp.gate.lora_B.weight");
+        assert!(!router.tp_partial);
+        assert!(
+            shard(2, 0, false, 1, 0)
+                .plan("model.layers.0.self_attn.v_proj.lora_A.weight")
+                .tp_partial
+        );
     }
 
     #[test]

@@ -165,6 +165,27 @@ pub trait Communicator: Send + Sync {
 
     fn recv(&self, buf: &mut [u8], src: usize, tag: u32) -> Result<()>;
 
+    /// Point-to-point transfers posted together, as one NCCL group: every send of `sends`
+    /// (bytes, destination) and receive of `recvs` (buffer, source) progresses at once and
+    /// the call returns when all have completed. Two neighbours that both send first cannot
+    /// deadlock. The default suits backends whose sends never wait for the receiver (threads,
+    /// TCP, MPI's `Isend`): all sends, then all receives. Messages between two ranks match in
+    /// the order they were posted.
+    fn exchange(
+        &self,
+        sends: &[(&[u8], usize)],
+        recvs: &mut [(&mut [u8], usize)],
+        tag: u32,
+    ) -> Result<()> {
+        for (buf, dst) in sends {
+            self.send(buf, *dst, tag)?;
+        }
+        for (buf, src) in recvs.iter_mut() {
+            self.recv(buf, *src, tag)?;
+        }
+        Ok(())
+    }
+
     fn barrier(&self) -> Result<()>;
 
     /// Collective over this group, like `MPI_Comm_split`: ranks passing the same `color` form

@@ -213,6 +213,23 @@ impl ProcessGroup {
         self.timed("recv", || self.comm.recv(bytes_mut(buf), src, tag))
     }
 
+    /// Sends and receives posted together (see `Communicator::exchange`): `sends` are
+    /// (values, destination), `recvs` (buffer, source), all group ranks.
+    pub fn exchange<T: Elem>(
+        &self,
+        sends: &[(&[T], usize)],
+        recvs: &mut [(&mut [T], usize)],
+        tag: u32,
+    ) -> Result<()> {
+        let out: usize = sends.iter().map(|(b, _)| std::mem::size_of_val(*b)).sum();
+        let inc: usize = recvs.iter().map(|(b, _)| std::mem::size_of_val(&**b)).sum();
+        self.count("exchange", out + inc, out);
+        let sends: Vec<(&[u8], usize)> = sends.iter().map(|(b, d)| (bytes(b), *d)).collect();
+        let mut recvs: Vec<(&mut [u8], usize)> =
+            recvs.iter_mut().map(|(b, s)| (bytes_mut(b), *s)).collect();
+        self.timed("exchange", || self.comm.exchange(&sends, &mut recvs, tag))
+    }
+
     pub fn barrier(&self) -> Result<()> {
         if self.size() == 1 {
             return Ok(());

@@ -15,6 +15,7 @@ use moeru_checkpoints::{
     export_merged_hf, load_hf_model, load_peft_adapter, named_tensors, save_peft_adapter,
     TensorFile,
 };
+use moeru_models::lora::{expert_b_ranks, peft_b_shape};
 use moeru_models::params::{ParamVisitor, Params};
 use moeru_models::{Batch, DropoutKey, ForwardCtx, LoraConfig, Qwen3Model};
 
@@ -245,8 +246,10 @@ fn merge_equals_base_plus_scaled_ba_and_peft_merge() {
         for l in model.lora_adapters() {
             // base + s·B·A in f64 on the host, expert by expert.
             let (a, b) = (to_f32_vec(l.a.clone()), to_f32_vec(l.b.clone()));
-            let ([_, inp], [out, _]) = (l.a.dims(), l.b.dims());
             let (r, e) = (l.rank, l.experts);
+            // Experts' B is held as `[out·r, E]`: the same flat order as PEFT's `[out, r·E]`.
+            let ([_, inp], [rows, _]) = (l.a.dims(), l.b.dims());
+            let out = if e > 1 { rows / r } else { rows };
             let w = &base_values[&l.site];
             let expected: Vec<f32> = (0..e * out * inp)
                 .map(|idx| {
@@ -407,9 +410,16 @@ fn attach_lora_matches_peft_layout_and_init() {
             "{case}: sites, ranks and alphas as peft makes them"
         );
         let ours = named_tensors(&mut model.trainable());
+        let expert_b = expert_b_ranks(&model.lora_sites());
         let mut shapes: Vec<(String, Vec<usize>)> = ours
             .iter()
-            .map(|(n, t)| (format!("base_model.model.{n}"), t.shape.clone()))
+            .map(|(n, t)| {
+                let shape = match expert_b.get(n) {
+                    Some(&rank) => peft_b_shape(&t.shape, rank),
+                    None => t.shape.clone(),
+                };
+                (format!("base_model.model.{n}"), shape)
+            })
             .collect();
         let mut file = TensorFile::open(&case_dir(case).join("adapter_model.safetensors"))
             .unwrap()

@@ -102,9 +102,11 @@ pub fn save(
     let mut contents = CheckpointContents::default();
     if engine.parallel().is_some() {
         // Model parallelism: every owner writes its parts (`checkpoint_sharded.rs`).
-        sharded_contents(engine, &mut contents)?;
-        if main {
-            config_and_state(&engine.model.config, state, &mut contents);
+        sharded_contents(engine, state.lora_base.as_ref(), &mut contents)?;
+        match (main, &state.lora_base) {
+            (false, _) => {}
+            (true, None) => config_and_state(&engine.model.config, state, &mut contents),
+            (true, Some(_)) => state_json(state, &mut contents),
         }
     } else {
         if main {
@@ -162,11 +164,15 @@ fn model_contents(
             return Ok(());
         }
     }
+    state_json(state, contents);
+    Ok(())
+}
+
+fn state_json(state: &TrainerState, contents: &mut CheckpointContents) {
     contents.json.push((
         STATE_FILE.into(),
         serde_json::to_value(state).expect("state serialises"),
     ));
-    Ok(())
 }
 
 /// config.json and the trainer state.
@@ -175,10 +181,7 @@ fn config_and_state(config: &Qwen3Config, state: &TrainerState, contents: &mut C
         "config.json".into(),
         serde_json::Value::Object(config.to_export_json()),
     ));
-    contents.json.push((
-        STATE_FILE.into(),
-        serde_json::to_value(state).expect("state serialises"),
-    ));
+    state_json(state, contents);
 }
 
 /// The optimizer component: whole moments (rank 0), or every rank's ZeRO-1 shard plus the

@@ -20,8 +20,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use moeru_checkpoints::peft_config::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use moeru_checkpoints::{
-    hf_param_tensors, CheckpointContents, CheckpointError, OwnedTensor, TensorFile, INDEX_FILE,
+    hf_param_tensors, peft_adapter_files_of, CheckpointContents, CheckpointError, OwnedTensor,
+    TensorFile, INDEX_FILE,
 };
 use moeru_models::params::to_f32_vec;
 use moeru_models::shard::{full_shape, join_parts};
@@ -30,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::Engine;
 use crate::error::TrainError;
+use crate::lora::BaseFingerprint;
 
 /// One run of a parameter's moments in an optimizer slice file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,16 +73,43 @@ pub fn is_sliced(dir: &Path) -> bool {
     dir.join(slices_file(0)).exists()
 }
 
-/// This rank's files of a model-parallel checkpoint, and on world rank 0 the index; the
-/// caller adds config.json and the trainer state. Collective over the engine's groups.
+/// This rank's files of a model-parallel checkpoint, and on world rank 0 the index (or, for
+/// a LoRA run on the base `lora_base`, the whole adapters in PEFT's files); the caller adds
+/// config.json and the trainer state. Collective over the engine's groups.
 pub fn sharded_contents(
     engine: &mut Engine,
+    lora_base: Option<&BaseFingerprint>,
     contents: &mut CheckpointContents,
 ) -> Result<(), TrainError> {
     let params = engine.local_params();
     let shapes: BTreeMap<String, Vec<usize>> = (params.iter())
         .map(|(n, dims, _)| (n.clone(), dims.clone()))
         .collect();
+    match lora_base {
+        Some(base) => adapter_contents(engine, params, &base.path, contents)?,
+        None => weight_contents(engine, params, contents)?,
+    }
+    // Every rank writes its slice map, empty or not, so that a reader finds them all.
+    let rank = engine
+        .parallel()
+        .expect("a model-parallel engine")
+        .world
+        .rank();
+    let (entries, tensors) = owned_moments(engine, &shapes);
+    let map = serde_json::to_value(&entries).expect("slice map serialises");
+    contents.json.push((slices_file(rank), map));
+    if !tensors.is_empty() {
+        contents.tensors.push((moments_file(rank), tensors));
+    }
+    Ok(())
+}
+
+/// The weights each rank owns, and the index on world rank 0.
+fn weight_contents(
+    engine: &Engine,
+    params: Vec<(String, Vec<usize>, Vec<f32>)>,
+    contents: &mut CheckpointContents,
+) -> Result<(), TrainError> {
     let weights = owned_weights(engine, params)?;
     let p = engine.parallel().expect("a model-parallel engine");
     let rank = p.world.rank();
@@ -108,12 +138,36 @@ pub fn sharded_contents(
     if !weights.is_empty() {
         contents.tensors.push((weights_file(rank), weights));
     }
-    // Every rank writes its slice map, empty or not, so that a reader finds them all.
-    let (entries, tensors) = owned_moments(engine, &shapes);
-    let map = serde_json::to_value(&entries).expect("slice map serialises");
-    contents.json.push((slices_file(rank), map));
-    if !tensors.is_empty() {
-        contents.tensors.push((moments_file(rank), tensors));
+    Ok(())
+}
+
+/// A LoRA run's adapters (`params`), joined whole on world rank 0 (over tp for a split
+/// site's factor, over ep for the experts'), as PEFT's two files on that rank. Adapters are
+/// small, so one rank writing them all costs little and keeps PEFT's single file.
+fn adapter_contents(
+    engine: &mut Engine,
+    params: Vec<(String, Vec<usize>, Vec<f32>)>,
+    base_path: &str,
+    contents: &mut CheckpointContents,
+) -> Result<(), TrainError> {
+    let p = engine.parallel().expect("a model-parallel engine");
+    let mut whole = Vec::with_capacity(params.len());
+    for (name, dims, values) in params {
+        let plan = p.shard.plan(&name);
+        let values = match plan.placement {
+            Placement::Split(s) => {
+                let group = if plan.expert { p.ep } else { p.tp };
+                join_parts(&group.all_gather(&values)?, s.parts, &dims, s.dim)
+            }
+            Placement::Replicated => values,
+        };
+        let shape = full_shape(&dims, &plan.placement);
+        whole.push((name, OwnedTensor::f32(&values, shape)));
+    }
+    if p.world.rank() == 0 {
+        let (tensors, config) = peft_adapter_files_of(&mut engine.model, base_path, whole)?;
+        contents.tensors.push((ADAPTER_WEIGHTS.into(), tensors));
+        contents.json.push((ADAPTER_CONFIG.into(), config));
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod checkpoint_sharded;
+pub mod dpo;
 pub mod engine;
 pub mod error;
 pub mod eval;
@@ -14,6 +15,7 @@ pub mod lora;
 pub mod metrics;
 pub mod objective;
 pub mod parallel_sizes;
+pub mod pipeline;
 pub mod rank_threads;
 pub mod recipe;
 pub mod run;

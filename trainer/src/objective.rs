@@ -7,7 +7,7 @@
 use burn::tensor::Tensor;
 use moeru_models::moe::RouterStats;
 use moeru_models::params::to_f32_vec;
-use moeru_models::{ForwardCtx, Qwen3Model};
+use moeru_models::{ForwardCtx, ForwardOutput, Qwen3Model};
 
 use crate::engine::MicroBatch;
 
@@ -32,6 +32,9 @@ pub struct StepReport {
     /// Rows this rank's expert matmuls computed, padding included, over all MoE layers.
     pub expert_rows_computed: u64,
     pub tokens: u64,
+    /// A task's own metrics (DPO's rewards and log-probs), each already its share of the
+    /// global batch's mean, so the sum over ranks is the mean; in the order first added.
+    pub task: Vec<(&'static str, f64)>,
 }
 
 impl StepReport {
@@ -48,7 +51,16 @@ impl StepReport {
                 .iter()
                 .flat_map(|(_, c)| c.iter().map(|&x| x as f64)),
         );
+        v.extend(self.task.iter().map(|(_, x)| x));
         v
+    }
+
+    /// Adds `value` to the task metric `name`.
+    pub fn add_task(&mut self, name: &'static str, value: f64) {
+        match self.task.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, x)) => *x += value,
+            None => self.task.push((name, value)),
+        }
     }
 
     /// Takes back the values of [`StepReport::summable`] after they were summed.
@@ -62,6 +74,9 @@ impl StepReport {
             for c in counts.iter_mut() {
                 *c = *it.next().unwrap_or(&0.0) as u64;
             }
+        }
+        for (_, x) in &mut self.task {
+            *x = *it.next().unwrap_or(&0.0);
         }
     }
 
@@ -127,24 +142,54 @@ impl Objective for LmObjective {
         report: &mut StepReport,
     ) -> Tensor<1> {
         let (denom, n) = (counts[0].max(1.0) as f32, counts[1]);
-        let out = model.forward(&mb.batch, ctx);
+        let (hidden, router) = RouterOut::split(model.forward(&mb.batch, ctx));
         let lm = model
-            .token_loss_sum(out.hidden, mb.targets.clone(), mb.mask.clone(), ctx)
+            .token_loss_sum(hidden, mb.targets.clone(), mb.mask.clone(), ctx)
             .div_scalar(denom);
         report.loss += to_f32_vec(lm.clone())[0] as f64;
-        let mut loss = lm;
-        if let Some(aux) = out.aux_loss {
+        report.tokens += mb.tokens as u64;
+        router.add_to(lm, &self.weights, n, report)
+    }
+}
+
+/// What a forward reports besides its hidden states: the router losses and statistics.
+pub struct RouterOut {
+    pub aux_loss: Option<Tensor<1>>,
+    pub z_loss: Option<Tensor<1>>,
+    pub router: Vec<(usize, RouterStats)>,
+}
+
+impl RouterOut {
+    /// A forward's hidden states and the rest of what it returned.
+    pub fn split(out: ForwardOutput) -> (Tensor<3>, Self) {
+        let router = Self {
+            aux_loss: out.aux_loss,
+            z_loss: out.z_loss,
+            router: out.router,
+        };
+        (out.hidden, router)
+    }
+
+    /// `loss` plus the router losses with their weights, averaged over the step's `n`
+    /// micro-batches; reports them and the expert loads.
+    pub fn add_to(
+        self,
+        mut loss: Tensor<1>,
+        weights: &AuxWeights,
+        n: f64,
+        report: &mut StepReport,
+    ) -> Tensor<1> {
+        if let Some(aux) = self.aux_loss {
             *report.aux_loss.get_or_insert(0.0) += to_f32_vec(aux.clone())[0] as f64 / n;
-            loss = loss + aux.mul_scalar(self.weights.load_balancing / n);
+            loss = loss + aux.mul_scalar(weights.load_balancing / n);
         }
-        if let Some(z) = out.z_loss {
+        if let Some(z) = self.z_loss {
             *report.z_loss.get_or_insert(0.0) += to_f32_vec(z.clone())[0] as f64 / n;
-            if self.weights.z_loss > 0.0 {
-                loss = loss + z.mul_scalar(self.weights.z_loss / n);
+            if weights.z_loss > 0.0 {
+                loss = loss + z.mul_scalar(weights.z_loss / n);
             }
         }
-        report.add_router(&out.router);
-        report.tokens += mb.tokens as u64;
+        report.add_router(&self.router);
         loss
     }
 }

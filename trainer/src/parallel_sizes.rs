@@ -71,17 +71,6 @@ fn moe_layers(c: &Qwen3Config) -> bool {
     (0..c.num_hidden_layers).any(|i| c.is_moe_layer(i))
 }
 
-/// LoRA adapters are not sharded in this build.
-pub fn validate_lora_layout(p: &ParallelSection, lora: bool) -> Result<(), String> {
-    if lora && (p.tp > 1 || p.ep > 1) {
-        return Err(format!(
-            "`lora` with `parallel.tp` = {} and `parallel.ep` = {}: LoRA adapters are not sharded in this build; set tp and ep to 1 (scale LoRA with `parallel.dp`)",
-            p.tp, p.ep
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,8 +113,6 @@ mod tests {
         assert!(validate_parallel_sizes(&sp, &c).is_ok());
         let e = validate_parallel_sizes(&sizes(1, 1, 1, 2), &c).unwrap_err();
         assert!(e.contains("`parallel.pp` = 2"), "{e}");
-        assert!(validate_lora_layout(&sizes(1, 2, 1, 1), true).is_err());
-        assert!(validate_lora_layout(&sizes(1, 2, 1, 1), false).is_ok());
         assert!(validate_parallel_sizes(&sizes(1, 1, 1, 1), &c).is_ok());
         assert!(validate_parallel_sizes(&sizes(4, 1, 1, 1), &c).is_ok());
     }

@@ -48,7 +48,7 @@ pub fn run_rank(
     opts: &RunOptions,
     world: &ProcessGroup,
 ) -> Result<RunSummary, TrainError> {
-    let result = Session::open(recipe, opts, world).and_then(|s| tasks::lm::run(&s, opts));
+    let result = Session::open(recipe, opts, world).and_then(|s| tasks::run(&s, opts));
     if let Err(e) = &result {
         world.abort(&e.to_string());
     }

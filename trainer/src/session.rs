@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use burn::tensor::Device;
 use moeru_checkpoints::{load_hf_model_sharded, load_peft_adapter};
-use moeru_data::{DataLoader, LoaderConfig, PackMode};
+use moeru_data::pairs::{PairLoader, PairLoaderConfig};
+use moeru_data::{DataLoader, LoaderConfig, LoaderState, Manifest, PackMode};
 use moeru_models::init::RandomInit;
 use moeru_models::{Boundaries, DeviceSpec, Local, ModelShard, Qwen3Config, Qwen3Model};
 use moeru_parallel::boundaries::ShardBoundaries;
@@ -21,8 +22,8 @@ use moeru_parallel::{DeviceMesh, MeshGroups, MeshSizes, ProcessGroup};
 use crate::checkpoint::{restore_latest, Restored};
 use crate::engine::OptimizerStart;
 use crate::error::TrainError;
-use crate::lora::{attach, check_base, fingerprint, BaseFingerprint};
-use crate::parallel_sizes::{validate_lora_layout, validate_parallel_sizes};
+use crate::lora::{attach, check_base, sharded_fingerprint, BaseFingerprint};
+use crate::parallel_sizes::validate_parallel_sizes;
 use crate::recipe::schema::{Precision, Recipe, TaskKind};
 use crate::run::RunOptions;
 
@@ -63,11 +64,33 @@ pub struct Session<'w> {
     pub boundaries: Option<ShardBoundaries>,
 }
 
+/// A task's data stream: packed token samples, or preference pairs (`data.task: dpo`).
+pub enum Loader {
+    Tokens(DataLoader),
+    Pairs(PairLoader),
+}
+
+impl Loader {
+    pub fn state(&self) -> LoaderState {
+        match self {
+            Loader::Tokens(l) => l.state(),
+            Loader::Pairs(l) => l.state(),
+        }
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        match self {
+            Loader::Tokens(l) => l.manifest(),
+            Loader::Pairs(l) => l.manifest(),
+        }
+    }
+}
+
 /// Where a run starts: from scratch, or where its newest valid checkpoint stopped.
 pub struct Start {
     pub model: Qwen3Model,
     pub optimizer: OptimizerStart,
-    pub loader: DataLoader,
+    pub loader: Loader,
     /// Optimizer steps already taken.
     pub step: u64,
     pub tokens_seen: u64,
@@ -123,8 +146,7 @@ impl<'w> Session<'w> {
             }
             _ => return Ok(()),
         };
-        validate_parallel_sizes(&recipe.parallel, &config).map_err(TrainError::BadRecipe)?;
-        validate_lora_layout(&recipe.parallel, recipe.lora.is_some()).map_err(TrainError::BadRecipe)
+        validate_parallel_sizes(&recipe.parallel, &config).map_err(TrainError::BadRecipe)
     }
 
     /// The starting state: restored from the newest valid checkpoint when the recipe (or
@@ -157,18 +179,48 @@ impl<'w> Session<'w> {
         Ok(start)
     }
 
-    fn loader_config(&self) -> LoaderConfig {
+    /// The data stream from its start, or from `state` (a checkpoint's).
+    fn loader(&self, state: Option<&LoaderState>) -> Result<Loader, TrainError> {
         let (recipe, dp) = (self.recipe, &self.groups.dp);
         let d = &recipe.data;
-        let mut cfg = LoaderConfig::new(
-            &d.train,
-            d.seq_len,
-            recipe.train.micro_batch_size,
-            recipe.train.seed,
-        );
+        let (mbs, seed) = (recipe.train.micro_batch_size, recipe.train.seed);
+        if d.task == TaskKind::Dpo {
+            let mut cfg = PairLoaderConfig::new(&d.train, d.seq_len, mbs, seed);
+            cfg.shuffle = d.shuffle;
+            let cfg = cfg.with_rank(dp.rank(), dp.size());
+            return Ok(Loader::Pairs(match state {
+                Some(s) => PairLoader::from_state(cfg, s)?,
+                None => PairLoader::new(cfg)?,
+            }));
+        }
+        let mut cfg = LoaderConfig::new(&d.train, d.seq_len, mbs, seed);
         cfg.mode = if d.pad { PackMode::Pad } else { PackMode::Pack };
         cfg.shuffle = d.shuffle;
-        cfg.with_rank(dp.rank(), dp.size())
+        let cfg = cfg.with_rank(dp.rank(), dp.size());
+        Ok(Loader::Tokens(match state {
+            Some(s) => DataLoader::from_state(cfg, s)?,
+            None => DataLoader::new(cfg)?,
+        }))
+    }
+
+    /// The model a fresh run starts from: the recipe's weights (this rank's part), with
+    /// fresh or `lora.adapter`'s adapters under LoRA.
+    pub fn initial_model(&self) -> Result<Qwen3Model, TrainError> {
+        let recipe = self.recipe;
+        let mut model = build_model(recipe, &self.device, self.model_boundaries())?;
+        if let (Some(l), Some(_)) = (&recipe.lora, &recipe.model.path) {
+            attach(l, &mut model, recipe.model.init_seed)?;
+        }
+        Ok(model)
+    }
+
+    /// A Hugging Face folder as this rank's part of a model.
+    pub fn load_folder(&self, path: &Path) -> Result<Qwen3Model, TrainError> {
+        Ok(load_hf_model_sharded(
+            path,
+            self.model_boundaries(),
+            &self.device,
+        )?)
     }
 
     fn fresh(&self) -> Result<Start, TrainError> {
@@ -176,7 +228,7 @@ impl<'w> Session<'w> {
         let mut model = build_model(recipe, &self.device, self.model_boundaries())?;
         let lora_base = match (&recipe.lora, &recipe.model.path) {
             (Some(l), Some(path)) => {
-                let base = fingerprint(&mut model, path);
+                let base = self.base_fingerprint(&mut model, path)?;
                 attach(l, &mut model, recipe.model.init_seed)?;
                 Some(base)
             }
@@ -185,7 +237,7 @@ impl<'w> Session<'w> {
         Ok(Start {
             model,
             optimizer: OptimizerStart::default(),
-            loader: DataLoader::new(self.loader_config())?,
+            loader: self.loader(None)?,
             step: 0,
             tokens_seen: 0,
             lora_base,
@@ -200,8 +252,7 @@ impl<'w> Session<'w> {
             }
             eprintln!("resuming from {} (step {})", r.dir.display(), r.state.step);
         }
-        // A LoRA run is never sharded (`validate_lora_layout`), so its base is built whole.
-        let (mut model, lora_base) = restored_model(recipe, &mut r, &self.device)?;
+        let (mut model, lora_base) = self.restored_model(&mut r)?;
         let moments = r.moments.for_model(&mut model, &self.device)?;
         Ok(Start {
             model,
@@ -209,11 +260,47 @@ impl<'w> Session<'w> {
                 steps: r.state.step,
                 moments,
             },
-            loader: DataLoader::from_state(self.loader_config(), &r.state.loader)?,
+            loader: self.loader(Some(&r.state.loader))?,
             step: r.state.step,
             tokens_seen: r.state.tokens_seen,
             lora_base,
         })
+    }
+
+    /// The digest of the LoRA base `model` (this rank's part of it) loaded from `path`.
+    pub fn base_fingerprint(
+        &self,
+        model: &mut Qwen3Model,
+        path: &Path,
+    ) -> Result<BaseFingerprint, TrainError> {
+        sharded_fingerprint(model, path, &self.groups, self.world)
+    }
+
+    /// The model of checkpoint `r`: its full weights, or for a LoRA checkpoint the recipe's
+    /// base (checked against the recorded fingerprint) with the checkpoint's adapters; in the
+    /// part this rank holds.
+    fn restored_model(
+        &self,
+        r: &mut Restored,
+    ) -> Result<(Qwen3Model, Option<BaseFingerprint>), TrainError> {
+        let recipe = self.recipe;
+        let dir = r.dir.display();
+        match (r.model.take(), &recipe.lora, &recipe.model.path) {
+            (Some(model), None, _) => Ok((model, None)),
+            (None, Some(_), Some(path)) => {
+                let mut model = build_model(recipe, &self.device, self.model_boundaries())?;
+                let base = self.base_fingerprint(&mut model, path)?;
+                check_base(&r.dir, r.state.lora_base.as_ref(), &base, path)?;
+                load_peft_adapter(&r.dir, &mut model)?;
+                Ok((model, Some(base)))
+            }
+            (Some(_), Some(_), _) => Err(TrainError::Resume(format!(
+                "{dir} holds a fully trained model, but the recipe has a `lora` section; remove `lora` to continue that run, or set a fresh `checkpoint.dir` to fine-tune it with LoRA"
+            ))),
+            (None, None, _) | (None, Some(_), None) => Err(TrainError::Resume(format!(
+                "{dir} holds LoRA adapters (adapter_model.safetensors), but the recipe has no `lora` section and `model.path`; restore the run's `lora` section, or set a fresh `checkpoint.dir`"
+            ))),
+        }
     }
 }
 
@@ -264,33 +351,7 @@ fn build_model(
     }
 }
 
-/// The model of checkpoint `r`: its full weights, or for a LoRA checkpoint the recipe's base
-/// (checked against the recorded fingerprint) with the checkpoint's adapters.
-fn restored_model(
-    recipe: &Recipe,
-    r: &mut Restored,
-    device: &Device,
-) -> Result<(Qwen3Model, Option<BaseFingerprint>), TrainError> {
-    let dir = r.dir.display();
-    match (r.model.take(), &recipe.lora, &recipe.model.path) {
-        (Some(model), None, _) => Ok((model, None)),
-        (None, Some(_), Some(path)) => {
-            let mut model = build_model(recipe, device, Arc::new(Local))?;
-            let base = fingerprint(&mut model, path);
-            check_base(&r.dir, r.state.lora_base.as_ref(), &base, path)?;
-            load_peft_adapter(&r.dir, &mut model)?;
-            Ok((model, Some(base)))
-        }
-        (Some(_), Some(_), _) => Err(TrainError::Resume(format!(
-            "{dir} holds a fully trained model, but the recipe has a `lora` section; remove `lora` to continue that run, or set a fresh `checkpoint.dir` to fine-tune it with LoRA"
-        ))),
-        (None, None, _) | (None, Some(_), None) => Err(TrainError::Resume(format!(
-            "{dir} holds LoRA adapters (adapter_model.safetensors), but the recipe has no `lora` section and `model.path`; restore the run's `lora` section, or set a fresh `checkpoint.dir`"
-        ))),
-    }
-}
-
-fn check_data(recipe: &Recipe, loader: &DataLoader, model: &Qwen3Model) -> Result<(), TrainError> {
+fn check_data(recipe: &Recipe, loader: &Loader, model: &Qwen3Model) -> Result<(), TrainError> {
     let m = loader.manifest();
     let dir = recipe.data.train.display();
     if m.tokenizer.vocab_size > model.config.vocab_size as u64 {
@@ -299,11 +360,14 @@ fn check_data(recipe: &Recipe, loader: &DataLoader, model: &Qwen3Model) -> Resul
             m.tokenizer.vocab_size, model.config.vocab_size
         )));
     }
-    let chat = m.mode == "chat";
+    let (chat, pairs) = (m.mode == "chat", m.mode == "preference");
     match recipe.data.task {
         TaskKind::Sft if !chat => Err(TrainError::Dataset(format!(
             "{dir}: `data.task: sft` needs chat data (prepare with --chat); this dataset is `{}`",
             m.mode
+        ))),
+        TaskKind::Pretrain | TaskKind::Sft if pairs => Err(TrainError::Dataset(format!(
+            "{dir}: this dataset holds preference pairs (prepared with --preference); train it with `data.task: dpo`, or prepare the data without --preference"
         ))),
         _ => Ok(()),
     }

@@ -77,7 +77,7 @@ fn only_adapters_train_and_checkpoints_hold_peft_files() {
     assert_eq!(summary.sizes.optimizer_state_bytes, 8 * expected);
 
     let mut base = load_hf_model(&base_dir(), &Device::flex()).unwrap();
-    let digest = fingerprint(&mut base, &base_dir()).sha256;
+    let digest = fingerprint(&mut base, &base_dir()).digest;
     for step in [3, 6] {
         let dir = step_dir(out.path(), step);
         let files: BTreeSet<String> = std::fs::read_dir(&dir)
@@ -100,7 +100,7 @@ fn only_adapters_train_and_checkpoints_hold_peft_files() {
         let state: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json")).unwrap())
                 .unwrap();
-        assert_eq!(state["lora_base"]["sha256"], digest.as_str(), "step {step}");
+        assert_eq!(state["lora_base"]["digest"], digest.as_str(), "step {step}");
         // Optimizer state exists for the adapters only, one pair per adapter tensor.
         let adapters = tensors(&dir.join("adapter_model.safetensors"));
         let optim = tensors(&dir.join("optim.safetensors"));
@@ -259,7 +259,7 @@ fn mismatched_checkpoints_are_refused() {
     drop(file);
     write_tensors(&path, &owned).unwrap();
     let e = err(&r);
-    assert!(e.contains("sha256") && e.contains("model.path"), "{e}");
+    assert!(e.contains("digest") && e.contains("model.path"), "{e}");
     // Nothing saved was touched.
     assert!(moeru_checkpoints::verify_checkpoint(&out.join("ckpt/step-000003")).is_ok());
 }

@@ -1,66 +1,18 @@
 //! Tensor and expert parallelism on thread ranks against the one-rank run of the same global
 //! batch (10 steps: losses, router losses, expert loads and final weights), resuming their
-//! canonical checkpoints at other layouts, and the layout errors a recipe gets.
+//! canonical checkpoints at other layouts, and the layout errors a recipe gets. The traffic
+//! each layout moves is `parallel_traffic.rs`'s.
 
 mod common;
 
 use std::path::Path;
 
-use common::{assert_runs_match, losses, max_loss_diff, metrics, step_dir, test_recipe, Set};
+use common::layout::{layout, part_params, recipe_for, Layout, ONE, STEPS};
+use common::{assert_runs_match, losses, max_loss_diff, metrics, step_dir, Set};
 use moeru_models::Qwen3Config;
 use moeru_trainer::parallel_sizes::validate_parallel_sizes;
-use moeru_trainer::recipe::schema::Recipe;
 use moeru_trainer::run::mesh_for;
 use moeru_trainer::{run_threads, run_threads_summaries, run_training, RunOptions, TrainError};
-
-const STEPS: u64 = 10;
-/// Sequences per global batch: micro-batch 2 × grad_accum × dp.
-const GLOBAL: usize = 8;
-
-/// A layout: dp × tp ranks, ep folded over them.
-#[derive(Debug, Clone, Copy)]
-struct Layout {
-    dp: usize,
-    tp: usize,
-    ep: usize,
-    sp: bool,
-    zero: bool,
-}
-
-const fn layout(dp: usize, tp: usize, ep: usize, sp: bool, zero: bool) -> Layout {
-    Layout {
-        dp,
-        tp,
-        ep,
-        sp,
-        zero,
-    }
-}
-
-const ONE: Layout = layout(1, 1, 1, false, false);
-
-/// The tiny MoE with 4 layers (layer 0 dense, layers 1–3 four experts each), its head untied
-/// unless `model` says otherwise, on `l`.
-fn recipe_for(out: &Path, l: Layout, model: &[Set]) -> Recipe {
-    let sets: [Set; 14] = [
-        ("model.architecture.num_hidden_layers", &4),
-        // A wrong exchange fails in a minute rather than the default ten.
-        ("parallel.timeout_s", &60),
-        ("train.steps", &STEPS),
-        ("checkpoint.every", &5),
-        ("data.seq_len", &64),
-        ("train.micro_batch_size", &2),
-        ("train.grad_accum", &(GLOBAL / 2 / l.dp)),
-        ("parallel.dp", &l.dp),
-        ("parallel.tp", &l.tp),
-        ("parallel.ep", &l.ep),
-        ("parallel.sequence_parallel", &l.sp),
-        ("parallel.zero_stage", &(l.zero as u8)),
-        ("model.architecture.tie_word_embeddings", &false),
-        ("moe.z_loss_coef", &1.0e-3),
-    ];
-    test_recipe(out, &[&sets[..], model].concat())
-}
 
 fn run(out: &Path, l: Layout, model: &[Set], opts: &RunOptions) -> Result<(), TrainError> {
     let r = recipe_for(out, l, model);
@@ -232,28 +184,6 @@ fn layouts_the_model_does_not_divide_are_refused() {
     assert!(!out.path().join("ckpt").exists(), "nothing was written");
 }
 
-/// Parameters of one rank's part of `c` under tp × ep, from config.json's fields alone.
-fn part_params(c: &Qwen3Config, tp: usize, ep: usize) -> u64 {
-    let (h, v, hd) = (c.hidden_size, c.vocab_size, c.head_dim);
-    let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
-    // q, k, v, o split by heads; the two norms and the QK-norms replicated.
-    let attention = (2 * q + 2 * kv) * h / tp + 2 * h + 2 * hd;
-    let mut n = v * h / tp + h;
-    if !c.tie_word_embeddings {
-        n += v * h / tp;
-    }
-    for layer in 0..c.num_hidden_layers {
-        n += attention;
-        n += match (&c.moe, c.is_moe_layer(layer)) {
-            (Some(m), true) => {
-                m.num_experts * h + m.num_experts / ep * 3 * m.moe_intermediate_size * h
-            }
-            _ => 3 * c.intermediate_size * h / tp,
-        };
-    }
-    n as u64
-}
-
 #[test]
 fn per_rank_bytes_fall_as_one_over_tp_and_ep() {
     let out = tempfile::tempdir().unwrap();
@@ -289,136 +219,6 @@ fn per_rank_bytes_fall_as_one_over_tp_and_ep() {
     )
     .unwrap();
     assert_eq!(r.sizes.total, whole, "the formula counts the whole model");
-}
-
-/// Asserts that the tp group all-gathered and reduce-scattered `bytes` of activations each.
-fn assert_sp_crossings(m: &serde_json::Value, bytes: u64, what: &str) {
-    assert_eq!(comm(m, "tp", "all_gather", "payload"), bytes, "{what}");
-    assert_eq!(comm(m, "tp", "reduce_scatter", "payload"), bytes, "{what}");
-}
-
-/// Bytes rank 0's collectives moved on `group` with `op` in step line `m` (`payload` or
-/// `wire`).
-fn comm(m: &serde_json::Value, group: &str, op: &str, what: &str) -> u64 {
-    m["comm"][group][op][what].as_u64().unwrap_or(0)
-}
-
-/// The tensor-parallel traffic of a dense model against its analytic volume: per micro-batch
-/// of R tokens, L layers, hidden H, head_dim D (f32 on the wire; a tp2 ring moves each
-/// all-reduce's bytes once, each gather's and scatter's half).
-#[test]
-fn tensor_parallel_traffic_equals_the_analytic_volume() {
-    let (r, h, d, l) = (2 * 64u64, 64u64, 16u64, 4u64);
-    for sp in [false, true] {
-        let out = tempfile::tempdir().unwrap();
-        let lay = layout(1, 2, 1, sp, false);
-        let mut rec = recipe_for(out.path(), lay, &DENSE);
-        (
-            rec.train.steps,
-            rec.train.grad_accum,
-            rec.schedule.warmup_steps,
-        ) = (2, 1, 0);
-        run_threads(&rec, &RunOptions::default(), 2).unwrap();
-        // Activations [R, H] cross the tp boundary at the embedding, twice a layer (attention
-        // and MLP) and before the LM head, once forward and once backward; the
-        // vocabulary-parallel loss all-reduces a max and two sums per token.
-        let crossings = 2 * (2 * l + 1);
-        let loss = 4 * 3 * r;
-        for m in metrics(out.path()).iter().filter(|m| m["loss"].is_f64()) {
-            let what = format!("sp {sp} step {}", m["step"]);
-            let all_reduce = comm(m, "tp", "all_reduce", "payload");
-            if sp {
-                // Gathers before column-parallel layers, reduce-scatters after row-parallel
-                // ones (and their adjoints); every replicated weight's gradient is partial
-                // (two norms and the QK-norms a layer, the final norm), and the router-loss
-                // shares are summed (two f64).
-                let activations = crossings * r * h * 4;
-                assert_sp_crossings(m, activations, &what);
-                assert_eq!(
-                    comm(m, "tp", "all_gather", "wire"),
-                    activations / 2,
-                    "{what}"
-                );
-                let partial = 4 * (l * (2 * h + 2 * d) + h);
-                assert_eq!(all_reduce, loss + partial + 16, "{what}");
-            } else {
-                let partial = 4 * 2 * d * l;
-                assert_eq!(all_reduce, crossings * r * h * 4 + loss + partial, "{what}");
-                assert!(m["comm"]["tp"].get("all_gather").is_none(), "{what}");
-            }
-            assert_eq!(comm(m, "tp", "all_reduce", "wire"), all_reduce, "{what}");
-            // The global norm's one f64 is the only other collective of the step.
-            assert_eq!(comm(m, "world", "all_reduce", "payload"), 8, "{what}");
-        }
-    }
-}
-
-/// The tensor-parallel traffic of the MoE (1 dense + 3 MoE layers) under sequence
-/// parallelism: only attention and the dense MLP are tensor-parallel regions (experts run on
-/// each rank's rows); the load-balancing loss sums the E router counts over tp once per
-/// micro-batch, and every replicated weight's gradient (the routers' too) is partial.
-#[test]
-fn moe_tensor_parallel_traffic_equals_the_analytic_volume() {
-    let (r, h, d, l, dense, experts) = (2 * 64u64, 64u64, 16u64, 4u64, 1u64, 4u64);
-    let moe = l - dense;
-    let out = tempfile::tempdir().unwrap();
-    let lay = layout(1, 2, 1, true, false);
-    let mut rec = recipe_for(out.path(), lay, &[]);
-    (
-        rec.train.steps,
-        rec.train.grad_accum,
-        rec.schedule.warmup_steps,
-    ) = (2, 1, 0);
-    run_threads(&rec, &RunOptions::default(), 2).unwrap();
-    let activations = 2 * (l + dense + 1) * r * h * 4;
-    let partial = 4 * (l * (2 * h + 2 * d) + h + moe * experts * h);
-    let shares = 8 * (2 + experts * moe);
-    for m in metrics(out.path()).iter().filter(|m| m["loss"].is_f64()) {
-        let what = format!("step {}", m["step"]);
-        assert_sp_crossings(m, activations, &what);
-        let all_reduce = comm(m, "tp", "all_reduce", "payload");
-        assert_eq!(
-            all_reduce,
-            4 * 3 * r + 8 * experts + partial + shares,
-            "{what}"
-        );
-        assert!(
-            m["comm"].get("ep").is_none(),
-            "{what}: no expert parallelism"
-        );
-    }
-}
-
-/// The all-to-all traffic of expert parallelism against its volume: per MoE layer and
-/// micro-batch, the count exchange (E i64), the rank's routed rows out and their gradients
-/// back (R_local × k rows each), and the rows its experts received back and their gradients
-/// (the rows logged as its `ep_load`, since its EP group holds every routing rank here).
-#[test]
-fn expert_parallel_traffic_equals_the_routed_rows() {
-    let (h, k, experts, moe_layers) = (64u64, 2u64, 4u64, 3u64);
-    for lay in [layout(2, 1, 2, false, false), layout(1, 2, 2, true, false)] {
-        let out = tempfile::tempdir().unwrap();
-        let mut rec = recipe_for(out.path(), lay, &[]);
-        (
-            rec.train.steps,
-            rec.train.grad_accum,
-            rec.schedule.warmup_steps,
-        ) = (2, 1, 0);
-        run_threads(&rec, &RunOptions::default(), lay.dp * lay.tp).unwrap();
-        let routed = 2 * 64 / lay.tp as u64 * k;
-        for m in metrics(out.path()).iter().filter(|m| m["loss"].is_f64()) {
-            let what = format!("{lay:?} step {}", m["step"]);
-            let received = m["ep_load"][0].as_u64().unwrap();
-            let load: u64 = (0..lay.ep).map(|i| m["ep_load"][i].as_u64().unwrap()).sum();
-            assert_eq!(
-                load,
-                moe_layers * routed * (lay.dp * lay.tp) as u64,
-                "{what}"
-            );
-            let want = moe_layers * (8 * experts + 2 * routed * h * 4) + 2 * received * h * 4;
-            assert_eq!(comm(m, "ep", "all_to_all", "payload"), want, "{what}");
-        }
-    }
 }
 
 /// recipes/qwen3-30b-a3b-sft.yaml's layout divides Qwen3-30B-A3B (its config.json fields) on

@@ -138,7 +138,7 @@ fn wrong_type_in_file_names_key_expected_and_found() {
         ("  steps: 10", "  steps: 1.5", "`train.steps`: expected a non-negative integer, found 1.5"),
         ("  steps: 10", "  steps: \"10\"", "`train.steps`: expected a non-negative integer, found \"10\""),
         ("  seq_len: 16", "  seq_len: 16\n  pad: 3", "r.yaml:6:8: `data.pad`: expected a boolean (true or false), found 3"),
-        ("  seq_len: 16", "  seq_len: 16\n  task: pretrian", "`data.task`: expected one of `pretrain`, `sft`, found \"pretrian\"; did you mean `pretrain`?"),
+        ("  seq_len: 16", "  seq_len: 16\n  task: pretrian", "`data.task`: expected one of `pretrain`, `sft`, `dpo`, found \"pretrian\"; did you mean `pretrain`?"),
         ("  dir: ckpt", "  dir: [a, b]", "r.yaml:10:8: `checkpoint.dir`: expected a path (a string), found a list of 2 item(s)"),
         ("train:\n", "train: 5\nx:\n", "r.yaml:6:8: `train`: expected a mapping of keys, found 5"),
     ];
@@ -456,6 +456,9 @@ fn full_json() -> serde_json::Value {
             "model.path=m",
             "lora.rank=4",
             "lora.adapter=a",
+            "data.task=dpo",
+            "dpo.beta=0.2",
+            "dpo.loss_weights=[1.0]",
         ],
     );
     serde_json::to_value(r).unwrap()
@@ -529,6 +532,8 @@ fn key_table_required_and_kinds_match_schema() {
             Kind::FloatPair => vec![serde_json::json!([0.5, 1])],
             Kind::StrList => vec![serde_json::json!(["a", "b"]), serde_json::json!([])],
             Kind::Str => vec!["s".into()],
+            Kind::Names(values) => vec![serde_json::json!(values), serde_json::json!([values[0]])],
+            Kind::OptFloatList => vec![serde_json::json!([0.5, 1]), serde_json::Value::Null],
             Kind::FreeMap => vec![
                 serde_json::json!({"a": [1, {"b": null}]}),
                 serde_json::Value::Null,

@@ -4,6 +4,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use clap::Parser;
+use moeru_data::cli::{run_data_command, DataCommand};
 use moeru_data::input::InputSpec;
 use moeru_data::rng::SplitMix64;
 use moeru_data::shard_writer::ShardLayout;
@@ -78,4 +80,22 @@ pub fn write_file(dir: &Path, name: &str, contents: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, contents).unwrap();
     p
+}
+
+/// Whether the CLI's parser accepts `moeru data ARGS...`.
+pub fn parses(args: &[&str]) -> bool {
+    Cli::try_parse_from(std::iter::once("moeru-data").chain(args.iter().copied())).is_ok()
+}
+
+/// `moeru data ARGS...` through the CLI's own parser and dispatch.
+pub fn run(args: &[&str]) -> Result<(), moeru_data::DataError> {
+    let cli =
+        Cli::try_parse_from(std::iter::once("moeru-data").chain(args.iter().copied())).unwrap();
+    run_data_command(cli.cmd)
+}
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: DataCommand,
 }

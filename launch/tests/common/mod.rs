@@ -35,3 +35,23 @@ pub fn moeru_command() -> Command {
 pub fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
+
+/// A failed run: non-zero exit, one `error:` line on stderr, no panic or backtrace.
+pub fn assert_clean_failure(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "not one line: {stderr}"
+    );
+    assert!(stderr.starts_with("error:"), "{stderr}");
+    stderr
+}

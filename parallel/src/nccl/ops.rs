@@ -113,6 +113,67 @@ impl Communicator for NcclComm {
         })
     }
 
+    /// One NCCL group of every send and receive, so they progress together (`tag` ignored).
+    fn exchange(
+        &self,
+        sends: &[(&[u8], usize)],
+        recvs: &mut [(&mut [u8], usize)],
+        _tag: u32,
+    ) -> Result<()> {
+        for (_, r) in sends {
+            self.info.check_rank("exchange", "destination", *r)?;
+        }
+        for (_, r) in recvs.iter() {
+            self.info.check_rank("exchange", "source", *r)?;
+        }
+        // One staging buffer each way: the sends packed in order, the receives likewise.
+        let send: Vec<u8> = sends.iter().flat_map(|(b, _)| b.iter().copied()).collect();
+        let mut recv = vec![0u8; recvs.iter().map(|(b, _)| b.len()).sum()];
+        let api = self.api;
+        let (send_parts, recv_parts): (Vec<_>, Vec<_>) = (
+            sends.iter().map(|(b, d)| (b.len(), *d)).collect(),
+            recvs.iter().map(|(b, s)| (b.len(), *s)).collect(),
+        );
+        self.run(
+            "exchange",
+            Some(send.as_slice()),
+            &mut recv,
+            |c, s, r, st| {
+                // SAFETY: the offsets stay within `send` and `recv`, sized as the parts' sums; a
+                // group brackets the calls so they progress together.
+                unsafe {
+                    let mut rc = (api.group_start)();
+                    let mut off = 0;
+                    for &(len, dst) in &send_parts {
+                        if rc == SUCCESS && len > 0 {
+                            rc = (api.send)(s.byte_add(off), len, UINT8, dst as c_int, c, st);
+                        }
+                        off += len;
+                    }
+                    off = 0;
+                    for &(len, src) in &recv_parts {
+                        if rc == SUCCESS && len > 0 {
+                            rc = (api.recv)(r.byte_add(off), len, UINT8, src as c_int, c, st);
+                        }
+                        off += len;
+                    }
+                    let end = (api.group_end)();
+                    if rc == SUCCESS {
+                        end
+                    } else {
+                        rc
+                    }
+                }
+            },
+        )?;
+        let mut off = 0;
+        for (buf, _) in recvs.iter_mut() {
+            buf.copy_from_slice(&recv[off..off + buf.len()]);
+            off += buf.len();
+        }
+        Ok(())
+    }
+
     fn barrier(&self) -> Result<()> {
         self.reduce("barrier", &mut [0u8; 4], DType::F32, ReduceOp::Sum)
     }

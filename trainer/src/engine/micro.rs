@@ -5,6 +5,8 @@ use moeru_data::PackedSample;
 use moeru_models::loss::next_token_targets;
 use moeru_models::{Batch, DropoutKey};
 
+use crate::dpo::PairRows;
+
 /// Model inputs plus next-token targets and their mask (1 = the target counts).
 pub struct MicroBatch {
     pub batch: Batch,
@@ -14,6 +16,8 @@ pub struct MicroBatch {
     pub tokens: usize,
     /// Which LoRA dropout mask the forward draws (`None`: no dropout).
     pub dropout: Option<DropoutKey>,
+    /// DPO: the rows are preference pairs (`dpo::pair_micro_batch`).
+    pub pairs: Option<PairRows>,
 }
 
 impl MicroBatch {
@@ -46,6 +50,7 @@ impl MicroBatch {
             target_count,
             tokens: b * s,
             dropout: None,
+            pairs: None,
         }
     }
 
@@ -60,6 +65,7 @@ impl MicroBatch {
             target_count: b * (s - 1),
             tokens: b * s,
             dropout: None,
+            pairs: None,
         }
     }
 }

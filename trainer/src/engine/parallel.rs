@@ -30,12 +30,13 @@ pub struct ModelParallel<'g> {
 
 impl ModelParallel<'_> {
     /// The sync of the expert parameters: over the expert-data-parallel group, ZeRO-1 when
-    /// the dense sync is.
+    /// the dense sync is; none when that group is this rank alone (ep = dp × tp), where a
+    /// ZeRO-1 shard would be the whole and its collectives mere copies.
     pub fn expert_sync_kind(&self, dense: SyncKind) -> SyncKind {
         match (dense, self.edp.size() > 1) {
-            (SyncKind::Zero1, _) => SyncKind::Zero1,
-            (_, true) => SyncKind::AllReduce,
             (_, false) => SyncKind::Local,
+            (SyncKind::Zero1, true) => SyncKind::Zero1,
+            (_, true) => SyncKind::AllReduce,
         }
     }
 

@@ -32,6 +32,8 @@ pub struct StepMetrics {
     pub ep_load: Vec<u64>,
     /// Bytes this rank's collectives moved this step, by group and op.
     pub comm: Vec<CommBytes>,
+    /// The task's own metrics (DPO: rewards and log-probs), top-level keys of the line.
+    pub task: Vec<(&'static str, f64)>,
 }
 
 /// One op's traffic on one process group during a step (see `moeru_parallel::OpTraffic`).
@@ -73,6 +75,9 @@ impl StepMetrics {
         }
         if !self.ep_load.is_empty() {
             obj.insert("ep_load".into(), json!(self.ep_load));
+        }
+        for (name, v) in &self.task {
+            obj.insert((*name).into(), json!(v));
         }
         if !self.comm.is_empty() {
             let mut groups = Map::new();
@@ -137,6 +142,7 @@ impl StepMetrics {
         }
         Some(StepMetrics {
             comm,
+            task: Vec::new(),
             step: v.get("step")?.as_u64()?,
             loss: f("loss")?,
             lr: f("lr")?,
@@ -163,6 +169,9 @@ impl StepMetrics {
         }
         if let Some(z) = self.z_loss {
             out.push(("train/z_loss".to_string(), z as f32));
+        }
+        for (name, v) in &self.task {
+            out.push((format!("train/{name}"), *v as f32));
         }
         let mut wire = std::collections::BTreeMap::new();
         for c in &self.comm {
@@ -193,4 +202,14 @@ impl StepMetrics {
 /// The `metrics.jsonl` line of an evaluation at `step`.
 pub fn eval_json(step: u64, loss: f64) -> Value {
     json!({ "step": step, "eval_loss": loss, "eval_ppl": loss.exp() })
+}
+
+/// A task's evaluation line: `{"step", "eval_<name>": value, ...}`.
+pub fn eval_values_json(step: u64, values: &[(&str, f64)]) -> Value {
+    let mut obj = Map::new();
+    obj.insert("step".into(), json!(step));
+    for (name, v) in values {
+        obj.insert(format!("eval_{name}"), json!(v));
+    }
+    Value::Object(obj)
 }

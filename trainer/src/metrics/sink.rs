@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::jsonl::JsonlWriter;
 use super::progress::Progress;
-use super::record::eval_json;
+use super::record::{eval_json, eval_values_json};
 use super::tfevents::EventWriter;
 use super::{MetricsError, StepMetrics};
 
@@ -78,6 +78,28 @@ impl MetricsSink {
         }
         self.progress
             .println(&format!("eval step {step}: loss {loss:.4} ppl {ppl:.3}"));
+        Ok(())
+    }
+
+    /// A task's evaluation values at `step` (DPO: loss and rewards on held-out pairs):
+    /// metrics.jsonl keys `eval_<name>`, TensorBoard tags `eval/<name>`, and one printed line.
+    pub fn log_eval_values(
+        &mut self,
+        step: u64,
+        values: &[(&str, f64)],
+    ) -> Result<(), MetricsError> {
+        self.jsonl.write(&eval_values_json(step, values))?;
+        if let Some(events) = &mut self.events {
+            let scalars: Vec<(String, f32)> = values
+                .iter()
+                .map(|(n, v)| (format!("eval/{n}"), *v as f32))
+                .collect();
+            events.write_scalars(step, &scalars)?;
+            events.flush()?;
+        }
+        let parts: Vec<String> = values.iter().map(|(n, v)| format!("{n} {v:.4}")).collect();
+        self.progress
+            .println(&format!("eval step {step}: {}", parts.join(" ")));
         Ok(())
     }
 

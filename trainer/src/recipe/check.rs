@@ -42,6 +42,24 @@ impl Checker<'_> {
         }
     }
 
+    /// A list whose every item `item` accepts; the first it refuses is the error.
+    fn list(
+        &self,
+        path: &str,
+        kind: Kind,
+        items: &[Node],
+        item: impl Fn(&Value) -> Option<J>,
+    ) -> Result<J, RecipeError> {
+        let mut list = Vec::new();
+        for node in items {
+            match item(&node.value) {
+                Some(x) => list.push(x),
+                None => return Err(self.wrong(path, &node.origin, kind, &node.value, "")),
+            }
+        }
+        Ok(J::Array(list))
+    }
+
     fn wrong(
         &self,
         key: &str,
@@ -126,16 +144,21 @@ impl Checker<'_> {
                 }
                 Ok(pair.into())
             }
-            (Kind::StrList, Value::Seq(items)) => {
-                let mut list = Vec::new();
-                for item in items {
-                    match &item.value {
-                        Value::Str(s) => list.push(J::String(s.clone())),
-                        v => return Err(self.wrong(path, &item.origin, kind, v, "")),
-                    }
-                }
-                Ok(J::Array(list))
+            (Kind::Names(values), Value::Str(s)) if values.contains(&s.as_str()) => {
+                Ok(J::Array(vec![J::String(s.clone())]))
             }
+            (Kind::Names(values), Value::Seq(items)) => self.list(path, kind, items, |v| match v {
+                Value::Str(s) if values.contains(&s.as_str()) => Some(J::String(s.clone())),
+                _ => None,
+            }),
+            (Kind::OptFloatList, Value::Null) => Ok(J::Null),
+            (Kind::OptFloatList, Value::Seq(items)) => {
+                self.list(path, kind, items, |v| number(v).map(J::from))
+            }
+            (Kind::StrList, Value::Seq(items)) => self.list(path, kind, items, |v| match v {
+                Value::Str(s) => Some(J::String(s.clone())),
+                _ => None,
+            }),
             (Kind::FreeMap, Value::Map(_)) => {
                 node.value.to_json().map_err(|x| RecipeError::WrongType {
                     at: self.place(&node.origin),

@@ -31,6 +31,10 @@ pub enum Kind {
     StrList,
     /// A string (checked further by `validate`).
     Str,
+    /// One of the listed names, or a list of them.
+    Names(&'static [&'static str]),
+    /// A list of finite numbers, or null.
+    OptFloatList,
 }
 
 impl Kind {
@@ -53,6 +57,11 @@ impl Kind {
             Kind::FreeMap => "a mapping of config.json fields, or null".into(),
             Kind::StrList => "a list of strings, e.g. [q_proj, v_proj]".into(),
             Kind::Str => "a string".into(),
+            Kind::Names(values) => {
+                let v: Vec<String> = values.iter().map(|s| format!("`{s}`")).collect();
+                format!("one of {} or a list of them", v.join(", "))
+            }
+            Kind::OptFloatList => "a list of numbers, e.g. [0.7, 0.3], or null".into(),
         }
     }
 }
@@ -98,7 +107,7 @@ pub const KEYS: &[Key] = &[
     ),
     key("data.eval", OptPath, false, ""),
     key("data.seq_len", UInt, true, "tokens per sequence"),
-    key("data.task", Enum(&["pretrain", "sft"]), false, ""),
+    key("data.task", Enum(&["pretrain", "sft", "dpo"]), false, ""),
     key("data.pad", Bool, false, ""),
     key("data.shuffle", Bool, false, ""),
     key("optim", Section, false, ""),
@@ -159,6 +168,18 @@ pub const KEYS: &[Key] = &[
     key("lora.target_modules", StrList, false, ""),
     key("lora.use_rslora", Bool, false, ""),
     key("lora.adapter", OptPath, false, ""),
+    key("dpo", Section, false, ""),
+    key("dpo.beta", Float, false, ""),
+    key(
+        "dpo.loss_type",
+        Names(super::dpo::DPO_LOSS_NAMES),
+        false,
+        "",
+    ),
+    key("dpo.loss_weights", OptFloatList, false, ""),
+    key("dpo.label_smoothing", Float, false, ""),
+    key("dpo.reference", Str, false, ""),
+    key("dpo.precompute_reference", Bool, false, ""),
 ];
 
 /// The key at `path`, if the schema has one.

@@ -5,6 +5,7 @@
 //! docs/RECIPES.md documents every key.
 
 pub mod check;
+pub mod dpo;
 pub mod error;
 pub mod hash;
 pub mod keys;

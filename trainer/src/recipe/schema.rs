@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::dpo::DpoSection;
+
 pub use moeru_models::Precision;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,6 +34,13 @@ pub struct Recipe {
     /// base; absent or null, the whole model trains.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraSection>,
+    /// DPO settings (`data.task: dpo`).
+    #[serde(default, skip_serializing_if = "is_default_dpo")]
+    pub dpo: DpoSection,
+}
+
+fn is_default_dpo(d: &DpoSection) -> bool {
+    *d == DpoSection::default()
 }
 
 /// Either a Hugging Face folder (`path`) or an architecture plus `init_seed` for from-scratch
@@ -56,6 +65,8 @@ pub enum TaskKind {
     Pretrain,
     /// Chat data: loss only on assistant tokens (prepare with --chat).
     Sft,
+    /// Preference pairs (prepare with --preference): the `dpo` section's loss.
+    Dpo,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

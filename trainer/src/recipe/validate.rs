@@ -4,7 +4,7 @@
 use moeru_models::lora::KNOWN_TARGETS;
 use moeru_models::DeviceSpec;
 
-use super::schema::{LoraSection, MoeSection, Recipe};
+use super::schema::{DpoSection, LoraSection, MoeSection, Recipe, TaskKind};
 
 /// A failed check: the key it is about and the message (without the key).
 #[derive(Debug, Clone, PartialEq)]
@@ -184,6 +184,7 @@ pub fn validate(r: &Recipe) -> Result<(), Violation> {
     if let Some(l) = &r.lora {
         validate_lora(l, r.model.path.is_some())?;
     }
+    validate_task(r)?;
     if t.eval_every > 0 && d.eval.is_none() {
         return Err(Violation {
             key: "train.eval_every",
@@ -193,6 +194,25 @@ pub fn validate(r: &Recipe) -> Result<(), Violation> {
                 t.eval_every
             ),
             related: &["data.eval"],
+        });
+    }
+    Ok(())
+}
+
+/// The `dpo` section's own checks, and that it is set only for `data.task: dpo`.
+fn validate_task(r: &Recipe) -> Result<(), Violation> {
+    if r.data.task == TaskKind::Dpo {
+        return r.dpo.validate();
+    }
+    if r.dpo != DpoSection::default() {
+        return Err(Violation {
+            key: "dpo",
+            msg: format!(
+                "is set but `data.task` is `{}`; the section applies to `data.task: dpo` only",
+                serde_json::to_value(r.data.task)
+                    .map_or(String::new(), |v| v.as_str().unwrap_or("").to_string())
+            ),
+            related: &["data.task"],
         });
     }
     Ok(())

@@ -1,4 +1,218 @@
-//! One loop per task, each reading top to bottom: batches → engine step → log / eval / save.
-//! Setup is the session's; the step is the engine's.
+//! The training loop, shared by every task, reading top to bottom: batches → engine step →
+//! log / eval / save. A [`Task`] says where a step's micro-batches come from, what loss they
+//! train and how it is evaluated; setup is the session's; the step is the engine's.
 
+pub mod dpo;
 pub mod lm;
+pub mod report;
+pub mod setup;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use moeru_data::LoaderState;
+
+use crate::checkpoint::{save, SaveTarget, TrainerState};
+use crate::engine::{Engine, MicroBatch};
+use crate::error::TrainError;
+use crate::lora::BaseFingerprint;
+use crate::metrics::MetricsSink;
+use crate::objective::{LmObjective, Objective};
+use crate::recipe::recipe_hash;
+use crate::run::{RunOptions, RunSummary};
+use crate::schedule::learning_rate;
+use crate::session::{Loader, Session, Start};
+use report::{step_metrics, TrafficMark};
+use setup::{aux_weights, build_engine, report_sizes};
+
+/// What one task trains on and how it is evaluated.
+pub trait Task {
+    fn objective(&self) -> &dyn Objective;
+
+    /// This rank's `train.grad_accum` micro-batches of step `step` (0-based).
+    fn micro_batches(
+        &mut self,
+        session: &Session,
+        engine: &Engine,
+        step: u64,
+    ) -> Result<Vec<MicroBatch>, TrainError>;
+
+    /// The evaluation after step `done`, when one is due.
+    fn evaluate(
+        &self,
+        session: &Session,
+        engine: &Engine,
+        done: u64,
+    ) -> Result<Option<Eval>, TrainError>;
+
+    /// The data stream's position, for a checkpoint.
+    fn loader_state(&self) -> LoaderState;
+}
+
+/// An evaluation result: the held-out LM loss, or a task's named values.
+pub enum Eval {
+    Loss(f64),
+    Values(Vec<(&'static str, f64)>),
+}
+
+/// Trains (or resumes) `session`'s recipe on this rank.
+pub fn run(session: &Session, opts: &RunOptions) -> Result<RunSummary, TrainError> {
+    let recipe = session.recipe;
+    let Start {
+        model,
+        optimizer,
+        loader,
+        step: start_step,
+        tokens_seen,
+        lora_base,
+    } = session.start(opts.require_resume)?;
+    let mut engine = build_engine(session, model, optimizer);
+    let sizes = report_sizes(session, &mut engine);
+    let mut task = task_for(session, &engine, loader)?;
+    let t = &recipe.train;
+    let mut metrics = match session.main {
+        true => Some(MetricsSink::open(
+            &recipe.logging.dir,
+            recipe.logging.tensorboard,
+            recipe.logging.progress,
+            t.steps,
+            start_step,
+        )?),
+        false => None,
+    };
+    let mut state = LoopState {
+        tokens_seen,
+        lora_base,
+    };
+    let end = opts
+        .stop_after
+        .map_or(t.steps, |n| (start_step + n).min(t.steps));
+    let mut last_loss = f64::NAN;
+    for step in start_step..end {
+        if let Some(f) = opts
+            .fault
+            .filter(|f| f.rank == session.world.rank() && f.step == step + 1)
+        {
+            f.fire();
+        }
+        let lr = learning_rate(recipe.optim.lr, &recipe.schedule, step, t.steps);
+        let began = Instant::now();
+        let micro = task.micro_batches(session, &engine, step)?;
+        let traffic = TrafficMark::take(session);
+        let report = engine.step(task.objective(), &micro, lr)?;
+        let comm = traffic.delta(session);
+        state.tokens_seen += report.tokens;
+        last_loss = report.loss;
+        let done = step + 1;
+        if let Some(metrics) = &mut metrics {
+            let elapsed = began.elapsed().as_secs_f64().max(1e-9);
+            let ep = session.mesh.sizes.ep;
+            metrics.log_step(&step_metrics(done, lr, &report, elapsed, comm, ep))?;
+        }
+        // A sharded model evaluates on every rank (its collectives need them all).
+        if session.main || engine.parallel().is_some() {
+            match (task.evaluate(session, &engine, done)?, &mut metrics) {
+                (Some(Eval::Loss(loss)), Some(m)) => m.log_eval(done, loss)?,
+                (Some(Eval::Values(values)), Some(m)) => m.log_eval_values(done, &values)?,
+                _ => {}
+            }
+        }
+        let saved = save_if_due(session, &mut engine, task.as_ref(), &state, done, lr)?;
+        if let (Some(dir), Some(metrics)) = (saved, &mut metrics) {
+            metrics.println(&format!("saved {}", dir.display()));
+        }
+    }
+    if let Some(metrics) = metrics {
+        metrics.finish()?;
+    }
+    Ok(RunSummary {
+        start_step,
+        end_step: end,
+        last_loss,
+        sizes,
+        rank: session.world.rank(),
+    })
+}
+
+/// The recipe's task over `loader`'s data.
+fn task_for(
+    session: &Session,
+    engine: &Engine,
+    loader: Loader,
+) -> Result<Box<dyn Task>, TrainError> {
+    let weights = aux_weights(session.recipe, &engine.model.config);
+    Ok(match loader {
+        Loader::Tokens(loader) => Box::new(lm::LmTask {
+            loader,
+            objective: LmObjective { weights },
+        }),
+        Loader::Pairs(loader) => Box::new(dpo::DpoTask::new(session, engine, loader, weights)?),
+    })
+}
+
+/// What the loop carries from step to step besides the engine and the task.
+struct LoopState {
+    tokens_seen: u64,
+    /// LoRA runs on a model folder: the frozen base's digest at start.
+    lora_base: Option<BaseFingerprint>,
+}
+
+/// Saves a checkpoint after step `done` when it is due (every `checkpoint.every` steps and
+/// at the end); returns its folder.
+fn save_if_due(
+    session: &Session,
+    engine: &mut Engine,
+    task: &dyn Task,
+    st: &LoopState,
+    done: u64,
+    lr: f64,
+) -> Result<Option<PathBuf>, TrainError> {
+    let recipe = session.recipe;
+    let every = recipe.checkpoint.every;
+    if done != recipe.train.steps && (every == 0 || !done.is_multiple_of(every)) {
+        return Ok(None);
+    }
+    let state = TrainerState {
+        step: done,
+        tokens_seen: st.tokens_seen,
+        loader: task.loader_state(),
+        recipe_hash: recipe_hash(recipe),
+        seed: recipe.train.seed,
+        lr,
+        lora_base: base_unchanged(session, engine, st.lora_base.as_ref(), done)?,
+    };
+    let target = save_target(session);
+    Ok(Some(save(&target, engine, &state, session.world)?))
+}
+
+/// The digest of the LoRA base as it is now, so a checkpoint proves the base stayed frozen.
+fn base_unchanged(
+    session: &Session,
+    engine: &mut Engine,
+    at_start: Option<&BaseFingerprint>,
+    done: u64,
+) -> Result<Option<BaseFingerprint>, TrainError> {
+    let (Some(start), Some(path)) = (at_start, &session.recipe.model.path) else {
+        return Ok(None);
+    };
+    let now = session.base_fingerprint(&mut engine.model, path)?;
+    if now != *start {
+        return Err(TrainError::Bug(format!(
+            "the frozen LoRA base changed during training (weights digest {} at start, {} at step {done}); this is a bug in moeru, please report it",
+            start.digest, now.digest
+        )));
+    }
+    Ok(Some(now))
+}
+
+fn save_target<'a>(session: &Session<'a>) -> SaveTarget<'a> {
+    let (s, recipe) = (session.mesh.sizes, session.recipe);
+    SaveTarget {
+        run_dir: &recipe.checkpoint.dir,
+        keep_last: recipe.checkpoint.keep_last,
+        mesh: serde_json::json!({
+            "dp": s.dp, "tp": s.tp, "ep": s.ep, "pp": s.pp,
+            "zero_stage": recipe.parallel.zero_stage,
+        }),
+    }
+}

@@ -5,6 +5,8 @@
 //! Each test file is its own crate and uses part of this, so unused items are allowed.
 #![allow(dead_code)]
 
+pub mod layout;
+
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
 
