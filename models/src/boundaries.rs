@@ -7,6 +7,7 @@
 //! in the same order, forward and backward).
 
 use std::fmt::Debug;
+use std::ops::Range;
 
 use burn::tensor::Tensor;
 
@@ -19,6 +20,12 @@ pub trait Boundaries: Debug + Send + Sync {
     /// Where this rank sits in the layout.
     fn shard(&self) -> ModelShard {
         ModelShard::single()
+    }
+
+    /// The decoder layers this rank holds, as ascending ranges of global indices: every layer,
+    /// or under pipeline parallelism its stages' (one range per model chunk).
+    fn layers(&self, num_layers: usize) -> Vec<Range<usize>> {
+        vec![0..num_layers]
     }
 
     /// Rows entering a column-parallel region (q/k/v, gate/up, the LM head): every rank

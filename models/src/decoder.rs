@@ -141,6 +141,10 @@ impl DecoderLayer {
 
     /// This rank's rows of the residual stream `x [rows, hidden]` (f32) → the new rows and,
     /// for MoE layers, router stats; `cache` as in [`Attention::forward`].
+    pub fn device(&self) -> Device {
+        self.input_layernorm.device()
+    }
+
     pub fn forward(
         &self,
         x: Tensor<2>,

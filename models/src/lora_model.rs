@@ -178,7 +178,11 @@ impl Qwen3Model {
     fn lora_slot(&mut self, param: &str) -> Option<LoraSlot<'_>> {
         let rest = param.strip_prefix("model.layers.")?;
         let (index, _) = rest.split_once('.')?;
-        let layer = self.layers.get_mut(index.parse::<usize>().ok()?)?;
+        let at = self
+            .layer_ids
+            .binary_search(&index.parse::<usize>().ok()?)
+            .ok()?;
+        let layer = self.layers.get_mut(at)?;
         layer.lora_slot(param)
     }
 }

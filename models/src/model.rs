@@ -16,7 +16,10 @@ use crate::kv_cache::KvCache;
 use crate::layers::{linear, rms_norm};
 use crate::lora::LoraConfig;
 use crate::loss::{next_token_targets, token_logprobs, token_loss_sum, VocabShard};
-use crate::moe::{load_balancing_loss, router_z_loss, token_shards, RouterStats};
+use crate::moe::{
+    assignment_counts, balancing_term, load_balancing_loss, router_z_loss, router_z_term,
+    token_shards, RouterStats,
+};
 use crate::params::{ParamSource, ParamVisitor, Params};
 use crate::precision::to_f32;
 use crate::rope::{inverse_frequencies, rope_tables};
@@ -25,10 +28,15 @@ use crate::shard::{ModelShard, ShardedSource};
 #[derive(Debug, Clone)]
 pub struct Qwen3Model {
     pub config: Qwen3Config,
-    embed_tokens: Tensor<2>,
+    /// Held by the part with layer 0, and by the part with the last layer when tied (its LM
+    /// head); `None` on the other pipeline stages.
+    embed_tokens: Option<Tensor<2>>,
+    /// The decoder layers this part holds, in order of their global indices `layer_ids`.
     pub(crate) layers: Vec<DecoderLayer>,
-    norm: Tensor<1>,
-    /// `None` when the LM head is tied to the embeddings.
+    pub(crate) layer_ids: Vec<usize>,
+    /// With the last layer only.
+    norm: Option<Tensor<1>>,
+    /// `None` when the LM head is tied to the embeddings or this part lacks the last layer.
     lm_head: Option<Tensor<2>>,
     inv_freq: Vec<f32>,
     /// Set once LoRA adapters are attached (see `lora_model.rs`); the base is then frozen.
@@ -61,11 +69,26 @@ impl Qwen3Model {
     }
 
     /// This rank's part of the model under `boundaries.shard()`: `src` is asked for the
-    /// parts the sharding plan gives this rank (`shard.rs`), and `boundaries` joins them.
+    /// parts the sharding plan gives this rank (`shard.rs`) of the layers
+    /// `boundaries.layers` names, and `boundaries` joins them.
     pub fn new_sharded<S: ParamSource>(
         config: Qwen3Config,
         src: &mut S,
         boundaries: Arc<dyn Boundaries>,
+        device: &Device,
+    ) -> Result<Self, S::Error> {
+        let layers = boundaries.layers(config.num_hidden_layers);
+        Self::new_part(config, src, boundaries, &layers, device)
+    }
+
+    /// A pipeline stage's part of the model: the decoder layers of `ranges` (global indices,
+    /// ascending), the embedding with layer 0 and the final norm and LM head with the last
+    /// layer (a tied head: the embedding again). `src` is asked for nothing else.
+    pub fn new_part<S: ParamSource>(
+        config: Qwen3Config,
+        src: &mut S,
+        boundaries: Arc<dyn Boundaries>,
+        ranges: &[Range<usize>],
         device: &Device,
     ) -> Result<Self, S::Error> {
         let mut src = ShardedSource {
@@ -74,21 +97,30 @@ impl Qwen3Model {
         };
         let src = &mut src;
         let (v, h) = (config.vocab_size, config.hidden_size);
-        let embed_tokens = src.tensor("model.embed_tokens.weight", [v, h], device)?;
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| DecoderLayer::new(&config, i, src, device))
+        let layer_ids: Vec<usize> = ranges.iter().flat_map(|r| r.clone()).collect();
+        let first = layer_ids.first() == Some(&0);
+        let last = layer_ids.last() == Some(&(config.num_hidden_layers - 1));
+        let embed_tokens = match first || (last && config.tie_word_embeddings) {
+            true => Some(src.tensor("model.embed_tokens.weight", [v, h], device)?),
+            false => None,
+        };
+        let layers = (layer_ids.iter())
+            .map(|&i| DecoderLayer::new(&config, i, src, device))
             .collect::<Result<Vec<_>, _>>()?;
-        let norm = src.tensor("model.norm.weight", [h], device)?;
-        let lm_head = if config.tie_word_embeddings {
-            None
-        } else {
-            Some(src.tensor("lm_head.weight", [v, h], device)?)
+        let norm = match last {
+            true => Some(src.tensor("model.norm.weight", [h], device)?),
+            false => None,
+        };
+        let lm_head = match last && !config.tie_word_embeddings {
+            true => Some(src.tensor("lm_head.weight", [v, h], device)?),
+            false => None,
         };
         let inv_freq = inverse_frequencies(config.head_dim, config.rope_theta);
         Ok(Self {
             config,
             embed_tokens,
             layers,
+            layer_ids,
             norm,
             lm_head,
             inv_freq,
@@ -103,7 +135,29 @@ impl Qwen3Model {
     }
 
     pub fn device(&self) -> Device {
-        self.embed_tokens.device()
+        match (&self.embed_tokens, self.layers.first()) {
+            (Some(e), _) => e.device(),
+            (None, Some(l)) => l.device(),
+            (None, None) => unreachable!("a model part holds a layer"),
+        }
+    }
+
+    /// The global indices of the decoder layers this part holds (all of them unless the
+    /// model is a pipeline stage's part).
+    pub fn layer_ids(&self) -> &[usize] {
+        &self.layer_ids
+    }
+
+    /// Whether this part holds every layer (not a pipeline stage's part).
+    pub fn is_whole(&self) -> bool {
+        self.layers.len() == self.config.num_hidden_layers
+    }
+
+    /// The held decoder layer of global index `i`.
+    fn layer(&self, i: usize) -> &DecoderLayer {
+        let at = (self.layer_ids.binary_search(&i))
+            .unwrap_or_else(|_| panic!("layer {i} is not in this model part"));
+        &self.layers[at]
     }
 
     /// Runs the decoder stack over `batch` with the matmul dtype, LoRA dropout and adapters
@@ -146,7 +200,7 @@ impl Qwen3Model {
         let attn = AttentionContext { cos, sin, bias };
         let layers = 0..self.layers.len();
         let (x, router) = self.run_layers(x, layers, &attn, cache, ctx);
-        (rms_norm(x, &self.norm, self.config.rms_norm_eps), router)
+        (self.final_norm(x), router)
     }
 
     /// Decoder layers `layers` (global indices) over the rows `x`, with their router stats.
@@ -162,7 +216,7 @@ impl Qwen3Model {
         let mut router = Vec::new();
         for i in layers {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let (next, stats) = self.layers[i].forward(x, attn, layer_cache, ctx, bd);
+            let (next, stats) = self.layer(i).forward(x, attn, layer_cache, ctx, bd);
             x = next;
             if let Some(stats) = stats {
                 router.push((i, stats));
@@ -173,7 +227,9 @@ impl Qwen3Model {
 
     /// One pipeline stage's share of [`Qwen3Model::forward`] over `batch`: the embedding when
     /// `input` is `None` (the first stage), else the previous stage's output rows
-    /// `[batch·seq, hidden]`; then decoder layers `layers`; then, when `last`, the final norm.
+    /// `[batch·seq, hidden]` (this rank's rows under sequence parallelism); then decoder layers
+    /// `layers`; then, when `last`, the final norm (and every position's rows, as the LM head
+    /// sees them).
     /// Returns this stage's output rows and its MoE layers' router stats. Chaining the stages
     /// over consecutive ranges is the whole forward, op for op.
     pub fn stage_forward(
@@ -196,17 +252,53 @@ impl Qwen3Model {
         let attn = AttentionContext { cos, sin, bias };
         let (x, router) = self.run_layers(x, layers, &attn, None, ctx);
         match last {
-            true => (rms_norm(x, &self.norm, self.config.rms_norm_eps), router),
+            // Every position's rows, as `forward`'s hidden states (gathered under SP).
+            true => (self.boundaries.column_in(self.final_norm(x)), router),
             false => (x, router),
         }
+    }
+
+    /// A pipeline stage's assignments per expert over its MoE layers `stats` (the whole
+    /// micro-batch's under sequence parallelism): summed along the pipeline, the forward's.
+    pub fn stage_counts(&self, stats: &[RouterStats]) -> Option<Vec<u64>> {
+        assignment_counts(stats, &*self.boundaries)
+    }
+
+    /// A pipeline stage's shares of the load-balancing and z losses over its MoE layers
+    /// `stats`, given the whole forward's assignment `counts` (every MoE layer's): the
+    /// stages' shares add up to [`ForwardOutput`]'s losses, with the same gradients.
+    pub fn stage_router_losses(
+        &self,
+        stats: &[RouterStats],
+        counts: &[u64],
+    ) -> (Option<Tensor<1>>, Option<Tensor<1>>) {
+        let Some(first) = stats.first() else {
+            return (None, None);
+        };
+        let c = &self.config;
+        let moe_layers = (0..c.num_hidden_layers)
+            .filter(|&i| c.is_moe_layer(i))
+            .count();
+        let rows = first.tokens * token_shards(&*self.boundaries) * moe_layers;
+        (
+            balancing_term(stats, counts, rows),
+            router_z_term(stats, rows),
+        )
+    }
+
+    fn final_norm(&self, x: Tensor<2>) -> Tensor<2> {
+        let norm = (self.norm.as_ref()).expect("the final norm is on the part with the last layer");
+        rms_norm(x, norm, self.config.rms_norm_eps)
     }
 
     /// The embedding rows of `ids [rows]` that this rank's vocabulary shard holds, zero for
     /// the others (so the sum over shards, `row_out`, is exact: one term is nonzero).
     fn embed(&self, ids: Tensor<1, Int>) -> Tensor<2> {
-        let local = self.embed_tokens.dims()[0];
+        let embed =
+            (self.embed_tokens.as_ref()).expect("the embedding is on the part with layer 0");
+        let local = embed.dims()[0];
         if local == self.config.vocab_size {
-            return self.embed_tokens.clone().select(0, ids);
+            return embed.clone().select(0, ids);
         }
         let rows = ids.dims()[0];
         let shifted = ids.sub_scalar((self.shard().tp_rank * local) as i64);
@@ -214,7 +306,7 @@ impl Qwen3Model {
             .clone()
             .lower_elem(0)
             .bool_or(shifted.clone().greater_equal_elem(local as i64));
-        self.embed_tokens
+        embed
             .clone()
             .select(0, shifted.clamp(0, local as i64 - 1))
             .mask_fill(elsewhere.reshape([rows, 1]), 0.0)
@@ -230,7 +322,9 @@ impl Qwen3Model {
 
     /// The LM head weight `[vocab, hidden]` (the embedding matrix when tied).
     pub fn lm_head_weight(&self) -> &Tensor<2> {
-        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+        (self.lm_head.as_ref().or(self.embed_tokens.as_ref()))
+            .filter(|_| self.norm.is_some())
+            .expect("the LM head is on the part with the last layer")
     }
 
     /// f32 logits `[batch, seq, vocab]` (this rank's vocabulary rows under tensor
@@ -290,11 +384,15 @@ impl Qwen3Model {
 /// The base parameters only; adapters are walked by `trainable()` / `all_params()`.
 impl Params for Qwen3Model {
     fn visit_params<V: ParamVisitor>(&mut self, v: &mut V) {
-        v.visit("model.embed_tokens.weight", &mut self.embed_tokens);
+        if let Some(embed) = &mut self.embed_tokens {
+            v.visit("model.embed_tokens.weight", embed);
+        }
         for layer in &mut self.layers {
             layer.visit_params(v);
         }
-        v.visit("model.norm.weight", &mut self.norm);
+        if let Some(norm) = &mut self.norm {
+            v.visit("model.norm.weight", norm);
+        }
         if let Some(head) = &mut self.lm_head {
             v.visit("lm_head.weight", head);
         }

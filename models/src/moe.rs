@@ -239,6 +239,12 @@ impl Params for MoeBlock {
 /// is the rank's share: the shares sum to the whole micro-batch's loss.
 pub fn router_z_loss(stats: &[RouterStats], token_shards: usize) -> Option<Tensor<1>> {
     let rows: usize = stats.iter().map(|s| s.tokens).sum::<usize>() * token_shards;
+    router_z_term(stats, rows)
+}
+
+/// `Σ z_sum / rows` over the layers of `stats`, `rows` counted over every MoE layer of the
+/// forward: a pipeline stage's share of [`router_z_loss`] (the stages' shares add up to it).
+pub fn router_z_term(stats: &[RouterStats], rows: usize) -> Option<Tensor<1>> {
     let total = stats.iter().map(|s| s.z_sum.clone()).reduce(|a, b| a + b)?;
     Some(total.div_scalar(rows as f32))
 }
@@ -249,17 +255,31 @@ pub fn router_z_loss(stats: &[RouterStats], token_shards: usize) -> Option<Tenso
 /// (`bd.sum_token_counts`) and the probabilities this rank's, so the ranks' shares sum to the
 /// one-rank loss and its gradient (Megatron's tp reduce of the router counts).
 pub fn load_balancing_loss(stats: &[RouterStats], bd: &dyn Boundaries) -> Option<Tensor<1>> {
-    let first = stats.first()?;
-    let experts = first.expert_counts.len();
-    let shards = token_shards(bd);
-    let rows: usize = stats.iter().map(|s| s.tokens).sum::<usize>() * shards;
-    let mut counts = vec![0u64; experts];
+    let rows: usize = stats.iter().map(|s| s.tokens).sum::<usize>() * token_shards(bd);
+    let counts = assignment_counts(stats, bd)?;
+    balancing_term(stats, &counts, rows)
+}
+
+/// The assignments per expert over the layers of `stats`, the whole micro-batch's (summed
+/// over the ranks sharing its tokens); `None` without MoE layers.
+pub fn assignment_counts(stats: &[RouterStats], bd: &dyn Boundaries) -> Option<Vec<u64>> {
+    let mut counts = vec![0u64; stats.first()?.expert_counts.len()];
     for s in stats {
         for (c, &n) in counts.iter_mut().zip(&s.expert_counts) {
             *c += n;
         }
     }
     bd.sum_token_counts(&mut counts);
+    Some(counts)
+}
+
+/// The layers of `stats`' term of the load-balancing loss, `E · Σ_e (counts_e / rows) ·
+/// (Σ_layers probs_e / rows)`, with `counts` and `rows` the whole forward's (every MoE layer):
+/// a pipeline stage's share, the shares adding up to [`load_balancing_loss`] with the same
+/// gradient for every layer's probabilities.
+pub fn balancing_term(stats: &[RouterStats], counts: &[u64], rows: usize) -> Option<Tensor<1>> {
+    let first = stats.first()?;
+    let experts = counts.len();
     let rows = rows as f32;
     let fraction: Vec<f32> = counts.iter().map(|&c| c as f32 / rows).collect();
     let device = first.prob_sum.device();

@@ -6,6 +6,8 @@
 //! Owns: which collective each boundary is under which layout. Must not: decide placements
 //! (`moeru_models::shard`) or sync gradients (the trainer's engine).
 
+use std::ops::Range;
+
 use burn::tensor::Tensor;
 use moeru_models::{Boundaries, ModelShard};
 
@@ -20,6 +22,8 @@ pub struct ShardBoundaries {
     shard: ModelShard,
     tp: CommHandle,
     ep: CommHandle,
+    /// Under pipeline parallelism, the layer ranges of this rank's stages.
+    layers: Option<Vec<Range<usize>>>,
 }
 
 impl ShardBoundaries {
@@ -28,7 +32,19 @@ impl ShardBoundaries {
     pub fn new(shard: ModelShard, tp: CommHandle, ep: CommHandle) -> Self {
         debug_assert_eq!((tp.size(), tp.rank()), (shard.tp, shard.tp_rank));
         debug_assert_eq!((ep.size(), ep.rank()), (shard.ep, shard.ep_rank));
-        Self { shard, tp, ep }
+        Self {
+            shard,
+            tp,
+            ep,
+            layers: None,
+        }
+    }
+
+    /// The same boundaries on a rank holding only the decoder layers `ranges` (its
+    /// pipeline stages').
+    pub fn with_layers(mut self, ranges: Vec<Range<usize>>) -> Self {
+        self.layers = Some(ranges);
+        self
     }
 
     /// The first error a collective hit since the last call, on either group (the hooks
@@ -46,6 +62,10 @@ impl ShardBoundaries {
 impl Boundaries for ShardBoundaries {
     fn shard(&self) -> ModelShard {
         self.shard
+    }
+
+    fn layers(&self, num_layers: usize) -> Vec<Range<usize>> {
+        (self.layers.clone()).unwrap_or_else(|| vec![0..num_layers])
     }
 
     fn column_in(&self, x: Tensor<2>) -> Tensor<2> {

@@ -80,31 +80,66 @@ impl StepReport {
         }
     }
 
-    fn add_router(&mut self, router: &[(usize, RouterStats)]) {
-        if self.expert_counts.is_empty() {
-            self.expert_counts.extend(
-                router
-                    .iter()
-                    .map(|(l, s)| (*l, vec![0; s.expert_counts.len()])),
-            );
-        }
-        for ((_, acc), (_, s)) in self.expert_counts.iter_mut().zip(router) {
-            for (a, c) in acc.iter_mut().zip(&s.expert_counts) {
+    /// Adds the expert loads and computed rows of `router`'s MoE layers (kept in layer
+    /// order, so that a pipeline stage's layers and the whole model's line up).
+    pub fn add_router(&mut self, router: &[(usize, RouterStats)]) {
+        for (layer, s) in router {
+            let at = match self.expert_counts.binary_search_by_key(layer, |(l, _)| *l) {
+                Ok(at) => at,
+                Err(at) => {
+                    let zeros = vec![0; s.expert_counts.len()];
+                    self.expert_counts.insert(at, (*layer, zeros));
+                    at
+                }
+            };
+            for (a, c) in self.expert_counts[at].1.iter_mut().zip(&s.expert_counts) {
                 *a += c;
             }
         }
         self.expert_rows_computed += router.iter().map(|(_, s)| s.computed_rows).sum::<u64>();
+    }
+
+    /// Gives every MoE layer of `layers` an expert-load entry (zeros where none was added)
+    /// and the router losses a value, so that every pipeline stage's report has the same
+    /// summable layout.
+    pub fn cover_layers(&mut self, layers: &[usize], experts: usize) {
+        if !layers.is_empty() {
+            self.aux_loss.get_or_insert(0.0);
+            self.z_loss.get_or_insert(0.0);
+        }
+        for &layer in layers {
+            if let Err(at) = self.expert_counts.binary_search_by_key(&layer, |(l, _)| *l) {
+                self.expert_counts.insert(at, (layer, vec![0; experts]));
+            }
+        }
     }
 }
 
 /// A task's loss, one micro-batch at a time.
 pub trait Objective {
     /// Counts of this rank's micro-batches that normalise the step; the engine sums them over
-    /// the data-parallel group before any micro-batch runs.
+    /// the data-parallel group before any micro-batch runs. `counts[1]` is the number of
+    /// micro-batches (the router losses are averaged over them).
     fn counts(&self, micro: &[MicroBatch]) -> Vec<f64>;
 
-    /// The differentiable loss of `mb` as its share of the global batch's loss (`counts`:
-    /// the global counts), adding what it reports to `report`.
+    /// The weights of the router losses.
+    fn aux_weights(&self) -> AuxWeights;
+
+    /// The task's loss of `mb` from the final-norm hidden states `[batch, seq, hidden]`, as
+    /// its share of the global batch's loss (`counts`: the global counts), adding what it
+    /// reports to `report`; without the router losses (the last pipeline stage calls this).
+    fn head_loss(
+        &self,
+        model: &Qwen3Model,
+        mb: &MicroBatch,
+        hidden: Tensor<3>,
+        ctx: &ForwardCtx,
+        counts: &[f64],
+        report: &mut StepReport,
+    ) -> Tensor<1>;
+
+    /// The differentiable loss of `mb` through the whole model: the task's loss plus the
+    /// router losses.
     fn micro_loss(
         &self,
         model: &Qwen3Model,
@@ -112,7 +147,11 @@ pub trait Objective {
         ctx: &ForwardCtx,
         counts: &[f64],
         report: &mut StepReport,
-    ) -> Tensor<1>;
+    ) -> Tensor<1> {
+        let (hidden, router) = RouterOut::split(model.forward(&mb.batch, ctx));
+        let loss = self.head_loss(model, mb, hidden, ctx, counts, report);
+        router.add_to(loss, &self.aux_weights(), counts[1], report)
+    }
 }
 
 /// Next-token cross-entropy (pretraining and SFT) plus the router losses.
@@ -133,22 +172,26 @@ impl Objective for LmObjective {
         ]
     }
 
-    fn micro_loss(
+    fn aux_weights(&self) -> AuxWeights {
+        self.weights
+    }
+
+    fn head_loss(
         &self,
         model: &Qwen3Model,
         mb: &MicroBatch,
+        hidden: Tensor<3>,
         ctx: &ForwardCtx,
         counts: &[f64],
         report: &mut StepReport,
     ) -> Tensor<1> {
-        let (denom, n) = (counts[0].max(1.0) as f32, counts[1]);
-        let (hidden, router) = RouterOut::split(model.forward(&mb.batch, ctx));
+        let denom = counts[0].max(1.0) as f32;
         let lm = model
             .token_loss_sum(hidden, mb.targets.clone(), mb.mask.clone(), ctx)
             .div_scalar(denom);
         report.loss += to_f32_vec(lm.clone())[0] as f64;
         report.tokens += mb.tokens as u64;
-        router.add_to(lm, &self.weights, n, report)
+        lm
     }
 }
 

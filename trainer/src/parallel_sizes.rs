@@ -50,13 +50,6 @@ pub fn validate_parallel_sizes(p: &ParallelSection, c: &Qwen3Config) -> Result<(
             "`parallel.pp` = {} exceeds num_hidden_layers ({}); each stage needs a layer",
             p.pp, c.num_hidden_layers
         ),
-    )?;
-    check(
-        p.pp == 1,
-        format!(
-            "`parallel.pp` = {}: this build has no pipeline parallelism yet; set pp to 1 and shard with `parallel.tp` and `parallel.ep`",
-            p.pp
-        ),
     )
 }
 

@@ -6,6 +6,7 @@ use moeru_parallel::{thread_world, ProcessGroup};
 use crate::error::TrainError;
 use crate::fault::Fault;
 use crate::lora::TrainableSizes;
+use crate::pipeline::schedule::Compute;
 use crate::recipe::schema::Recipe;
 use crate::session::Session;
 pub use crate::session::{comm_timeout, mesh_for};
@@ -33,6 +34,9 @@ pub struct RunSummary {
     pub sizes: TrainableSizes,
     /// World rank of the process or thread that ran it (the CLI reports rank 0's only).
     pub rank: usize,
+    /// Under pipeline parallelism, the computes of this rank's last step in the order they
+    /// ran.
+    pub pipeline_order: Option<Vec<Compute>>,
 }
 
 /// Runs (or resumes) the training described by `recipe` in this process, on one rank.

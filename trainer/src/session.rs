@@ -24,6 +24,7 @@ use crate::engine::OptimizerStart;
 use crate::error::TrainError;
 use crate::lora::{attach, check_base, sharded_fingerprint, BaseFingerprint};
 use crate::parallel_sizes::validate_parallel_sizes;
+use crate::pipeline::PipelineLayout;
 use crate::recipe::schema::{Precision, Recipe, TaskKind};
 use crate::run::RunOptions;
 
@@ -59,9 +60,11 @@ pub struct Session<'w> {
     pub device: Device,
     /// Rank 0 of the world: the one that reports.
     pub main: bool,
-    /// Under tensor or expert parallelism, the collectives joining this rank's part of the
-    /// model to the others'.
+    /// Under tensor, expert or pipeline parallelism, the collectives joining this rank's
+    /// part of the model to the others' (and the layers it holds).
     pub boundaries: Option<ShardBoundaries>,
+    /// Under pipeline parallelism (`parallel.pp` > 1), the stages.
+    pub pipeline: Option<PipelineLayout>,
 }
 
 /// A task's data stream: packed token samples, or preference pairs (`data.task: dpo`).
@@ -116,7 +119,16 @@ impl<'w> Session<'w> {
         if main && recipe.precision == Precision::Bf16 && !spec.is_cuda() {
             eprintln!("note: `precision: bf16` on the CPU rounds as a GPU run does but runs slower than f32; it is there to check numerics");
         }
-        let boundaries = shard_boundaries(recipe, &groups);
+        let pipeline = match recipe.parallel.pp > 1 {
+            true => {
+                let config = recipe_config(recipe)?;
+                let layout =
+                    PipelineLayout::new(&recipe.parallel, recipe.train.grad_accum, &config);
+                Some(layout.map_err(TrainError::BadRecipe)?)
+            }
+            false => None,
+        };
+        let boundaries = shard_boundaries(recipe, &groups, pipeline.as_ref());
         Ok(Self {
             recipe,
             world,
@@ -125,6 +137,7 @@ impl<'w> Session<'w> {
             device,
             main,
             boundaries,
+            pipeline,
         })
     }
 
@@ -139,14 +152,12 @@ impl<'w> Session<'w> {
     /// The recipe's layout against its model, before any part of the model is built.
     fn check_layout(&self) -> Result<(), TrainError> {
         let recipe = self.recipe;
-        let config = match (&recipe.model.path, &recipe.model.architecture) {
-            (Some(path), None) => Qwen3Config::from_dir(path)?,
-            (None, Some(arch)) => {
-                Qwen3Config::from_map(arch.clone(), Path::new("recipe model.architecture"))?
-            }
-            _ => return Ok(()),
-        };
-        validate_parallel_sizes(&recipe.parallel, &config).map_err(TrainError::BadRecipe)
+        let config = recipe_config(recipe)?;
+        validate_parallel_sizes(&recipe.parallel, &config).map_err(TrainError::BadRecipe)?;
+        match recipe.parallel.pp > 1 {
+            true => pipeline_support(recipe, &config).map_err(TrainError::BadRecipe),
+            false => Ok(()),
+        }
     }
 
     /// The starting state: restored from the newest valid checkpoint when the recipe (or
@@ -304,9 +315,52 @@ impl<'w> Session<'w> {
     }
 }
 
-/// This rank's boundaries under the recipe's tensor and expert parallelism; `None` when this
-/// rank holds the whole model.
-fn shard_boundaries(recipe: &Recipe, groups: &MeshGroups) -> Option<ShardBoundaries> {
+/// The model's config.json as the recipe gives it (a folder's, or `model.architecture`).
+fn recipe_config(recipe: &Recipe) -> Result<Qwen3Config, TrainError> {
+    match (&recipe.model.path, &recipe.model.architecture) {
+        (Some(path), None) => Ok(Qwen3Config::from_dir(path)?),
+        (None, Some(arch)) => Ok(Qwen3Config::from_map(
+            arch.clone(),
+            Path::new("recipe model.architecture"),
+        )?),
+        _ => Err(TrainError::BadRecipe(
+            "`model`: set exactly one of `path` and `architecture`".into(),
+        )),
+    }
+}
+
+/// What pipeline parallelism does not combine with yet, named with the key to change.
+fn pipeline_support(recipe: &Recipe, config: &Qwen3Config) -> Result<(), String> {
+    let pp = recipe.parallel.pp;
+    let refuse = |what: &str| {
+        Err(format!(
+            "`parallel.pp` = {pp} with {what} is not supported yet; set `parallel.pp: 1`"
+        ))
+    };
+    if config.tie_word_embeddings {
+        return refuse("tied embeddings (tie_word_embeddings: true)");
+    }
+    if recipe.lora.is_some() {
+        return refuse("a `lora` section");
+    }
+    if recipe.data.task == TaskKind::Dpo {
+        return refuse("`data.task: dpo`");
+    }
+    if recipe.data.eval.is_some() && recipe.train.eval_every > 0 {
+        return refuse(
+            "evaluation (`data.eval` with `train.eval_every` > 0; set `data.eval: null`)",
+        );
+    }
+    Ok(())
+}
+
+/// This rank's boundaries under the recipe's tensor and expert parallelism, holding only its
+/// stages' layers under `pipeline`; `None` when this rank holds the whole model.
+fn shard_boundaries(
+    recipe: &Recipe,
+    groups: &MeshGroups,
+    pipeline: Option<&PipelineLayout>,
+) -> Option<ShardBoundaries> {
     let (tp, ep) = (&groups.tp, &groups.ep);
     let shard = ModelShard {
         tp: tp.size(),
@@ -315,12 +369,17 @@ fn shard_boundaries(recipe: &Recipe, groups: &MeshGroups) -> Option<ShardBoundar
         ep: ep.size(),
         ep_rank: ep.rank(),
     };
-    (!shard.is_single()).then(|| {
-        ShardBoundaries::new(
-            shard,
-            CommHandle::new(tp.clone()),
-            CommHandle::new(ep.clone()),
-        )
+    if shard.is_single() && pipeline.is_none() {
+        return None;
+    }
+    let b = ShardBoundaries::new(
+        shard,
+        CommHandle::new(tp.clone()),
+        CommHandle::new(ep.clone()),
+    );
+    Some(match pipeline {
+        Some(layout) => b.with_layers(layout.rank_layers(groups.pp.rank())),
+        None => b,
     })
 }
 

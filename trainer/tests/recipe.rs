@@ -534,6 +534,7 @@ fn key_table_required_and_kinds_match_schema() {
             Kind::Str => vec!["s".into()],
             Kind::Names(values) => vec![serde_json::json!(values), serde_json::json!([values[0]])],
             Kind::OptFloatList => vec![serde_json::json!([0.5, 1]), serde_json::Value::Null],
+            Kind::OptUIntList => vec![serde_json::json!([2, 1]), serde_json::Value::Null],
             Kind::FreeMap => vec![
                 serde_json::json!({"a": [1, {"b": null}]}),
                 serde_json::Value::Null,

@@ -23,9 +23,19 @@ pub fn sequence_logps(
     ctx: &ForwardCtx,
 ) -> (Tensor<1>, RouterOut) {
     let (hidden, router) = RouterOut::split(model.forward(&mb.batch, ctx));
+    (hidden_logps(model, mb, hidden, ctx), router)
+}
+
+/// [`sequence_logps`] from the final-norm hidden states.
+fn hidden_logps(
+    model: &Qwen3Model,
+    mb: &MicroBatch,
+    hidden: Tensor<3>,
+    ctx: &ForwardCtx,
+) -> Tensor<1> {
     let rows = mb.mask.dims()[0];
     let lp = model.token_logprobs(hidden, mb.targets.clone(), ctx);
-    ((lp * mb.mask.clone()).sum_dim(1).reshape([rows]), router)
+    (lp * mb.mask.clone()).sum_dim(1).reshape([rows])
 }
 
 impl Objective for DpoObjective {
@@ -35,17 +45,22 @@ impl Objective for DpoObjective {
         vec![pairs as f64, micro.len() as f64]
     }
 
-    fn micro_loss(
+    fn aux_weights(&self) -> AuxWeights {
+        self.weights
+    }
+
+    fn head_loss(
         &self,
         model: &Qwen3Model,
         mb: &MicroBatch,
+        hidden: Tensor<3>,
         ctx: &ForwardCtx,
         counts: &[f64],
         report: &mut StepReport,
     ) -> Tensor<1> {
-        let (pairs, n) = (counts[0].max(1.0), counts[1]);
+        let pairs = counts[0].max(1.0);
         let rows = rows_of(mb);
-        let (logps, router) = sequence_logps(model, mb, ctx);
+        let logps = hidden_logps(model, mb, hidden, ctx);
         let l = dpo_loss(
             logps,
             rows.reference.as_deref(),
@@ -58,7 +73,7 @@ impl Objective for DpoObjective {
             report.add_task(name, sum / pairs);
         }
         report.tokens += mb.tokens as u64;
-        router.add_to(loss, &self.weights, n, report)
+        loss
     }
 }
 

@@ -26,6 +26,8 @@ use schedule::Schedule;
 use sync::{GradSync, Subset, SyncKind};
 
 use crate::objective::{Objective, StepReport};
+use crate::pipeline::executor::PipelineRun;
+use crate::pipeline::schedule::Compute;
 
 /// A world of one rank, for an engine outside a launched job (benchmarks, reference tests):
 /// its sync is `SyncKind::Local`, so nothing is ever sent.
@@ -63,7 +65,7 @@ pub struct Engine<'g> {
     syncs: Vec<GradSync<'g>>,
     /// The optimizer's pieces of each sync, in order.
     piece_counts: Vec<usize>,
-    schedule: Schedule,
+    schedule: Schedule<'g>,
     /// The data-parallel group: the global batch is its ranks' micro-batches.
     replicas: &'g ProcessGroup,
     parallel: Option<ModelParallel<'g>>,
@@ -174,6 +176,21 @@ impl<'g> Engine<'g> {
         &self.config
     }
 
+    /// The same engine running `run`'s pipeline stages: `self.model` must hold exactly the
+    /// layers of its rank's stages.
+    pub fn with_pipeline(mut self, run: PipelineRun<'g>) -> Self {
+        self.schedule = Schedule::Pipeline(run, Vec::new());
+        self
+    }
+
+    /// Under pipeline parallelism, the computes of the last step in the order they ran.
+    pub fn pipeline_order(&self) -> Option<&[Compute]> {
+        match &self.schedule {
+            Schedule::Pipeline(_, ran) => Some(ran),
+            Schedule::Local => None,
+        }
+    }
+
     /// The model-parallel layout, if any.
     pub fn parallel(&self) -> Option<&ModelParallel<'g>> {
         self.parallel.as_ref()
@@ -201,7 +218,7 @@ impl<'g> Engine<'g> {
             base,
             &counts,
             &mut report,
-        );
+        )?;
         let device = self.model.device().inner();
         if let Some(p) = &self.parallel {
             p.boundaries.take_error()?;
@@ -223,10 +240,23 @@ impl<'g> Engine<'g> {
             &self.counted,
         )?;
         self.update(lr, grads, &device)?;
+        if let Schedule::Pipeline(..) = self.schedule {
+            // Every stage's report has the same layout, so the sum over stages adds up.
+            let c = &self.model.config;
+            let moe: Vec<usize> = (0..c.num_hidden_layers)
+                .filter(|&i| c.is_moe_layer(i))
+                .collect();
+            let experts = c.moe.as_ref().map_or(0, |m| m.num_experts);
+            report.cover_layers(&moe, experts);
+        }
         let mut summed = report.summable();
         self.sum_over_replicas(&mut summed)?;
         if let Some(p) = &self.parallel {
             p.sum_token_shares(&mut summed)?;
+        }
+        if let Schedule::Pipeline(run, _) = &self.schedule {
+            // The loss is the last stage's, the router losses and loads each stage's layers'.
+            run.group.all_reduce(&mut summed, ReduceOp::Sum)?;
         }
         report.set_summed(&summed);
         Ok(report)

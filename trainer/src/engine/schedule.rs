@@ -1,36 +1,47 @@
 //! How a step's micro-batches run through the objective: forward, backward, accumulate.
-//! Today one local loop; a pipeline schedule (a list of forward / backward actions per stage)
-//! takes its place under pipeline parallelism.
+//! One local loop, or under pipeline parallelism the rank's plan of forward / backward
+//! actions and exchanges (`pipeline::executor`).
 //!
 //! Owns: the order of forwards and backwards. Must not: sync or apply gradients.
 
 use moeru_models::{ForwardCtx, Qwen3Model};
+use moeru_parallel::CommError;
 
 use super::grads::GradBuffer;
 use super::MicroBatch;
 use crate::objective::{Objective, StepReport};
+use crate::pipeline::executor::PipelineRun;
+use crate::pipeline::schedule::Compute;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Schedule {
+#[derive(Default)]
+pub enum Schedule<'g> {
     /// Every micro-batch through the whole model on this rank, one after another.
     #[default]
     Local,
+    /// This rank's stages of a pipeline, and the computes of its last step in the order
+    /// they ran.
+    Pipeline(PipelineRun<'g>, Vec<Compute>),
 }
 
-impl Schedule {
+impl Schedule<'_> {
     /// Runs `micro` through `objective` and returns the accumulated gradients of what trains.
     /// Each micro-batch's forward gets `base` (precision, capacity) with its dropout key.
     pub fn run(
-        &self,
+        &mut self,
         model: &mut Qwen3Model,
         objective: &dyn Objective,
         micro: &[MicroBatch],
         base: ForwardCtx,
         counts: &[f64],
         report: &mut StepReport,
-    ) -> GradBuffer {
+    ) -> Result<GradBuffer, CommError> {
         let mut grads = GradBuffer::default();
         match self {
+            Schedule::Pipeline(run, ran) => {
+                let (g, order) = run.run(model, objective, micro, base, counts, report)?;
+                *ran = order;
+                grads = g;
+            }
             Schedule::Local => {
                 for mb in micro {
                     let ctx = base.with_dropout(mb.dropout);
@@ -41,6 +52,6 @@ impl Schedule {
                 }
             }
         }
-        grads
+        Ok(grads)
     }
 }

@@ -151,7 +151,12 @@ impl Checker<'_> {
                 Value::Str(s) if values.contains(&s.as_str()) => Some(J::String(s.clone())),
                 _ => None,
             }),
-            (Kind::OptFloatList, Value::Null) => Ok(J::Null),
+            (Kind::OptFloatList | Kind::OptUIntList, Value::Null) => Ok(J::Null),
+            (Kind::OptUIntList, Value::Seq(items)) => self.list(path, kind, items, |v| match v {
+                Value::Int(i) if *i >= 0 => Some(J::from(*i)),
+                Value::UInt(u) => Some(J::from(*u)),
+                _ => None,
+            }),
             (Kind::OptFloatList, Value::Seq(items)) => {
                 self.list(path, kind, items, |v| number(v).map(J::from))
             }

@@ -35,6 +35,8 @@ pub enum Kind {
     Names(&'static [&'static str]),
     /// A list of finite numbers, or null.
     OptFloatList,
+    /// A list of non-negative integers, or null.
+    OptUIntList,
 }
 
 impl Kind {
@@ -62,6 +64,7 @@ impl Kind {
                 format!("one of {} or a list of them", v.join(", "))
             }
             Kind::OptFloatList => "a list of numbers, e.g. [0.7, 0.3], or null".into(),
+            Kind::OptUIntList => "a list of non-negative integers, e.g. [14, 14], or null".into(),
         }
     }
 }
@@ -151,6 +154,8 @@ pub const KEYS: &[Key] = &[
     key("parallel.tp", UInt, false, ""),
     key("parallel.ep", UInt, false, ""),
     key("parallel.pp", UInt, false, ""),
+    key("parallel.pp_layers", OptUIntList, false, ""),
+    key("parallel.pp_virtual", UInt, false, ""),
     key("parallel.zero_stage", UInt, false, ""),
     key("parallel.sequence_parallel", Bool, false, ""),
     key("parallel.bucket_mb", Float, false, ""),

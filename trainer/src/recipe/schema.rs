@@ -179,6 +179,13 @@ pub struct ParallelSection {
     pub ep: usize,
     #[serde(default = "default_one")]
     pub pp: usize,
+    /// Decoder layers of each virtual pipeline stage, in order (`pp × pp_virtual` counts);
+    /// `null`: balanced by cost, the LM head counted on the last stage.
+    #[serde(default)]
+    pub pp_layers: Option<Vec<usize>>,
+    /// Model chunks per pipeline rank: 1 is 1F1B, more the interleaved 1F1B schedule.
+    #[serde(default = "default_one")]
+    pub pp_virtual: usize,
     /// 0: every DP rank keeps the whole optimizer state; 1: ZeRO-1, sharded over DP ranks.
     #[serde(default)]
     pub zero_stage: u8,
@@ -305,6 +312,8 @@ impl Default for ParallelSection {
             tp: 1,
             ep: 1,
             pp: 1,
+            pp_layers: None,
+            pp_virtual: 1,
             zero_stage: 0,
             sequence_parallel: false,
             bucket_mb: default_bucket_mb(),

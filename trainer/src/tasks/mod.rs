@@ -131,6 +131,7 @@ pub fn run(session: &Session, opts: &RunOptions) -> Result<RunSummary, TrainErro
         last_loss,
         sizes,
         rank: session.world.rank(),
+        pipeline_order: engine.pipeline_order().map(<[_]>::to_vec),
     })
 }
 

@@ -8,6 +8,8 @@ use crate::engine::sync::SyncKind;
 use crate::engine::{Engine, EngineConfig, ModelParallel, OptimizerStart};
 use crate::lora::TrainableSizes;
 use crate::objective::AuxWeights;
+use crate::pipeline::executor::PipelineRun;
+use crate::pipeline::{schedule, PipelineLayout};
 use crate::recipe::schema::Recipe;
 use crate::session::Session;
 
@@ -30,9 +32,25 @@ pub fn build_engine<'s>(
                 edp: &session.groups.edp,
                 world: session.world,
             };
-            Engine::sharded(model, config, dp, parallel, optimizer)
+            let engine = Engine::sharded(model, config, dp, parallel, optimizer);
+            match &session.pipeline {
+                Some(layout) => engine.with_pipeline(pipeline_run(session, layout)),
+                None => engine,
+            }
         }
         None => Engine::new(model, config, dp, optimizer),
+    }
+}
+
+/// This rank's share of the pipeline `layout`: its plan of the schedule.
+fn pipeline_run<'s>(session: &'s Session, layout: &PipelineLayout) -> PipelineRun<'s> {
+    let group = &*session.groups.pp;
+    let mut plans = schedule::plan(&layout.shape).expect("the layout was checked at session open");
+    PipelineRun {
+        group,
+        shape: layout.shape,
+        stages: layout.stages.clone(),
+        plan: plans.swap_remove(group.rank()),
     }
 }
 

@@ -1,0 +1,299 @@
+//! Runs one pipeline rank's plan (`schedule.rs`) over its stage model for one step: each
+//! forward takes the previous stage's activation as a leaf that requires gradients, each
+//! backward is seeded with the next stage's gradient of that activation, and each exchange is
+//! one grouped send/receive over the pipeline group, so neighbours never wait on each other's
+//! blocking sends.
+//!
+//! The MoE load-balancing loss is transformers' over every layer of a forward, a product of
+//! the whole forward's assignment counts and each layer's router probabilities: the counts
+//! travel with the activations (each stage adds its layers'), the last stage sends the total
+//! back with the gradient, and each stage adds its layers' share of the loss to its backward
+//! (`Qwen3Model::stage_router_losses`), which gives every router exactly the one-rank gradient.
+//!
+//! Owns: the activations, saved graphs and messages in flight during one step. Must not:
+//! decide the order (`schedule.rs`), sync or apply gradients (the engine does).
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use burn::tensor::{Tensor, TensorData};
+use moeru_models::moe::RouterStats;
+use moeru_models::params::to_f32_vec;
+use moeru_models::{ForwardCtx, Qwen3Model};
+use moeru_parallel::{CommError, ProcessGroup};
+
+use super::schedule::{Action, Compute, Payload, PipelineShape, Transfer};
+use crate::engine::grads::GradBuffer;
+use crate::engine::MicroBatch;
+use crate::objective::{Objective, StepReport};
+
+/// The message tag of the pipeline's exchanges.
+const TAG: u32 = 0x5050;
+
+/// One rank's pipeline: its plan and the layers of every virtual stage.
+pub struct PipelineRun<'g> {
+    pub group: &'g ProcessGroup,
+    pub shape: PipelineShape,
+    /// The layer range of each virtual stage.
+    pub stages: Vec<Range<usize>>,
+    /// This rank's actions, in order.
+    pub plan: Vec<Action>,
+}
+
+/// What a forward left for its backward.
+struct Saved {
+    /// The stage's input leaf (absent on the first stage).
+    input: Option<Tensor<2>>,
+    /// Where backward starts.
+    seed: Seed,
+    /// This stage's MoE layers' router statistics.
+    stats: Vec<RouterStats>,
+}
+
+enum Seed {
+    /// An inner stage's output rows, whose gradient the next stage sends.
+    Output(Tensor<2>),
+    /// The last stage's loss, and the whole forward's assignment counts.
+    Loss(Tensor<1>, Vec<f32>),
+}
+
+/// What one step's computes share: the inputs and the messages in flight.
+struct Step<'a> {
+    model: &'a mut Qwen3Model,
+    objective: &'a dyn Objective,
+    micro: &'a [MicroBatch],
+    base: ForwardCtx,
+    counts: &'a [f64],
+    report: &'a mut StepReport,
+    grads: GradBuffer,
+    saved: BTreeMap<(usize, usize), Saved>,
+    /// Messages by (payload, micro-batch, sending virtual stage): rows, then the
+    /// assignment counts.
+    inbox: BTreeMap<(u8, usize, usize), Vec<f32>>,
+    outbox: BTreeMap<(u8, usize, usize), Vec<f32>>,
+    /// The computes in the order they ran (for the tests of the executed order).
+    ran: Vec<Compute>,
+}
+
+fn key(payload: Payload, mb: usize, from_stage: usize) -> (u8, usize, usize) {
+    (payload as u8, mb, from_stage)
+}
+
+impl PipelineRun<'_> {
+    /// Runs the plan over `micro` and returns the accumulated gradients of this rank's
+    /// trainable parameters and the computes in the order they ran.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        model: &mut Qwen3Model,
+        objective: &dyn Objective,
+        micro: &[MicroBatch],
+        base: ForwardCtx,
+        counts: &[f64],
+        report: &mut StepReport,
+    ) -> Result<(GradBuffer, Vec<Compute>), CommError> {
+        let mut step = Step {
+            model,
+            objective,
+            micro,
+            base,
+            counts,
+            report,
+            grads: GradBuffer::default(),
+            saved: BTreeMap::new(),
+            inbox: BTreeMap::new(),
+            outbox: BTreeMap::new(),
+            ran: Vec::new(),
+        };
+        for action in &self.plan {
+            match action {
+                Action::Compute(c) if !c.backward => self.forward(&mut step, *c),
+                Action::Compute(c) => self.backward(&mut step, *c),
+                Action::Exchange(transfers) => self.exchange(&mut step, transfers)?,
+            }
+            if let Action::Compute(c) = action {
+                step.ran.push(*c);
+            }
+        }
+        Ok((step.grads, step.ran))
+    }
+
+    fn stage_of(&self, c: Compute) -> usize {
+        c.chunk * self.shape.pp + self.group.rank()
+    }
+
+    fn is_last(&self, stage: usize) -> bool {
+        stage + 1 == self.stages.len()
+    }
+
+    /// Forward of micro-batch `c.mb` through virtual stage `c`'s layers.
+    fn forward(&self, st: &mut Step, c: Compute) {
+        let stage = self.stage_of(c);
+        let mb = &st.micro[c.mb];
+        let [b, s] = mb.batch.dims();
+        let h = st.model.config.hidden_size;
+        let (input, mut counts) = match stage {
+            0 => (None, vec![0.0; experts(st.model)]),
+            _ => {
+                let msg = take(&mut st.inbox, key(Payload::Activation, c.mb, stage - 1));
+                let (leaf, counts) = self.unpack(st, c.mb, msg);
+                (Some(leaf.require_grad()), counts)
+            }
+        };
+        let ctx = st.base.with_dropout(mb.dropout);
+        let last = self.is_last(stage);
+        let layers = self.stages[stage].clone();
+        let (output, router) =
+            (st.model).stage_forward(&mb.batch, input.clone(), layers, last, &ctx);
+        st.report.add_router(&router);
+        let stats: Vec<RouterStats> = router.into_iter().map(|(_, s)| s).collect();
+        add_counts(&mut counts, st.model.stage_counts(&stats));
+        let seed = match last {
+            true => {
+                let hidden = output.reshape([b, s, h]);
+                let lm = (st.objective).head_loss(st.model, mb, hidden, &ctx, st.counts, st.report);
+                let loss = match self.router_losses(st, &stats, &counts) {
+                    Some(r) => lm + r,
+                    None => lm,
+                };
+                Seed::Loss(loss, counts)
+            }
+            false => {
+                let msg = pack(&output, &counts);
+                st.outbox.insert(key(Payload::Activation, c.mb, stage), msg);
+                Seed::Output(output)
+            }
+        };
+        let saved = Saved { input, seed, stats };
+        st.saved.insert((c.mb, c.chunk), saved);
+    }
+
+    /// Backward of micro-batch `c.mb` through virtual stage `c`: from the loss on the last
+    /// stage, else seeded with the received gradient of the stage's output; the gradient of
+    /// the stage's input goes back with the whole forward's counts.
+    fn backward(&self, st: &mut Step, c: Compute) {
+        let stage = self.stage_of(c);
+        let saved = (st.saved.remove(&(c.mb, c.chunk))).expect("the plan runs a forward first");
+        let (seed, counts) = match saved.seed {
+            Seed::Loss(loss, counts) => (loss, counts),
+            Seed::Output(output) => {
+                let msg = take(&mut st.inbox, key(Payload::Gradient, c.mb, stage + 1));
+                let (grad, counts) = self.unpack(st, c.mb, msg);
+                let seed = (output * grad).sum();
+                match self.router_losses(st, &saved.stats, &counts) {
+                    Some(r) => (seed + r, counts),
+                    None => (seed, counts),
+                }
+            }
+        };
+        let g = seed.backward();
+        st.grads.accumulate(&mut st.model.trainable(), &g);
+        if let Some(input) = saved.input {
+            let grad = Tensor::<2>::from_inner(input.grad(&g).expect("the stage input's gradient"));
+            let msg = pack(&grad, &counts);
+            st.outbox.insert(key(Payload::Gradient, c.mb, stage), msg);
+        }
+    }
+
+    /// This stage's shares of the router losses, weighted and averaged over micro-batches as
+    /// the whole model's are (`RouterOut::add_to`), and reported.
+    fn router_losses(
+        &self,
+        st: &mut Step,
+        stats: &[RouterStats],
+        counts: &[f32],
+    ) -> Option<Tensor<1>> {
+        let counts: Vec<u64> = counts.iter().map(|&c| c as u64).collect();
+        let (aux, z) = st.model.stage_router_losses(stats, &counts);
+        let (w, n) = (st.objective.aux_weights(), st.counts[1]);
+        let mut loss = None;
+        if let Some(aux) = aux {
+            *st.report.aux_loss.get_or_insert(0.0) += to_f32_vec(aux.clone())[0] as f64 / n;
+            loss = Some(aux.mul_scalar(w.load_balancing / n));
+        }
+        if let Some(z) = z {
+            *st.report.z_loss.get_or_insert(0.0) += to_f32_vec(z.clone())[0] as f64 / n;
+            if w.z_loss > 0.0 {
+                let z = z.mul_scalar(w.z_loss / n);
+                loss = Some(loss.map_or(z.clone(), |l| l + z));
+            }
+        }
+        loss
+    }
+
+    /// One grouped exchange: the sends the previous computes produced, the receives the
+    /// next ones need (sized from the micro-batch: rows of `hidden`, then the counts).
+    fn exchange(&self, st: &mut Step, transfers: &[Transfer]) -> Result<(), CommError> {
+        let sends: Vec<(Vec<f32>, usize)> = (transfers.iter().filter(|t| t.send))
+            .map(|t| {
+                let msg = take(&mut st.outbox, key(t.payload, t.mb, t.from_stage));
+                (msg, t.peer)
+            })
+            .collect();
+        let wanted: Vec<&Transfer> = transfers.iter().filter(|t| !t.send).collect();
+        let mut bufs: Vec<Vec<f32>> = (wanted.iter())
+            .map(|t| vec![0.0; self.message_len(st, t.mb)])
+            .collect();
+        let send_refs: Vec<(&[f32], usize)> = sends.iter().map(|(m, p)| (&m[..], *p)).collect();
+        let mut recvs: Vec<(&mut [f32], usize)> = (bufs.iter_mut().zip(&wanted))
+            .map(|(b, t)| (&mut b[..], t.peer))
+            .collect();
+        self.group.exchange(&send_refs, &mut recvs, TAG)?;
+        for (buf, t) in bufs.into_iter().zip(wanted) {
+            st.inbox.insert(key(t.payload, t.mb, t.from_stage), buf);
+        }
+        Ok(())
+    }
+
+    /// This rank's rows of micro-batch `mb`'s residual stream: a tensor-parallel rank's
+    /// share under sequence parallelism.
+    fn local_rows(&self, st: &Step, mb: usize) -> usize {
+        let [b, s] = st.micro[mb].batch.dims();
+        let shard = st.model.shard();
+        let shards = if shard.sequence_parallel() {
+            shard.tp
+        } else {
+            1
+        };
+        b * s / shards
+    }
+
+    /// Floats in a message of micro-batch `mb`: its rows, then one count per expert on a
+    /// MoE model.
+    fn message_len(&self, st: &Step, mb: usize) -> usize {
+        self.local_rows(st, mb) * st.model.config.hidden_size + experts(st.model)
+    }
+
+    /// A message's rows `[local rows, hidden]` and counts.
+    fn unpack(&self, st: &Step, mb: usize, mut msg: Vec<f32>) -> (Tensor<2>, Vec<f32>) {
+        let (rows, h) = (self.local_rows(st, mb), st.model.config.hidden_size);
+        let counts = msg.split_off(rows * h);
+        let t = Tensor::<2>::from_data(TensorData::new(msg, [rows, h]), &st.model.device());
+        (t, counts)
+    }
+}
+
+/// Experts per MoE layer (0 on a dense model): the length of the counts a message carries.
+fn experts(model: &Qwen3Model) -> usize {
+    model.config.moe.as_ref().map_or(0, |m| m.num_experts)
+}
+
+fn take(map: &mut BTreeMap<(u8, usize, usize), Vec<f32>>, k: (u8, usize, usize)) -> Vec<f32> {
+    map.remove(&k)
+        .unwrap_or_else(|| panic!("pipeline message {k:?} is missing: the plan is inconsistent"))
+}
+
+/// `rows` flat, then `counts`.
+fn pack(rows: &Tensor<2>, counts: &[f32]) -> Vec<f32> {
+    let mut msg = to_f32_vec(rows.clone());
+    msg.extend_from_slice(counts);
+    msg
+}
+
+/// Adds this stage's assignment counts to those received (exact in f32 below 2²⁴).
+fn add_counts(acc: &mut Vec<f32>, mine: Option<Vec<u64>>) {
+    let Some(mine) = mine else { return };
+    for (a, m) in acc.iter_mut().zip(mine) {
+        *a += m as f32;
+    }
+}
