@@ -32,8 +32,28 @@ pub fn load_hf_model_sharded(
     let config = Qwen3Config::from_dir(dir)?;
     let mut folder = HfFolder::open(dir)?;
     let model = Qwen3Model::new_sharded(config.clone(), &mut folder, boundaries, device)?;
-    folder.finish(config.tie_word_embeddings)?;
+    let held: BTreeSet<usize> = model.layer_ids().iter().copied().collect();
+    let elsewhere = |name: &str| !model.is_whole() && other_stage(name, &held);
+    folder.finish(config.tie_word_embeddings, &elsewhere)?;
     Ok(model)
+}
+
+/// Whether `name` belongs to another pipeline stage than the one holding layers `held`: a
+/// layer outside them, or the embedding, final norm or head (which stage holds these is the
+/// model's to say; each stage's load checks what it asks for).
+fn other_stage(name: &str, held: &BTreeSet<usize>) -> bool {
+    let top = [
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ];
+    let layer = (name.strip_prefix("model.layers."))
+        .and_then(|rest| rest.split_once('.'))
+        .and_then(|(i, _)| i.parse::<usize>().ok());
+    match layer {
+        Some(i) => !held.contains(&i),
+        None => top.contains(&name),
+    }
 }
 
 /// The weight files of a folder, with every tensor name mapped to its file.
@@ -174,12 +194,18 @@ impl HfFolder {
         }
     }
 
-    /// Fails on any tensor that no parameter asked for.
-    pub fn finish(&self, tied: bool) -> Result<(), CheckpointError> {
+    /// Fails on any tensor that no parameter asked for, except those `elsewhere` says another
+    /// part of the model holds.
+    pub fn finish(
+        &self,
+        tied: bool,
+        elsewhere: &dyn Fn(&str) -> bool,
+    ) -> Result<(), CheckpointError> {
         for (name, (file, shape)) in &self.tensors {
             // transformers ignores these too: a tied head saved anyway, and RoPE buffers.
-            let ignorable =
-                (tied && name == "lm_head.weight") || name.ends_with("rotary_emb.inv_freq");
+            let ignorable = (tied && name == "lm_head.weight")
+                || name.ends_with("rotary_emb.inv_freq")
+                || elsewhere(name);
             if !self.used.contains(name) && !ignorable {
                 return Err(CheckpointError::UnexpectedTensor {
                     file: self.files[*file].path.clone(),

@@ -37,6 +37,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         args.seq_len,
         args.micro_batch_size,
         args.max_batches,
+        None,
     )?;
     println!(
         "loss {:.6}  perplexity {:.4}  ({} target tokens)",

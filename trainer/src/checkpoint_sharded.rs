@@ -192,7 +192,7 @@ fn owned_weights(
             }
             continue;
         }
-        if !first_rank {
+        if !first_rank || p.is_head_copy(&name) {
             continue;
         }
         let values = match plan.placement {

@@ -9,6 +9,8 @@ use moeru_models::{ForwardCtx, Precision, Qwen3Model};
 
 use crate::engine::MicroBatch;
 use crate::error::TrainError;
+use crate::pipeline::executor::PipelineRun;
+use crate::pipeline::forward::pipeline_hidden;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EvalResult {
@@ -31,7 +33,8 @@ pub fn inference_copy(model: &Qwen3Model) -> Qwen3Model {
 }
 
 /// One pass over `dir` (no shuffling), `max_batches` micro-batches at most (0 = all), with
-/// matmuls in `precision`.
+/// matmuls in `precision`; through `pipeline`'s stages when `model` is a stage's part (every
+/// rank of the pipeline gets the loss).
 pub fn evaluate(
     model: &Qwen3Model,
     precision: Precision,
@@ -39,6 +42,7 @@ pub fn evaluate(
     seq_len: usize,
     micro_batch: usize,
     max_batches: u64,
+    pipeline: Option<&PipelineRun>,
 ) -> Result<EvalResult, TrainError> {
     let model = inference_copy(model);
     let device = model.device();
@@ -54,11 +58,22 @@ pub fn evaluate(
         };
         let mb = MicroBatch::from_samples(&samples, &device);
         let ctx = ForwardCtx::new(precision);
-        let hidden = model.forward(&mb.batch, &ctx).hidden;
-        let loss = model.token_loss_sum(hidden, mb.targets, mb.mask, &ctx);
-        sum += to_f32_vec(loss)[0] as f64;
+        let hidden = match pipeline {
+            None => Some(model.forward(&mb.batch, &ctx).hidden),
+            Some(run) => pipeline_hidden(run, &model, &mb.batch, &ctx)?,
+        };
+        if let Some(hidden) = hidden {
+            let loss = model.token_loss_sum(hidden, mb.targets, mb.mask, &ctx);
+            sum += to_f32_vec(loss)[0] as f64;
+        }
         count += mb.target_count as u64;
         batches += 1;
+    }
+    if let Some(run) = pipeline {
+        // The sum is the last stage's.
+        let mut total = [sum];
+        run.group.broadcast(&mut total, run.shape.pp - 1)?;
+        sum = total[0];
     }
     if count == 0 {
         return Err(TrainError::Dataset(format!(

@@ -65,6 +65,9 @@ pub struct Session<'w> {
     pub boundaries: Option<ShardBoundaries>,
     /// Under pipeline parallelism (`parallel.pp` > 1), the stages.
     pub pipeline: Option<PipelineLayout>,
+    /// A tied embedding under pipeline parallelism: the group of its two copies (the first
+    /// and the last pipeline rank; alone on the others), whose gradients are summed.
+    pub tied: Option<ProcessGroup>,
 }
 
 /// A task's data stream: packed token samples, or preference pairs (`data.task: dpo`).
@@ -119,15 +122,18 @@ impl<'w> Session<'w> {
         if main && recipe.precision == Precision::Bf16 && !spec.is_cuda() {
             eprintln!("note: `precision: bf16` on the CPU rounds as a GPU run does but runs slower than f32; it is there to check numerics");
         }
-        let pipeline = match recipe.parallel.pp > 1 {
-            true => {
-                let config = recipe_config(recipe)?;
-                let layout =
-                    PipelineLayout::new(&recipe.parallel, recipe.train.grad_accum, &config);
-                Some(layout.map_err(TrainError::BadRecipe)?)
+        let (mut pipeline, mut tied) = (None, None);
+        if recipe.parallel.pp > 1 {
+            let config = recipe_config(recipe)?;
+            let layout = PipelineLayout::new(&recipe.parallel, recipe.train.grad_accum, &config);
+            pipeline = Some(layout.map_err(TrainError::BadRecipe)?);
+            if config.tie_word_embeddings {
+                let (pp, p) = (recipe.parallel.pp, groups.pp.rank());
+                let ends = p == 0 || p + 1 == pp;
+                let color = if ends { 0 } else { 1 + p as u32 };
+                tied = Some(groups.pp.split(color, "tied-embedding")?);
             }
-            false => None,
-        };
+        }
         let boundaries = shard_boundaries(recipe, &groups, pipeline.as_ref());
         Ok(Self {
             recipe,
@@ -138,6 +144,7 @@ impl<'w> Session<'w> {
             main,
             boundaries,
             pipeline,
+            tied,
         })
     }
 
@@ -155,7 +162,7 @@ impl<'w> Session<'w> {
         let config = recipe_config(recipe)?;
         validate_parallel_sizes(&recipe.parallel, &config).map_err(TrainError::BadRecipe)?;
         match recipe.parallel.pp > 1 {
-            true => pipeline_support(recipe, &config).map_err(TrainError::BadRecipe),
+            true => pipeline_support(recipe).map_err(TrainError::BadRecipe),
             false => Ok(()),
         }
     }
@@ -330,26 +337,18 @@ fn recipe_config(recipe: &Recipe) -> Result<Qwen3Config, TrainError> {
 }
 
 /// What pipeline parallelism does not combine with yet, named with the key to change.
-fn pipeline_support(recipe: &Recipe, config: &Qwen3Config) -> Result<(), String> {
+fn pipeline_support(recipe: &Recipe) -> Result<(), String> {
     let pp = recipe.parallel.pp;
     let refuse = |what: &str| {
         Err(format!(
             "`parallel.pp` = {pp} with {what} is not supported yet; set `parallel.pp: 1`"
         ))
     };
-    if config.tie_word_embeddings {
-        return refuse("tied embeddings (tie_word_embeddings: true)");
-    }
     if recipe.lora.is_some() {
         return refuse("a `lora` section");
     }
     if recipe.data.task == TaskKind::Dpo {
         return refuse("`data.task: dpo`");
-    }
-    if recipe.data.eval.is_some() && recipe.train.eval_every > 0 {
-        return refuse(
-            "evaluation (`data.eval` with `train.eval_every` > 0; set `data.eval: null`)",
-        );
     }
     Ok(())
 }

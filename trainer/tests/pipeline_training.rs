@@ -148,3 +148,69 @@ fn pipelines_compose_with_data_tensor_and_expert_parallelism() {
         eprintln!("{p:?}: loss {loss:.2e}, weights {weights:.2e}");
     }
 }
+
+/// The evaluation losses logged under `out`, by step.
+fn eval_losses(out: &Path) -> Vec<(u64, f64)> {
+    metrics(out)
+        .iter()
+        .filter_map(|m| Some((m["step"].as_u64()?, m["eval_loss"].as_f64()?)))
+        .collect()
+}
+
+/// The smoke model as it is (2 layers, tied embeddings) over two stages, one layer each: the
+/// head's copy of the embedding on the last stage and the input's on the first get summed
+/// gradients (each checkpoint checks them equal bit for bit); evaluation runs through the
+/// stages.
+#[test]
+fn tied_embeddings_across_stages_with_evaluation() {
+    let model: [Set; 5] = [
+        ("model.architecture.num_hidden_layers", &2),
+        ("model.architecture.tie_word_embeddings", &true),
+        ("data.eval", &"recipes/smoke/data/eval"),
+        ("train.eval_every", &5),
+        ("train.eval_batches", &2),
+    ];
+    let one = reference(&model);
+    for p in [pipe(2, 1, ONE), pipe(2, 1, layout(1, 2, 2, true, false))] {
+        let (loss, weights) = check(p, &model, one.path());
+        eprintln!("tied {p:?}: loss {loss:.2e}, weights {weights:.2e}");
+        // `check` ran it in a temporary folder; run again to read the evaluation.
+        let out = tempfile::tempdir().unwrap();
+        run(out.path(), p, &model, &RunOptions::default());
+        let (a, b) = (eval_losses(out.path()), eval_losses(one.path()));
+        assert_eq!(a.len(), 2, "{a:?}");
+        for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
+            assert_eq!(sa, sb);
+            assert!((la - lb).abs() <= 1e-5, "eval at step {sa}: {la} vs {lb}");
+        }
+    }
+}
+
+/// A checkpoint written by the owners of a dp2·pp2·tp2·ep4 run (8 ranks) resumes at one rank
+/// and at pp2·tp2, and a one-rank checkpoint at interleaved pp2·v2, each continuing within
+/// 1e-5 of the uninterrupted run.
+#[test]
+fn a_pipeline_checkpoint_resumes_at_other_layouts() {
+    let one = reference(&[]);
+    let half = RunOptions {
+        stop_after: Some(STEPS / 2),
+        ..RunOptions::default()
+    };
+    let eight = pipe(2, 1, layout(2, 2, 4, true, true));
+    let cases = [
+        (eight, pipe(1, 1, ONE)),
+        (eight, pipe(2, 1, layout(1, 2, 1, true, false))),
+        (pipe(1, 1, ONE), pipe(2, 2, ONE)),
+    ];
+    for (written, to) in cases {
+        let out = tempfile::tempdir().unwrap();
+        run(out.path(), written, &[], &half);
+        run(out.path(), to, &[], &RunOptions::default());
+        assert_runs_match(
+            out.path(),
+            one.path(),
+            STEPS,
+            &format!("{written:?} -> {to:?}"),
+        );
+    }
+}

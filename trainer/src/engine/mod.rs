@@ -183,6 +183,14 @@ impl<'g> Engine<'g> {
         self
     }
 
+    /// This rank's pipeline stages, under pipeline parallelism.
+    pub fn pipeline(&self) -> Option<&PipelineRun<'g>> {
+        match &self.schedule {
+            Schedule::Pipeline(run, _) => Some(run),
+            Schedule::Local => None,
+        }
+    }
+
     /// Under pipeline parallelism, the computes of the last step in the order they ran.
     pub fn pipeline_order(&self) -> Option<&[Compute]> {
         match &self.schedule {
@@ -220,6 +228,9 @@ impl<'g> Engine<'g> {
             &mut report,
         )?;
         let device = self.model.device().inner();
+        if let Some(run) = self.pipeline() {
+            run.sum_tied(&mut buffer)?;
+        }
         if let Some(p) = &self.parallel {
             p.boundaries.take_error()?;
             p.complete_partial(&mut buffer, &device)?;

@@ -14,6 +14,7 @@ use moeru_parallel::{CommError, ProcessGroup, ReduceOp};
 use super::grads::GradBuffer;
 use super::optim::{flat_tensor, Piece};
 use super::sync::{GradSync, SyncKind};
+use crate::pipeline::executor::TIED;
 
 /// A rank of a tensor- and/or expert-parallel layout.
 pub struct ModelParallel<'g> {
@@ -26,6 +27,9 @@ pub struct ModelParallel<'g> {
     pub edp: &'g ProcessGroup,
     /// Every rank: the global norm's squares and the checkpoint's gathers end here.
     pub world: &'g ProcessGroup,
+    /// This rank's tied embedding is the last pipeline stage's copy (its LM head): the first
+    /// stage's counts in the norm and is written into checkpoints.
+    pub head_copy: bool,
 }
 
 impl ModelParallel<'_> {
@@ -81,10 +85,16 @@ impl ModelParallel<'_> {
             for p in it.by_ref().take(n) {
                 let plan = self.shard.plan(&p.name);
                 let split = matches!(plan.placement, Placement::Split(_));
-                out.push(once && (plan.expert || split || self.tp.rank() == 0));
+                let copy = self.is_head_copy(&p.name);
+                out.push(once && !copy && (plan.expert || split || self.tp.rank() == 0));
             }
         }
         out
+    }
+
+    /// Whether `name` is the last stage's copy of the tied embedding.
+    pub fn is_head_copy(&self, name: &str) -> bool {
+        self.head_copy && name == TIED
     }
 
     /// Completes the reported values (`StepReport::summable`, already summed over dp): under

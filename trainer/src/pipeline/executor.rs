@@ -18,9 +18,9 @@ use std::ops::Range;
 
 use burn::tensor::{Tensor, TensorData};
 use moeru_models::moe::RouterStats;
-use moeru_models::params::to_f32_vec;
+use moeru_models::params::{to_f32_vec, ParamVisitor, Params};
 use moeru_models::{ForwardCtx, Qwen3Model};
-use moeru_parallel::{CommError, ProcessGroup};
+use moeru_parallel::{CommError, ProcessGroup, ReduceOp};
 
 use super::schedule::{Action, Compute, Payload, PipelineShape, Transfer};
 use crate::engine::grads::GradBuffer;
@@ -30,6 +30,9 @@ use crate::objective::{Objective, StepReport};
 /// The message tag of the pipeline's exchanges.
 const TAG: u32 = 0x5050;
 
+/// The tied embedding's name: held by the first stage (the input) and the last (the head).
+pub const TIED: &str = "model.embed_tokens.weight";
+
 /// One rank's pipeline: its plan and the layers of every virtual stage.
 pub struct PipelineRun<'g> {
     pub group: &'g ProcessGroup,
@@ -38,6 +41,8 @@ pub struct PipelineRun<'g> {
     pub stages: Vec<Range<usize>>,
     /// This rank's actions, in order.
     pub plan: Vec<Action>,
+    /// A tied embedding: the group of its two copies, whose gradients are summed.
+    pub tied: Option<&'g ProcessGroup>,
 }
 
 /// What a forward left for its backward.
@@ -116,6 +121,48 @@ impl PipelineRun<'_> {
             }
         }
         Ok((step.grads, step.ran))
+    }
+
+    /// Sums the tied embedding's gradient over its two copies (the input's on the first
+    /// stage, the head's on the last), so that both update alike and stay equal.
+    pub fn sum_tied(&self, grads: &mut GradBuffer) -> Result<(), CommError> {
+        let Some(group) = self.tied.filter(|g| g.size() > 1) else {
+            return Ok(());
+        };
+        let Some(g) = grads.grads.get_mut(TIED) else {
+            return Ok(());
+        };
+        let device = g.device();
+        let mut flat = to_f32_vec(g.clone());
+        group.all_reduce(&mut flat, ReduceOp::Sum)?;
+        let n = flat.len();
+        *g = Tensor::<1>::from_data(TensorData::new(flat, [n]), &device);
+        Ok(())
+    }
+
+    /// Whether the tied embedding's two copies are equal bit for bit, as their identical
+    /// updates keep them (true without a tied embedding).
+    pub fn tied_copies_equal(&self, model: &Qwen3Model) -> Result<bool, CommError> {
+        let Some(group) = self.tied.filter(|g| g.size() > 1) else {
+            return Ok(true);
+        };
+        struct Digest(u64);
+        impl ParamVisitor for Digest {
+            fn visit<const D: usize>(&mut self, name: &str, param: &mut Tensor<D>) {
+                if name == TIED {
+                    for x in to_f32_vec(param.clone()) {
+                        self.0 = (self.0 ^ x.to_bits() as u64).wrapping_mul(0x0100_0000_01b3);
+                    }
+                }
+            }
+        }
+        let mut d = Digest(0xcbf2_9ce4_8422_2325);
+        // A clone shares the tensors; visiting needs it mutable.
+        model.clone().visit_params(&mut d);
+        // Two f64 halves carry the 64-bit digest exactly.
+        let mine = [(d.0 >> 32) as f64, (d.0 & 0xffff_ffff) as f64];
+        let all = group.all_gather(&mine)?;
+        Ok(all.chunks(2).all(|c| c == mine))
     }
 
     fn stage_of(&self, c: Compute) -> usize {

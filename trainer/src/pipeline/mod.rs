@@ -3,6 +3,7 @@
 //! executor that runs a rank's plan over its stage model.
 
 pub mod executor;
+pub mod forward;
 pub mod schedule;
 pub mod stages;
 

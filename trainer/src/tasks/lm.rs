@@ -86,6 +86,7 @@ fn evaluate_if_due(recipe: &Recipe, engine: &Engine, done: u64) -> Result<Option
         recipe.data.seq_len,
         t.micro_batch_size,
         t.eval_batches,
+        engine.pipeline(),
     )?;
     if let Some(p) = engine.parallel() {
         p.boundaries.take_error()?;

@@ -173,6 +173,11 @@ fn save_if_due(
     if done != recipe.train.steps && (every == 0 || !done.is_multiple_of(every)) {
         return Ok(None);
     }
+    if let Some(run) = engine.pipeline() {
+        if !run.tied_copies_equal(&engine.model)? {
+            return Err(TrainError::Bug(format!("the tied embedding's copies on the first and last pipeline stage differ at step {done}; this is a bug in moeru, please report it")));
+        }
+    }
     let state = TrainerState {
         step: done,
         tokens_seen: st.tokens_seen,

@@ -31,6 +31,7 @@ pub fn build_engine<'s>(
                 ep: &session.groups.ep,
                 edp: &session.groups.edp,
                 world: session.world,
+                head_copy: session.tied.is_some() && session.groups.pp.rank() > 0,
             };
             let engine = Engine::sharded(model, config, dp, parallel, optimizer);
             match &session.pipeline {
@@ -51,6 +52,7 @@ fn pipeline_run<'s>(session: &'s Session, layout: &PipelineLayout) -> PipelineRu
         shape: layout.shape,
         stages: layout.stages.clone(),
         plan: plans.swap_remove(group.rank()),
+        tied: session.tied.as_ref(),
     }
 }
 
