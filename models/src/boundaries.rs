@@ -24,6 +24,8 @@ pub trait Boundaries: Debug + Send + Sync {
 
     /// The decoder layers this rank holds, as ascending ranges of global indices: every layer,
     /// or under pipeline parallelism its stages' (one range per model chunk).
+    // One range of all the layers, not the layers' indices.
+    #[allow(clippy::single_range_in_vec_init)]
     fn layers(&self, num_layers: usize) -> Vec<Range<usize>> {
         vec![0..num_layers]
     }

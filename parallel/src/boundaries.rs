@@ -64,6 +64,8 @@ impl Boundaries for ShardBoundaries {
         self.shard
     }
 
+    // One range of all the layers, not the layers' indices.
+    #[allow(clippy::single_range_in_vec_init)]
     fn layers(&self, num_layers: usize) -> Vec<Range<usize>> {
         (self.layers.clone()).unwrap_or_else(|| vec![0..num_layers])
     }

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use burn::tensor::{Gradients, Tensor};
+use burn::tensor::{Device, Gradients, Tensor, TensorData};
 use moeru_models::params::{to_f32_vec, ParamVisitor, Params};
 use moeru_parallel::{CommError, ProcessGroup, ReduceOp};
 
@@ -59,13 +59,20 @@ pub fn clip_global_norm(
     max_norm: f64,
     shards: Option<&ProcessGroup>,
     counted: &[bool],
+    world_order: Option<&NormOrder>,
 ) -> Result<f64, CommError> {
     let mut order: Vec<usize> = (0..pieces.len())
         .filter(|&i| counted.get(i).copied().unwrap_or(true))
         .collect();
     order.sort_by_key(|&i| (pieces[i].name.as_str(), pieces[i].offset));
     let sorted: Vec<Tensor<1>> = order.iter().map(|&i| grads[i].clone()).collect();
-    let norm = global_norm(&sorted, shards)?;
+    let norm = match (shards, world_order) {
+        (Some(group), Some(world_order)) => match grads.first() {
+            Some(g) => ordered_norm(&sorted, group, world_order, &g.device())?,
+            None => global_norm(&sorted, shards)?,
+        },
+        _ => global_norm(&sorted, shards)?,
+    };
     if max_norm > 0.0 {
         let coef = (max_norm / (norm + 1e-6)).min(1.0);
         for g in grads.iter_mut() {
@@ -89,6 +96,60 @@ fn global_norm(grads: &[Tensor<1>], shards: Option<&ProcessGroup>) -> Result<f64
             Ok(sq[0].sqrt())
         }
     }
+}
+
+/// Where this rank's counted pieces sit in the world's order of all counted pieces, by
+/// (name, part, offset): with it the global norm adds every rank's per-piece norms in the
+/// order of one rank holding them all, so a layout whose pieces are whole parameters (a
+/// pipeline's stages) clips exactly as one rank does.
+pub struct NormOrder {
+    positions: Vec<usize>,
+    total: usize,
+}
+
+impl NormOrder {
+    /// Collective over `world`: `keys` are (name, part, offset) of this rank's counted pieces
+    /// in (name, offset) order, as `clip_global_norm` sorts them.
+    pub fn new(world: &ProcessGroup, keys: &[(String, usize, usize)]) -> Result<Self, CommError> {
+        let mine: String = (keys.iter())
+            .map(|(n, p, o)| format!("{n}\t{p}\t{o}\n"))
+            .collect();
+        let mut all = std::collections::BTreeSet::new();
+        for r in 0..world.size() {
+            for line in world.broadcast_string(&mine, r)?.lines() {
+                let mut f = line.split('\t');
+                let name = f.next().unwrap_or_default().to_string();
+                let mut num = || f.next().and_then(|x| x.parse::<usize>().ok()).unwrap_or(0);
+                let (part, offset) = (num(), num());
+                all.insert((name, part, offset));
+            }
+        }
+        let index: BTreeMap<&(String, usize, usize), usize> =
+            all.iter().enumerate().map(|(i, k)| (k, i)).collect();
+        Ok(Self {
+            positions: keys.iter().map(|k| index[k]).collect(),
+            total: all.len(),
+        })
+    }
+}
+
+/// The global norm from every rank's per-piece norms placed in the world's order (each
+/// position filled by one rank, so the sum over ranks is exact) and then reduced as one rank
+/// reduces its own.
+fn ordered_norm(
+    grads: &[Tensor<1>],
+    world: &ProcessGroup,
+    order: &NormOrder,
+    device: &Device,
+) -> Result<f64, CommError> {
+    let mut all = vec![0f32; order.total];
+    for (g, &at) in grads.iter().zip(&order.positions) {
+        all[at] = to_f32_vec(deterministic_sum(g.clone().square()).sqrt())[0];
+    }
+    world.all_reduce(&mut all, ReduceOp::Sum)?;
+    let n = all.len();
+    let norms = Tensor::<1>::from_data(TensorData::new(all, [n]), device);
+    Ok(to_f32_vec(norms.square().sum().sqrt())[0] as f64)
 }
 
 /// Elements summed per block: below burn-flex's parallel threshold for a full sum (4 Mi).
@@ -158,7 +219,7 @@ mod tests {
                 .iter()
                 .zip(pieces)
                 .map(|(g, (p, mut v))| {
-                    s.spawn(move || clip_global_norm(&p, &mut v, 0.0, Some(g), &[]).unwrap())
+                    s.spawn(move || clip_global_norm(&p, &mut v, 0.0, Some(g), &[], None).unwrap())
                 })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()

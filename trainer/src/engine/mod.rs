@@ -16,9 +16,10 @@ use std::time::Duration;
 
 use burn::tensor::{Device, Tensor};
 use moeru_models::params::param_shapes;
-use moeru_models::{ForwardCtx, Precision, Qwen3Model};
+use moeru_models::{ForwardCtx, Placement, Precision, Qwen3Model};
 use moeru_parallel::{thread_world, CommError, ProcessGroup, ReduceOp};
 
+use grads::NormOrder;
 pub use micro::MicroBatch;
 use optim::{AdamW, AdamWConfig, Moments, Piece};
 pub use parallel::ModelParallel;
@@ -72,6 +73,9 @@ pub struct Engine<'g> {
     /// Under model parallelism, the pieces this rank counts in the global norm and writes
     /// into checkpoints (each element on one rank of the world).
     counted: Vec<bool>,
+    /// Under model parallelism, where the counted pieces sit in the world's order (made at
+    /// the first step: it is a collective).
+    norm_order: Option<NormOrder>,
     config: EngineConfig,
 }
 
@@ -168,8 +172,32 @@ impl<'g> Engine<'g> {
             replicas,
             parallel,
             counted,
+            norm_order: None,
             config,
         }
+    }
+
+    /// The world's order of the counted pieces (see [`NormOrder`]).
+    fn world_norm_order(&mut self) -> Result<Option<&NormOrder>, CommError> {
+        let Some(p) = &self.parallel else {
+            return Ok(None);
+        };
+        if self.norm_order.is_none() {
+            let pieces = self.optim.pieces();
+            let mut keys: Vec<(String, usize, usize)> = (pieces.iter().zip(&self.counted))
+                .filter(|(_, &c)| c)
+                .map(|(piece, _)| {
+                    let part = match p.shard.plan(&piece.name).placement {
+                        Placement::Split(s) => s.index,
+                        Placement::Replicated => 0,
+                    };
+                    (piece.name.clone(), part, piece.offset)
+                })
+                .collect();
+            keys.sort_by(|a, b| (&a.0, a.2).cmp(&(&b.0, b.2)));
+            self.norm_order = Some(NormOrder::new(p.world, &keys)?);
+        }
+        Ok(self.norm_order.as_ref())
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -239,6 +267,7 @@ impl<'g> Engine<'g> {
         for sync in &self.syncs {
             grads.extend(sync.reduce(&mut buffer, &device)?);
         }
+        self.world_norm_order()?;
         let norm_group = match &self.parallel {
             Some(p) => Some(p.world),
             None => self.syncs[0].shard_group(),
@@ -249,6 +278,7 @@ impl<'g> Engine<'g> {
             self.config.clip,
             norm_group,
             &self.counted,
+            self.norm_order.as_ref(),
         )?;
         self.update(lr, grads, &device)?;
         if let Schedule::Pipeline(..) = self.schedule {

@@ -87,7 +87,6 @@ fn key(payload: Payload, mb: usize, from_stage: usize) -> (u8, usize, usize) {
 impl PipelineRun<'_> {
     /// Runs the plan over `micro` and returns the accumulated gradients of this rank's
     /// trainable parameters and the computes in the order they ran.
-    #[allow(clippy::too_many_arguments)]
     pub fn run(
         &self,
         model: &mut Qwen3Model,
@@ -338,7 +337,7 @@ fn pack(rows: &Tensor<2>, counts: &[f32]) -> Vec<f32> {
 }
 
 /// Adds this stage's assignment counts to those received (exact in f32 below 2²⁴).
-fn add_counts(acc: &mut Vec<f32>, mine: Option<Vec<u64>>) {
+fn add_counts(acc: &mut [f32], mine: Option<Vec<u64>>) {
     let Some(mine) = mine else { return };
     for (a, m) in acc.iter_mut().zip(mine) {
         *a += m as f32;

@@ -36,7 +36,7 @@ impl PipelineLayout {
             micro_batches,
             group: p.pp,
         };
-        if p.pp_virtual > 1 && micro_batches % p.pp != 0 {
+        if p.pp_virtual > 1 && !micro_batches.is_multiple_of(p.pp) {
             return Err(format!(
                 "`parallel.pp_virtual` = {} (interleaved 1F1B) needs `train.grad_accum` to be a multiple of `parallel.pp` = {}; it is {micro_batches}",
                 p.pp_virtual, p.pp
