@@ -38,6 +38,16 @@ impl Batch {
         }
     }
 
+    /// The same batch without autodiff (for a model stripped of it, as evaluation and
+    /// recompute forwards use).
+    pub fn inner(&self) -> Self {
+        Self {
+            input_ids: self.input_ids.clone().inner(),
+            position_ids: self.position_ids.clone().inner(),
+            document_ids: self.document_ids.clone().inner(),
+        }
+    }
+
     pub fn dims(&self) -> [usize; 2] {
         self.input_ids.dims()
     }

@@ -10,7 +10,7 @@ use crate::kv_cache::LayerKv;
 use crate::layers::{rms_norm, swiglu};
 use crate::linear::Linear;
 use crate::lora::{LoraAdapter, LoraSlot};
-use crate::moe::{MoeBlock, RouterStats};
+use crate::moe::{MoeBlock, Routed, RouterStats};
 use crate::params::{ParamSource, ParamVisitor, Params};
 use crate::precision::to_f32;
 
@@ -89,6 +89,21 @@ pub enum Mlp {
     Moe(MoeBlock),
 }
 
+/// A layer's forward split before a MoE layer's experts.
+#[allow(clippy::large_enum_variant)]
+pub enum SplitLayer {
+    /// A dense layer's output.
+    Dense(Tensor<2>),
+    /// A MoE layer: the residual stream after attention, the experts' input, the routing and
+    /// the router statistics (`computed_rows` 0 until the experts run).
+    Moe {
+        residual: Tensor<2>,
+        normed: Tensor<2>,
+        routed: Routed,
+        stats: RouterStats,
+    },
+}
+
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
     prefix: String,
@@ -157,13 +172,67 @@ impl DecoderLayer {
         let attn = self.self_attn.forward(normed, attn, cache, ctx, bd);
         // The residual stream stays f32 (as under autocast, where f32 + bf16 is f32).
         let x = x + to_f32(attn);
-        let normed = rms_norm(x.clone(), &self.post_attention_layernorm, self.eps);
+        let normed = self.post_attention_norm(&x);
         match &self.mlp {
             Mlp::Dense(mlp) => (x + to_f32(mlp.forward(normed, ctx, bd)), None),
             Mlp::Moe(moe) => {
                 let (y, stats) = moe.forward(normed, ctx, bd);
                 (x + y, Some(stats))
             }
+        }
+    }
+
+    /// The MLP's input. Before a MoE block the residual stream passes one graph node (× 1,
+    /// exact), so that its gradient has two terms (this norm's and the residual's), whose sum
+    /// does not depend on the order the backward adds them in: the experts recomputed in a
+    /// backward of their own (`train.recompute: experts`) then give the same bits.
+    fn post_attention_norm(&self, x: &Tensor<2>) -> Tensor<2> {
+        let x = match &self.mlp {
+            Mlp::Moe(_) => x.clone().mul_scalar(1.0),
+            Mlp::Dense(_) => x.clone(),
+        };
+        rms_norm(x, &self.post_attention_layernorm, self.eps)
+    }
+
+    /// [`DecoderLayer::forward`] stopped before a MoE layer's experts (a dense layer runs
+    /// whole): what [`DecoderLayer::experts`] completes, `residual + experts(normed, routed)`.
+    pub fn forward_routed(
+        &self,
+        x: Tensor<2>,
+        attn: &AttentionContext,
+        ctx: &ForwardCtx,
+        bd: &dyn Boundaries,
+    ) -> SplitLayer {
+        let normed = rms_norm(x.clone(), &self.input_layernorm, self.eps);
+        let attn = self.self_attn.forward(normed, attn, None, ctx, bd);
+        let x = x + to_f32(attn);
+        let normed = self.post_attention_norm(&x);
+        match &self.mlp {
+            Mlp::Dense(mlp) => SplitLayer::Dense(x + to_f32(mlp.forward(normed, ctx, bd))),
+            Mlp::Moe(moe) => {
+                let (routed, stats) = moe.route(normed.clone(), ctx);
+                SplitLayer::Moe {
+                    residual: x,
+                    normed,
+                    routed,
+                    stats,
+                }
+            }
+        }
+    }
+
+    /// A MoE layer's experts over `normed` as `routed` says (see
+    /// [`DecoderLayer::forward_routed`]): their weighted output and the rows computed.
+    pub fn experts(
+        &self,
+        normed: &Tensor<2>,
+        routed: &Routed,
+        ctx: &ForwardCtx,
+        bd: &dyn Boundaries,
+    ) -> (Tensor<2>, u64) {
+        match &self.mlp {
+            Mlp::Moe(moe) => moe.apply_experts(normed, routed, ctx, bd),
+            Mlp::Dense(_) => unreachable!("{}: a dense layer has no experts", self.prefix),
         }
     }
 

@@ -35,6 +35,7 @@ pub mod rope;
 pub mod routing;
 pub mod sampling;
 pub mod shard;
+pub mod stage;
 
 pub use batch::Batch;
 pub use boundaries::{Boundaries, Local};
@@ -49,3 +50,4 @@ pub use model::{ForwardOutput, Qwen3Model};
 pub use params::{ParamSource, ParamVisitor, Params};
 pub use precision::Precision;
 pub use shard::{ModelShard, ParamPlan, Placement, ShardedSource, Split};
+pub use stage::LayerInputs;

@@ -16,10 +16,7 @@ use crate::kv_cache::KvCache;
 use crate::layers::{linear, rms_norm};
 use crate::lora::LoraConfig;
 use crate::loss::{next_token_targets, token_logprobs, token_loss_sum, VocabShard};
-use crate::moe::{
-    assignment_counts, balancing_term, load_balancing_loss, router_z_loss, router_z_term,
-    token_shards, RouterStats,
-};
+use crate::moe::{load_balancing_loss, router_z_loss, token_shards, RouterStats};
 use crate::params::{ParamSource, ParamVisitor, Params};
 use crate::precision::to_f32;
 use crate::rope::{inverse_frequencies, rope_tables};
@@ -38,11 +35,11 @@ pub struct Qwen3Model {
     norm: Option<Tensor<1>>,
     /// `None` when the LM head is tied to the embeddings or this part lacks the last layer.
     lm_head: Option<Tensor<2>>,
-    inv_freq: Vec<f32>,
+    pub(crate) inv_freq: Vec<f32>,
     /// Set once LoRA adapters are attached (see `lora_model.rs`); the base is then frozen.
     pub(crate) lora: Option<LoraConfig>,
     /// Where this rank's part meets the other ranks' ([`Local`] for the whole model).
-    boundaries: Arc<dyn Boundaries>,
+    pub(crate) boundaries: Arc<dyn Boundaries>,
 }
 
 /// What a forward pass returns besides logits, which are computed on demand.
@@ -154,7 +151,7 @@ impl Qwen3Model {
     }
 
     /// The held decoder layer of global index `i`.
-    fn layer(&self, i: usize) -> &DecoderLayer {
+    pub(crate) fn layer(&self, i: usize) -> &DecoderLayer {
         let at = (self.layer_ids.binary_search(&i))
             .unwrap_or_else(|_| panic!("layer {i} is not in this model part"));
         &self.layers[at]
@@ -204,7 +201,7 @@ impl Qwen3Model {
     }
 
     /// Decoder layers `layers` (global indices) over the rows `x`, with their router stats.
-    fn run_layers(
+    pub(crate) fn run_layers(
         &self,
         mut x: Tensor<2>,
         layers: Range<usize>,
@@ -225,75 +222,14 @@ impl Qwen3Model {
         (x, router)
     }
 
-    /// One pipeline stage's share of [`Qwen3Model::forward`] over `batch`: the embedding when
-    /// `input` is `None` (the first stage), else the previous stage's output rows
-    /// `[batch·seq, hidden]` (this rank's rows under sequence parallelism); then decoder layers
-    /// `layers`; then, when `last`, the final norm (and every position's rows, as the LM head
-    /// sees them).
-    /// Returns this stage's output rows and its MoE layers' router stats. Chaining the stages
-    /// over consecutive ranges is the whole forward, op for op.
-    pub fn stage_forward(
-        &self,
-        batch: &Batch,
-        input: Option<Tensor<2>>,
-        layers: Range<usize>,
-        last: bool,
-        ctx: &ForwardCtx,
-    ) -> (Tensor<2>, Vec<(usize, RouterStats)>) {
-        let [b, s] = batch.dims();
-        let bias = Tensor::<3>::zeros([b, s, s], &self.device())
-            .mask_fill(batch.attention_block_mask(), f32::NEG_INFINITY)
-            .reshape([b, 1, 1, s, s]);
-        let x = input.unwrap_or_else(|| {
-            let ids = batch.input_ids.clone().reshape([b * s]);
-            self.boundaries.row_out(self.embed(ids))
-        });
-        let (cos, sin) = rope_tables(&batch.position_ids, &self.inv_freq, &self.device());
-        let attn = AttentionContext { cos, sin, bias };
-        let (x, router) = self.run_layers(x, layers, &attn, None, ctx);
-        match last {
-            // Every position's rows, as `forward`'s hidden states (gathered under SP).
-            true => (self.boundaries.column_in(self.final_norm(x)), router),
-            false => (x, router),
-        }
-    }
-
-    /// A pipeline stage's assignments per expert over its MoE layers `stats` (the whole
-    /// micro-batch's under sequence parallelism): summed along the pipeline, the forward's.
-    pub fn stage_counts(&self, stats: &[RouterStats]) -> Option<Vec<u64>> {
-        assignment_counts(stats, &*self.boundaries)
-    }
-
-    /// A pipeline stage's shares of the load-balancing and z losses over its MoE layers
-    /// `stats`, given the whole forward's assignment `counts` (every MoE layer's): the
-    /// stages' shares add up to [`ForwardOutput`]'s losses, with the same gradients.
-    pub fn stage_router_losses(
-        &self,
-        stats: &[RouterStats],
-        counts: &[u64],
-    ) -> (Option<Tensor<1>>, Option<Tensor<1>>) {
-        let Some(first) = stats.first() else {
-            return (None, None);
-        };
-        let c = &self.config;
-        let moe_layers = (0..c.num_hidden_layers)
-            .filter(|&i| c.is_moe_layer(i))
-            .count();
-        let rows = first.tokens * token_shards(&*self.boundaries) * moe_layers;
-        (
-            balancing_term(stats, counts, rows),
-            router_z_term(stats, rows),
-        )
-    }
-
-    fn final_norm(&self, x: Tensor<2>) -> Tensor<2> {
+    pub(crate) fn final_norm(&self, x: Tensor<2>) -> Tensor<2> {
         let norm = (self.norm.as_ref()).expect("the final norm is on the part with the last layer");
         rms_norm(x, norm, self.config.rms_norm_eps)
     }
 
     /// The embedding rows of `ids [rows]` that this rank's vocabulary shard holds, zero for
     /// the others (so the sum over shards, `row_out`, is exact: one term is nonzero).
-    fn embed(&self, ids: Tensor<1, Int>) -> Tensor<2> {
+    pub(crate) fn embed(&self, ids: Tensor<1, Int>) -> Tensor<2> {
         let embed =
             (self.embed_tokens.as_ref()).expect("the embedding is on the part with layer 0");
         let local = embed.dims()[0];

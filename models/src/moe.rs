@@ -40,6 +40,15 @@ fn drop_over_capacity(expert_of: &mut [i64], weights: &[f32], experts: usize, fa
     }
 }
 
+/// What the router decided for each token: its experts (`top_k` per token, token-major;
+/// negative where a capacity dropped the assignment) and their weights `[tokens · top_k]`
+/// (differentiable).
+#[derive(Debug, Clone)]
+pub struct Routed {
+    pub weights: Tensor<1>,
+    pub expert_of: Vec<i64>,
+}
+
 /// What one MoE layer reports besides its output.
 #[derive(Debug, Clone)]
 pub struct RouterStats {
@@ -87,9 +96,18 @@ impl MoeBlock {
         ctx: &ForwardCtx,
         bd: &dyn Boundaries,
     ) -> (Tensor<2>, RouterStats) {
+        let (routed, mut stats) = self.route(x.clone(), ctx);
+        let (y, computed_rows) = self.apply_experts(&x, &routed, ctx, bd);
+        stats.computed_rows = computed_rows;
+        (y, stats)
+    }
+
+    /// The router's half of [`MoeBlock::forward`]: each token's experts and weights, and the
+    /// router statistics (`computed_rows` left 0 for [`MoeBlock::apply_experts`] to give).
+    pub fn route(&self, x: Tensor<2>, ctx: &ForwardCtx) -> (Routed, RouterStats) {
         let tokens = x.dims()[0];
         let (experts, k) = (self.num_experts(), self.top_k);
-        let logits = self.gate.forward(x.clone(), ctx);
+        let logits = self.gate.forward(x, ctx);
         let z_sum = logsumexp_rows(logits.clone()).square().sum();
         let probs = softmax(logits, 1);
 
@@ -113,21 +131,40 @@ impl MoeBlock {
             let w = to_f32_vec(weights.clone());
             drop_over_capacity(&mut expert_of, &w, experts, factor);
         }
-        let (y, computed_rows) = if bd.shard().ep == 1 {
-            let plan = RoutingPlan::new(&expert_of, k, experts);
-            let y = self.experts.forward(&x, &plan, &weights, ctx);
-            (y, plan.computed_rows)
-        } else {
-            self.dispatch(&x, &expert_of, weights, ctx, bd)
-        };
         let stats = RouterStats {
             prob_sum: probs.sum_dim(0).reshape([experts]),
             z_sum,
             expert_counts,
             tokens,
-            computed_rows,
+            computed_rows: 0,
         };
-        (y, stats)
+        (Routed { weights, expert_of }, stats)
+    }
+
+    /// The experts' half of [`MoeBlock::forward`]: the routed rows of `x` through their
+    /// experts (on this rank, or through the expert-parallel dispatch), weighted; returns the
+    /// output and the rows the expert matmuls computed.
+    pub fn apply_experts(
+        &self,
+        x: &Tensor<2>,
+        routed: &Routed,
+        ctx: &ForwardCtx,
+        bd: &dyn Boundaries,
+    ) -> (Tensor<2>, u64) {
+        let (experts, k) = (self.num_experts(), self.top_k);
+        // One graph node (× 1, exact) between the experts and their inputs: the experts'
+        // many gradient terms of `x` and of the weights add up among themselves before they
+        // meet the router's, in the same order whether the experts run in this graph or run
+        // again in a backward of their own (`train.recompute: experts`).
+        let x = &x.clone().mul_scalar(1.0);
+        let weights = routed.weights.clone().mul_scalar(1.0);
+        if bd.shard().ep == 1 {
+            let plan = RoutingPlan::new(&routed.expert_of, k, experts);
+            let y = self.experts.forward(x, &plan, &weights, ctx);
+            (y, plan.computed_rows)
+        } else {
+            self.dispatch(x, &routed.expert_of, weights, ctx, bd)
+        }
     }
 
     /// Dropless expert-parallel dispatch (torchtitan's all-to-all token dispatcher): sort

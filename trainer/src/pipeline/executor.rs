@@ -22,10 +22,12 @@ use moeru_models::params::{to_f32_vec, ParamVisitor, Params};
 use moeru_models::{ForwardCtx, Qwen3Model};
 use moeru_parallel::{CommError, ProcessGroup, ReduceOp};
 
+use super::recompute::{self, StagePass};
 use super::schedule::{Action, Compute, Payload, PipelineShape, Transfer};
 use crate::engine::grads::GradBuffer;
 use crate::engine::MicroBatch;
 use crate::objective::{Objective, StepReport};
+use crate::recipe::schema::Recompute;
 
 /// The message tag of the pipeline's exchanges.
 const TAG: u32 = 0x5050;
@@ -43,23 +45,19 @@ pub struct PipelineRun<'g> {
     pub plan: Vec<Action>,
     /// A tied embedding: the group of its two copies, whose gradients are summed.
     pub tied: Option<&'g ProcessGroup>,
+    /// What a forward keeps for its backward (`train.recompute`).
+    pub recompute: Recompute,
 }
 
 /// What a forward left for its backward.
 struct Saved {
-    /// The stage's input leaf (absent on the first stage).
-    input: Option<Tensor<2>>,
-    /// Where backward starts.
-    seed: Seed,
-    /// This stage's MoE layers' router statistics.
-    stats: Vec<RouterStats>,
-}
-
-enum Seed {
-    /// An inner stage's output rows, whose gradient the next stage sends.
-    Output(Tensor<2>),
-    /// The last stage's loss, and the whole forward's assignment counts.
-    Loss(Tensor<1>, Vec<f32>),
+    pass: StagePass,
+    /// The stage's output rows (the final rows on the last stage).
+    output: Tensor<2>,
+    /// The last stage's loss.
+    loss: Option<Tensor<1>>,
+    /// The assignment counts: of the stages so far, or on the last stage the whole forward's.
+    counts: Vec<f32>,
 }
 
 /// What one step's computes share: the inputs and the messages in flight.
@@ -175,7 +173,8 @@ impl PipelineRun<'_> {
     /// Forward of micro-batch `c.mb` through virtual stage `c`'s layers.
     fn forward(&self, st: &mut Step, c: Compute) {
         let stage = self.stage_of(c);
-        let mb = &st.micro[c.mb];
+        let micro = st.micro;
+        let mb = &micro[c.mb];
         let [b, s] = mb.batch.dims();
         let h = st.model.config.hidden_size;
         let (input, mut counts) = match stage {
@@ -189,28 +188,29 @@ impl PipelineRun<'_> {
         let ctx = st.base.with_dropout(mb.dropout);
         let last = self.is_last(stage);
         let layers = self.stages[stage].clone();
-        let (output, router) =
-            (st.model).stage_forward(&mb.batch, input.clone(), layers, last, &ctx);
+        let model = &*st.model;
+        let (output, router, pass) =
+            recompute::forward(self.recompute, model, &mb.batch, input, layers, last, &ctx);
         st.report.add_router(&router);
         let stats: Vec<RouterStats> = router.into_iter().map(|(_, s)| s).collect();
-        add_counts(&mut counts, st.model.stage_counts(&stats));
-        let seed = match last {
+        add_counts(&mut counts, model.stage_counts(&stats));
+        let loss = match last {
             true => {
-                let hidden = output.reshape([b, s, h]);
-                let lm = (st.objective).head_loss(st.model, mb, hidden, &ctx, st.counts, st.report);
-                let loss = match self.router_losses(st, &stats, &counts) {
-                    Some(r) => lm + r,
-                    None => lm,
-                };
-                Seed::Loss(loss, counts)
+                let hidden = output.clone().reshape([b, s, h]);
+                Some((st.objective).head_loss(model, mb, hidden, &ctx, st.counts, st.report))
             }
             false => {
                 let msg = pack(&output, &counts);
                 st.outbox.insert(key(Payload::Activation, c.mb, stage), msg);
-                Seed::Output(output)
+                None
             }
         };
-        let saved = Saved { input, seed, stats };
+        let saved = Saved {
+            pass,
+            output,
+            loss,
+            counts,
+        };
         st.saved.insert((c.mb, c.chunk), saved);
     }
 
@@ -220,51 +220,35 @@ impl PipelineRun<'_> {
     fn backward(&self, st: &mut Step, c: Compute) {
         let stage = self.stage_of(c);
         let saved = (st.saved.remove(&(c.mb, c.chunk))).expect("the plan runs a forward first");
-        let (seed, counts) = match saved.seed {
-            Seed::Loss(loss, counts) => (loss, counts),
-            Seed::Output(output) => {
+        let (seed, counts) = match saved.loss {
+            Some(loss) => (loss, saved.counts),
+            None => {
                 let msg = take(&mut st.inbox, key(Payload::Gradient, c.mb, stage + 1));
                 let (grad, counts) = self.unpack(st, c.mb, msg);
-                let seed = (output * grad).sum();
-                match self.router_losses(st, &saved.stats, &counts) {
-                    Some(r) => (seed + r, counts),
-                    None => (seed, counts),
-                }
+                ((saved.output.clone() * grad).sum(), counts)
             }
         };
-        let g = seed.backward();
-        st.grads.accumulate(&mut st.model.trainable(), &g);
-        if let Some(input) = saved.input {
-            let grad = Tensor::<2>::from_inner(input.grad(&g).expect("the stage input's gradient"));
+        let mb = &st.micro[c.mb];
+        let ctx = st.base.with_dropout(mb.dropout);
+        let whole: Vec<u64> = counts.iter().map(|&c| c as u64).collect();
+        let (model, report) = (&*st.model, &mut *st.report);
+        let (objective, step_counts) = (st.objective, st.counts);
+        let mut terms = |seed: Tensor<1>, stats: &[RouterStats]| {
+            add_router_losses(model, objective, step_counts, report, seed, stats, &whole)
+        };
+        let grad = (saved.pass).backward(
+            model,
+            &mb.batch,
+            &saved.output,
+            seed,
+            &ctx,
+            &mut terms,
+            &mut st.grads,
+        );
+        if let Some(grad) = grad {
             let msg = pack(&grad, &counts);
             st.outbox.insert(key(Payload::Gradient, c.mb, stage), msg);
         }
-    }
-
-    /// This stage's shares of the router losses, weighted and averaged over micro-batches as
-    /// the whole model's are (`RouterOut::add_to`), and reported.
-    fn router_losses(
-        &self,
-        st: &mut Step,
-        stats: &[RouterStats],
-        counts: &[f32],
-    ) -> Option<Tensor<1>> {
-        let counts: Vec<u64> = counts.iter().map(|&c| c as u64).collect();
-        let (aux, z) = st.model.stage_router_losses(stats, &counts);
-        let (w, n) = (st.objective.aux_weights(), st.counts[1]);
-        let mut loss = None;
-        if let Some(aux) = aux {
-            *st.report.aux_loss.get_or_insert(0.0) += to_f32_vec(aux.clone())[0] as f64 / n;
-            loss = Some(aux.mul_scalar(w.load_balancing / n));
-        }
-        if let Some(z) = z {
-            *st.report.z_loss.get_or_insert(0.0) += to_f32_vec(z.clone())[0] as f64 / n;
-            if w.z_loss > 0.0 {
-                let z = z.mul_scalar(w.z_loss / n);
-                loss = Some(loss.map_or(z.clone(), |l| l + z));
-            }
-        }
-        loss
     }
 
     /// One grouped exchange: the sends the previous computes produced, the receives the
@@ -342,4 +326,31 @@ fn add_counts(acc: &mut [f32], mine: Option<Vec<u64>>) {
     for (a, m) in acc.iter_mut().zip(mine) {
         *a += m as f32;
     }
+}
+
+/// `seed` plus the shares of the router losses of `stats`' layers (given the whole forward's
+/// assignment `counts`), weighted and averaged over micro-batches as the whole model's are
+/// and added in the same order (`RouterOut::add_to`), and reported.
+fn add_router_losses(
+    model: &Qwen3Model,
+    objective: &dyn Objective,
+    step_counts: &[f64],
+    report: &mut StepReport,
+    mut seed: Tensor<1>,
+    stats: &[RouterStats],
+    counts: &[u64],
+) -> Tensor<1> {
+    let (aux, z) = model.stage_router_losses(stats, counts);
+    let (w, n) = (objective.aux_weights(), step_counts[1]);
+    if let Some(aux) = aux {
+        *report.aux_loss.get_or_insert(0.0) += to_f32_vec(aux.clone())[0] as f64 / n;
+        seed = seed + aux.mul_scalar(w.load_balancing / n);
+    }
+    if let Some(z) = z {
+        *report.z_loss.get_or_insert(0.0) += to_f32_vec(z.clone())[0] as f64 / n;
+        if w.z_loss > 0.0 {
+            seed = seed + z.mul_scalar(w.z_loss / n);
+        }
+    }
+    seed
 }

@@ -4,6 +4,7 @@
 
 pub mod executor;
 pub mod forward;
+pub mod recompute;
 pub mod schedule;
 pub mod stages;
 
@@ -56,6 +57,21 @@ impl PipelineLayout {
             }
         };
         Ok(Self { shape, stages })
+    }
+
+    /// The whole model as one stage, `micro_batches` a step: what runs a recompute without
+    /// pipeline parallelism.
+    pub fn single(micro_batches: usize, layers: usize) -> Self {
+        let shape = PipelineShape {
+            pp: 1,
+            virtual_chunks: 1,
+            micro_batches,
+            group: 1,
+        };
+        // One stage of all the layers.
+        #[allow(clippy::single_range_in_vec_init)]
+        let stages = vec![0..layers];
+        Self { shape, stages }
     }
 
     /// The layer ranges pipeline rank `p` holds, one per model chunk, ascending.

@@ -140,6 +140,12 @@ pub const KEYS: &[Key] = &[
     key("train.grad_accum", UInt, false, ""),
     key("train.eval_every", UInt, false, ""),
     key("train.eval_batches", UInt, false, ""),
+    key(
+        "train.recompute",
+        Enum(&["none", "experts", "layers"]),
+        false,
+        "",
+    ),
     key("checkpoint", Section, true, "where checkpoints go"),
     key("checkpoint.dir", Path, true, "the checkpoint folder"),
     key("checkpoint.every", UInt, false, ""),

@@ -140,6 +140,23 @@ pub struct TrainSection {
     /// Micro-batches per evaluation (0 = the whole eval set, one epoch).
     #[serde(default)]
     pub eval_batches: u64,
+    /// What a forward keeps for its backward (see [`Recompute`]).
+    #[serde(default)]
+    pub recompute: Recompute,
+}
+
+/// `train.recompute`: what runs again during backward instead of being kept from the forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    /// Nothing: the whole forward's graph is kept.
+    #[default]
+    None,
+    /// The MoE experts: each layer keeps its graph up to the experts and their input; the
+    /// experts run again.
+    Experts,
+    /// Every layer: each keeps only its input and runs again.
+    Layers,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

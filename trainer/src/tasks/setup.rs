@@ -10,19 +10,22 @@ use crate::lora::TrainableSizes;
 use crate::objective::AuxWeights;
 use crate::pipeline::executor::PipelineRun;
 use crate::pipeline::{schedule, PipelineLayout};
-use crate::recipe::schema::Recipe;
+use crate::recipe::schema::{Recipe, Recompute};
 use crate::session::Session;
 
 /// The engine over the starting model and optimizer state: sharded under tensor or expert
-/// parallelism.
+/// parallelism, running its pipeline stages under pipeline parallelism, or the whole model as
+/// one stage under `train.recompute` (the recompute is the stage executor's).
 pub fn build_engine<'s>(
     session: &'s Session,
     model: Qwen3Model,
     optimizer: OptimizerStart,
 ) -> Engine<'s> {
-    let config = engine_config(session.recipe, session.groups.dp.size());
+    let recipe = session.recipe;
+    let config = engine_config(recipe, session.groups.dp.size());
     let dp = &session.groups.dp;
-    match &session.boundaries {
+    let layers = model.config.num_hidden_layers;
+    let engine = match &session.boundaries {
         Some(boundaries) => {
             let parallel = ModelParallel {
                 shard: model.shard(),
@@ -33,13 +36,17 @@ pub fn build_engine<'s>(
                 world: session.world,
                 head_copy: session.tied.is_some() && session.groups.pp.rank() > 0,
             };
-            let engine = Engine::sharded(model, config, dp, parallel, optimizer);
-            match &session.pipeline {
-                Some(layout) => engine.with_pipeline(pipeline_run(session, layout)),
-                None => engine,
-            }
+            Engine::sharded(model, config, dp, parallel, optimizer)
         }
         None => Engine::new(model, config, dp, optimizer),
+    };
+    match (&session.pipeline, recipe.train.recompute) {
+        (Some(layout), _) => engine.with_pipeline(pipeline_run(session, layout)),
+        (None, Recompute::None) => engine,
+        (None, _) => {
+            let whole = PipelineLayout::single(recipe.train.grad_accum, layers);
+            engine.with_pipeline(pipeline_run(session, &whole))
+        }
     }
 }
 
@@ -53,6 +60,7 @@ fn pipeline_run<'s>(session: &'s Session, layout: &PipelineLayout) -> PipelineRu
         stages: layout.stages.clone(),
         plan: plans.swap_remove(group.rank()),
         tied: session.tied.as_ref(),
+        recompute: session.recipe.train.recompute,
     }
 }
 
