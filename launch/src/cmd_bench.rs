@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context};
 use moeru_trainer::bench::{peak_tflops, run_bench, shape, train_flops_per_token, BenchOptions};
+use moeru_trainer::recipe::schema::Recompute;
 
 use crate::compute::ComputeArgs;
 
@@ -26,6 +27,12 @@ pub struct BenchArgs {
     /// Also write the figures as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Decoder layers, instead of the shape's.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// What a forward keeps for its backward: none, experts or layers (`train.recompute`).
+    #[arg(long, default_value = "none")]
+    recompute: String,
     #[command(flatten)]
     compute: ComputeArgs,
 }
@@ -34,7 +41,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.steps == 0 || args.seq_len < 2 || args.micro_batch_size == 0 {
         bail!("bench: --steps, --micro-batch-size must be at least 1 and --seq-len at least 2");
     }
-    let config = shape(&args.shape).map_err(|e| anyhow!(e))?;
+    let mut config = shape(&args.shape).map_err(|e| anyhow!(e))?;
+    if let Some(n) = args.layers {
+        if n == 0 {
+            bail!("bench: --layers must be at least 1");
+        }
+        config.num_hidden_layers = n;
+    }
+    let recompute = match args.recompute.as_str() {
+        "none" => Recompute::None,
+        "experts" => Recompute::Experts,
+        "layers" => Recompute::Layers,
+        other => bail!("bench: --recompute {other:?}: use none, experts or layers"),
+    };
     let spec = args.compute.spec()?;
     let gpu = spec.gpu_info(0).map_err(|e| anyhow!(e))?;
     let device = args.compute.open()?.autodiff();
@@ -49,6 +68,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         warmup: args.warmup,
         precision: args.compute.precision,
         seed: 0,
+        recompute,
     };
     let r = run_bench(&opts, &device)?;
     let peak = args

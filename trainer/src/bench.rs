@@ -1,6 +1,9 @@
 //! `moeru bench`: training throughput, model FLOP/s, MFU and peak memory of a named model
 //! shape (bench/shapes.json, shared with bench/transformers_bench.py) on random tokens.
 
+use crate::pipeline::executor::PipelineRun;
+use crate::pipeline::{schedule, PipelineLayout};
+use crate::recipe::schema::Recompute;
 use std::time::Instant;
 
 use burn::tensor::Device;
@@ -107,6 +110,8 @@ pub struct BenchOptions {
     pub warmup: usize,
     pub precision: Precision,
     pub seed: u64,
+    /// What a forward keeps for its backward (`train.recompute`).
+    pub recompute: Recompute,
 }
 
 #[derive(Debug, Clone)]
@@ -166,6 +171,19 @@ pub fn run_bench(opts: &BenchOptions, device: &Device) -> Result<BenchReport, Tr
     };
     let world = one_rank();
     let mut engine = Engine::new(model, config, &world, OptimizerStart::default());
+    if opts.recompute != Recompute::None {
+        // The whole model as one stage: the stage executor runs the recompute.
+        let layout = PipelineLayout::single(1, c.num_hidden_layers);
+        let mut plans = schedule::plan(&layout.shape).map_err(TrainError::Bug)?;
+        engine = engine.with_pipeline(PipelineRun {
+            group: &world,
+            shape: layout.shape,
+            stages: layout.stages,
+            plan: plans.remove(0),
+            tied: None,
+            recompute: opts.recompute,
+        });
+    }
     let objective = LmObjective {
         weights: AuxWeights {
             load_balancing: c.moe.as_ref().map_or(0.0, |m| m.router_aux_loss_coef),

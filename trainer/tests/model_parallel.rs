@@ -11,6 +11,8 @@ use common::layout::{layout, part_params, recipe_for, Layout, ONE, STEPS};
 use common::{assert_runs_match, losses, max_loss_diff, metrics, step_dir, Set};
 use moeru_models::Qwen3Config;
 use moeru_trainer::parallel_sizes::validate_parallel_sizes;
+use moeru_trainer::pipeline::PipelineLayout;
+use moeru_trainer::recipe::schema::Recompute;
 use moeru_trainer::run::mesh_for;
 use moeru_trainer::{run_threads, run_threads_summaries, run_training, RunOptions, TrainError};
 
@@ -221,10 +223,8 @@ fn per_rank_bytes_fall_as_one_over_tp_and_ep() {
     assert_eq!(r.sizes.total, whole, "the formula counts the whole model");
 }
 
-/// recipes/qwen3-30b-a3b-sft.yaml's layout divides Qwen3-30B-A3B (its config.json fields) on
-/// 16 ranks, and its per-GPU parameter count is the one its memory arithmetic uses.
-#[test]
-fn the_qwen3_30b_a3b_recipe_divides_its_model() {
+/// Qwen3-30B-A3B's config.json fields.
+fn qwen3_30b_a3b() -> Qwen3Config {
     let json = serde_json::json!({
         "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048,
         "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
@@ -235,7 +235,14 @@ fn the_qwen3_30b_a3b_recipe_divides_its_model() {
     let serde_json::Value::Object(map) = json else {
         unreachable!()
     };
-    let c = Qwen3Config::from_map(map, Path::new("Qwen3-30B-A3B")).unwrap();
+    Qwen3Config::from_map(map, Path::new("Qwen3-30B-A3B")).unwrap()
+}
+
+/// recipes/qwen3-30b-a3b-sft.yaml's layout divides Qwen3-30B-A3B on 16 ranks, and its
+/// per-GPU parameter count is the one its memory arithmetic uses.
+#[test]
+fn the_qwen3_30b_a3b_recipe_divides_its_model() {
+    let c = qwen3_30b_a3b();
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/qwen3-30b-a3b-sft.yaml");
     let r = moeru_trainer::recipe::load(&path, &[]).unwrap();
     validate_parallel_sizes(&r.parallel, &c).unwrap();
@@ -249,6 +256,32 @@ fn the_qwen3_30b_a3b_recipe_divides_its_model() {
     let per_gpu = part_params(&c, r.parallel.tp, r.parallel.ep) as f64 / 1e9;
     assert!(
         (per_gpu - 2.59).abs() < 0.005,
+        "{per_gpu} B parameters per GPU"
+    );
+}
+
+/// recipes/qwen3-30b-a3b-sft-8gpu.yaml's TP4·PP2·EP4 layout divides the model on 8 ranks,
+/// its stages are 24 layers each, and the stage with the head holds the 3.82 B parameters its
+/// memory arithmetic uses.
+#[test]
+fn the_qwen3_30b_a3b_8_gpu_recipe_divides_its_model() {
+    let c = qwen3_30b_a3b();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/qwen3-30b-a3b-sft-8gpu.yaml");
+    let r = moeru_trainer::recipe::load(&path, &[]).unwrap();
+    validate_parallel_sizes(&r.parallel, &c).unwrap();
+    let mesh = mesh_for(&r, 8).unwrap();
+    let s = mesh.sizes;
+    assert_eq!((s.dp, s.tp, s.pp, s.ep), (1, 4, 2, 4));
+    let layout = PipelineLayout::new(&r.parallel, r.train.grad_accum, &c).unwrap();
+    assert_eq!(layout.stages, [0..24, 24..48]);
+    assert_eq!(r.train.recompute, Recompute::Layers);
+    // The last stage: half the layers' part under tp 4 / ep 4, the head and final norm.
+    let (h, v) = (c.hidden_size as u64, c.vocab_size as u64);
+    let whole_layers = part_params(&c, 4, 4) - 2 * v * h / 4 - h;
+    let last_stage = whole_layers / 2 + v * h / 4 + h;
+    let per_gpu = last_stage as f64 / 1e9;
+    assert!(
+        (per_gpu - 3.82).abs() < 0.005,
         "{per_gpu} B parameters per GPU"
     );
 }

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 
 use common::layout::{layout, part_params, recipe_for, Layout};
-use common::{metrics, Set};
+use common::{metrics, step_dir, Set};
 use moeru_models::Qwen3Config;
 use moeru_trainer::{run_threads, RunOptions};
 
@@ -36,6 +36,29 @@ fn assert_sp_crossings(m: &serde_json::Value, bytes: u64, what: &str) {
 /// `wire`).
 fn comm(m: &serde_json::Value, group: &str, op: &str, what: &str) -> u64 {
     m["comm"][group][op][what].as_u64().unwrap_or(0)
+}
+
+/// The world's all-reduce of a step: the global norm's per-piece norms (one f32 for each
+/// optimizer piece the world counts, placed in one order; engine/grads.rs `NormOrder`). The
+/// pieces are counted independently, as the entries of every rank's optimizer slice map in
+/// the step-2 checkpoint (each rank writes exactly the pieces it counts).
+fn norm_bytes(out: &Path) -> u64 {
+    let dir = step_dir(out, 2);
+    let maps = std::fs::read_dir(&dir).unwrap().filter_map(|e| {
+        let path = e.ok()?.path();
+        let name = path.file_name()?.to_str()?.to_string();
+        (name.starts_with("optim-r") && name.ends_with(".json")).then_some(path)
+    });
+    let pieces: usize = maps
+        .map(|p| {
+            let text = std::fs::read_to_string(p).unwrap();
+            serde_json::from_str::<Vec<serde_json::Value>>(&text)
+                .unwrap()
+                .len()
+        })
+        .sum();
+    assert!(pieces > 0, "no slice maps in {}", dir.display());
+    4 * pieces as u64
 }
 
 /// The tensor-parallel traffic of a dense model against its analytic volume: per micro-batch
@@ -76,8 +99,12 @@ fn tensor_parallel_traffic_equals_the_analytic_volume() {
                 assert!(m["comm"]["tp"].get("all_gather").is_none(), "{what}");
             }
             assert_eq!(comm(m, "tp", "all_reduce", "wire"), all_reduce, "{what}");
-            // The global norm's one f64 is the only other collective of the step.
-            assert_eq!(comm(m, "world", "all_reduce", "payload"), 8, "{what}");
+            // The global norm's per-piece norms are the only other collective of the step.
+            assert_eq!(
+                comm(m, "world", "all_reduce", "payload"),
+                norm_bytes(out.path()),
+                "{what}"
+            );
         }
     }
 }
@@ -189,6 +216,10 @@ fn dp2_tp2_ep4_traffic_equals_the_analytic_volume() {
             "{what}"
         );
         assert!(m["comm"].get("edp").is_none(), "{what}: {}", m["comm"]);
-        assert_eq!(comm(m, "world", "all_reduce", "payload"), 8, "{what}");
+        assert_eq!(
+            comm(m, "world", "all_reduce", "payload"),
+            norm_bytes(out.path()),
+            "{what}"
+        );
     }
 }

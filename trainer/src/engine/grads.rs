@@ -18,7 +18,8 @@ pub struct GradBuffer {
 }
 
 impl GradBuffer {
-    /// Adds the gradients of one backward pass. A parameter the loss did not reach gets zeros.
+    /// Adds the gradients of one backward pass of the parameters it reached (a pipeline
+    /// chunk's or a recomputed piece's backward reaches only its own).
     pub fn accumulate<M: Params>(&mut self, model: &mut M, grads: &Gradients) {
         struct Add<'a> {
             grads: &'a Gradients,
@@ -26,11 +27,10 @@ impl GradBuffer {
         }
         impl ParamVisitor for Add<'_> {
             fn visit<const D: usize>(&mut self, name: &str, param: &mut Tensor<D>) {
-                let n = param.shape().num_elements();
-                let g = match param.grad(self.grads) {
-                    Some(g) => g.reshape([n]),
-                    None => Tensor::zeros([n], &param.clone().inner().device()),
+                let Some(g) = param.grad(self.grads) else {
+                    return;
                 };
+                let g = g.reshape([param.shape().num_elements()]);
                 let sum = match self.into.remove(name) {
                     Some(acc) => acc + g,
                     None => g,
@@ -42,6 +42,21 @@ impl GradBuffer {
             grads,
             into: &mut self.grads,
         });
+    }
+
+    /// Zeros for every parameter no backward of the step reached.
+    pub fn fill_missing<M: Params>(&mut self, model: &mut M) {
+        struct Fill<'a>(&'a mut BTreeMap<String, Tensor<1>>);
+        impl ParamVisitor for Fill<'_> {
+            fn visit<const D: usize>(&mut self, name: &str, param: &mut Tensor<D>) {
+                if !self.0.contains_key(name) {
+                    let n = param.shape().num_elements();
+                    let zeros = Tensor::zeros([n], &param.clone().inner().device());
+                    self.0.insert(name.to_string(), zeros);
+                }
+            }
+        }
+        model.visit_params(&mut Fill(&mut self.grads));
     }
 }
 

@@ -52,6 +52,7 @@ impl Schedule<'_> {
                 }
             }
         }
+        grads.fill_missing(&mut model.trainable());
         Ok(grads)
     }
 }

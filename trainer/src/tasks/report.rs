@@ -6,13 +6,13 @@ use crate::metrics::{CommBytes, LayerLoad, StepMetrics};
 use crate::objective::StepReport;
 use crate::session::Session;
 
-/// Traffic counters of the mesh's groups (dp, tp, ep, edp) and the world before a step.
+/// Traffic counters of the mesh's groups (dp, tp, pp, ep, edp) and the world before a step.
 pub struct TrafficMark(Vec<Traffic>);
 
 impl TrafficMark {
-    fn groups<'s>(session: &'s Session) -> [&'s ProcessGroup; 5] {
+    fn groups<'s>(session: &'s Session) -> [&'s ProcessGroup; 6] {
         let g = &session.groups;
-        [&g.dp, &g.tp, &g.ep, &g.edp, session.world]
+        [&g.dp, &g.tp, &g.pp, &g.ep, &g.edp, session.world]
     }
 
     pub fn take(session: &Session) -> Self {
