@@ -33,6 +33,9 @@ pub struct BenchArgs {
     /// What a forward keeps for its backward: none, experts or layers (`train.recompute`).
     #[arg(long, default_value = "none")]
     recompute: String,
+    /// Train fresh LoRA adapters of this rank on the default targets instead of every weight.
+    #[arg(long, default_value_t = 0)]
+    lora_rank: usize,
     #[command(flatten)]
     compute: ComputeArgs,
 }
@@ -69,6 +72,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         precision: args.compute.precision,
         seed: 0,
         recompute,
+        lora_rank: args.lora_rank,
     };
     let r = run_bench(&opts, &device)?;
     let peak = args

@@ -1,9 +1,10 @@
 //! `moeru bench`: training throughput, model FLOP/s, MFU and peak memory of a named model
 //! shape (bench/shapes.json, shared with bench/transformers_bench.py) on random tokens.
 
+use crate::lora::attach;
 use crate::pipeline::executor::PipelineRun;
 use crate::pipeline::{schedule, PipelineLayout};
-use crate::recipe::schema::Recompute;
+use crate::recipe::schema::{LoraSection, Recompute};
 use std::time::Instant;
 
 use burn::tensor::Device;
@@ -112,6 +113,8 @@ pub struct BenchOptions {
     pub seed: u64,
     /// What a forward keeps for its backward (`train.recompute`).
     pub recompute: Recompute,
+    /// Fresh LoRA adapters of this rank on every default target (0: full training).
+    pub lora_rank: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -155,6 +158,13 @@ pub fn run_bench(opts: &BenchOptions, device: &Device) -> Result<BenchReport, Tr
     };
     let mut model =
         Qwen3Model::new(c.clone(), &mut init, device).unwrap_or_else(|never| match never {});
+    if opts.lora_rank > 0 {
+        let section: LoraSection = serde_json::from_value(serde_json::json!({
+            "rank": opts.lora_rank, "alpha": 2 * opts.lora_rank,
+        }))
+        .expect("a LoRA section of defaults");
+        attach(&section, &mut model, opts.seed)?;
+    }
     let parameters = TrainableSizes::of(&mut model, None).total;
     let config = EngineConfig {
         adamw: AdamWConfig {

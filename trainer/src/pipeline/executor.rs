@@ -63,6 +63,9 @@ struct Saved {
 /// What one step's computes share: the inputs and the messages in flight.
 struct Step<'a> {
     model: &'a mut Qwen3Model,
+    /// Under recompute, the model with its parameters detached (the forwards that keep no
+    /// graph).
+    frozen: Option<Qwen3Model>,
     objective: &'a dyn Objective,
     micro: &'a [MicroBatch],
     base: ForwardCtx,
@@ -94,8 +97,10 @@ impl PipelineRun<'_> {
         counts: &[f64],
         report: &mut StepReport,
     ) -> Result<(GradBuffer, Vec<Compute>), CommError> {
+        let frozen = (self.recompute != Recompute::None).then(|| model.frozen());
         let mut step = Step {
             model,
+            frozen,
             objective,
             micro,
             base,
@@ -189,8 +194,17 @@ impl PipelineRun<'_> {
         let last = self.is_last(stage);
         let layers = self.stages[stage].clone();
         let model = &*st.model;
-        let (output, router, pass) =
-            recompute::forward(self.recompute, model, &mb.batch, input, layers, last, &ctx);
+        let frozen = st.frozen.as_ref().unwrap_or(model);
+        let (output, router, pass) = recompute::forward(
+            self.recompute,
+            model,
+            frozen,
+            &mb.batch,
+            input,
+            layers,
+            last,
+            &ctx,
+        );
         st.report.add_router(&router);
         let stats: Vec<RouterStats> = router.into_iter().map(|(_, s)| s).collect();
         add_counts(&mut counts, model.stage_counts(&stats));

@@ -63,13 +63,16 @@ fn detached(x: &Tensor<2>) -> Tensor<2> {
 /// `last`: this stage's output (with a graph back to the kept pieces), each MoE layer's
 /// router stats (with a graph only under `none`), and what the backward needs.
 ///
-/// The forwards that keep no graph run on the autodiff model over detached inputs, whose
-/// graph is dropped with their outputs: burn's forward without autodiff rounds differently
-/// in places, and the recomputed pieces must see exactly the values a one-graph forward does.
+/// The forwards that keep no graph run on `frozen`, the model on the same autodiff device with
+/// every parameter detached (`Qwen3Model::frozen`), over detached inputs: burn records no
+/// step for them, and they round exactly as the graph's forward (burn's forward without
+/// autodiff rounds differently in places, and the recomputed pieces must see the values a
+/// one-graph forward does).
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     mode: Recompute,
     model: &Qwen3Model,
+    frozen: &Qwen3Model,
     batch: &Batch,
     input: Option<Tensor<2>>,
     layers: Range<usize>,
@@ -85,15 +88,15 @@ pub fn forward(
     let inputs = model.layer_inputs(batch);
     let mut x = match &input {
         Some(leaf) => detached(leaf),
-        None => detached(&model.embed_rows(batch)),
+        None => frozen.embed_rows(batch),
     };
     let (mut saved, mut pieces, mut router) = (Vec::new(), Vec::new(), Vec::new());
     for i in layers {
         if mode == Recompute::Layers {
-            let (y, stats) = model.layer_forward(i, x.clone(), &inputs, ctx);
+            let (y, stats) = frozen.layer_forward(i, x.clone(), &inputs, ctx);
             saved.push((i, x));
-            router.extend(stats.map(|s| (i, detached_stats(s))));
-            x = detached(&y);
+            router.extend(stats.map(|s| (i, s)));
+            x = y;
             continue;
         }
         let input = leaf(&x);
@@ -110,7 +113,7 @@ pub fn forward(
                     weights: Tensor::from_inner(routed.weights.clone().inner()),
                     expert_of: routed.expert_of.clone(),
                 };
-                let (e, rows) = model.layer_experts(i, &detached(normed), &again, ctx);
+                let (e, rows) = frozen.layer_experts(i, &detached(normed), &again, ctx);
                 let mut stats = detached_stats(stats.clone());
                 stats.computed_rows = rows;
                 router.push((i, stats));
