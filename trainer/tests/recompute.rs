@@ -84,3 +84,29 @@ fn recompute_is_bitwise_on_one_rank() {
 fn recompute_is_bitwise_under_a_pipeline_with_tp_and_ep() {
     check(layout(1, 2, 2, true, false), 2);
 }
+
+/// Under LoRA (the frozen smoke base, a MoE with adapters on attention and the experts) the
+/// recomputed runs train the same adapters bit for bit.
+#[test]
+fn recompute_is_bitwise_under_lora() {
+    let run = |out: &Path, mode: &str| {
+        let sets: [Set; 3] = [
+            ("train.recompute", &mode),
+            ("train.steps", &6),
+            ("checkpoint.every", &6),
+        ];
+        let r = common::lora_test_recipe(out, &sets);
+        run_training(&r, &RunOptions::default()).unwrap_or_else(|e| panic!("{mode}: {e}"));
+        let adapters = common::step_dir(out, 6).join("adapter_model.safetensors");
+        (losses(out), common::tensors(&adapters))
+    };
+    let none = tempfile::tempdir().unwrap();
+    let want = run(none.path(), "none");
+    for mode in ["layers", "experts"] {
+        let out = tempfile::tempdir().unwrap();
+        assert!(
+            run(out.path(), mode) == want,
+            "{mode}: losses or adapters differ"
+        );
+    }
+}

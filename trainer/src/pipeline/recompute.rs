@@ -189,9 +189,12 @@ impl StagePass {
         match self.input {
             Some(_) => Some(upstream),
             None => {
-                // The embedding, last: its rows seeded with their gradient.
+                // The embedding, last: its rows seeded with their gradient (when it trains;
+                // under LoRA it is frozen and has no graph).
                 let x0 = model.embed_rows(batch);
-                add(&(x0 * upstream).sum().backward());
+                if x0.is_require_grad() {
+                    add(&(x0 * upstream).sum().backward());
+                }
                 None
             }
         }
