@@ -7,7 +7,9 @@ mod common;
 
 use std::path::Path;
 
-use common::layout::{layout, part_params, recipe_for, Layout, ONE, STEPS};
+use common::layout::{
+    eval_losses, layout, part_params, recipe_for, router_metrics, Layout, ONE, STEPS,
+};
 use common::{assert_runs_match, losses, max_loss_diff, metrics, step_dir, Set};
 use moeru_models::Qwen3Config;
 use moeru_trainer::parallel_sizes::validate_parallel_sizes;
@@ -22,24 +24,6 @@ fn run(out: &Path, l: Layout, model: &[Set], opts: &RunOptions) -> Result<(), Tr
         1 => run_training(&r, opts).map(|_| ()),
         ranks => run_threads(&r, opts, ranks).map(|_| ()),
     }
-}
-
-/// Per step: the router losses and each MoE layer's expert load (max, mean), as logged.
-fn router_metrics(out: &Path) -> Vec<Vec<f64>> {
-    metrics(out)
-        .iter()
-        .filter(|m| m["loss"].is_f64())
-        .map(|m| {
-            let mut v = vec![
-                m["aux_loss"].as_f64().unwrap_or(-1.0),
-                m["z_loss"].as_f64().unwrap_or(-1.0),
-            ];
-            for l in m["expert_load"].as_array().into_iter().flatten() {
-                v.extend([l["max"].as_f64().unwrap(), l["mean"].as_f64().unwrap()]);
-            }
-            v
-        })
-        .collect()
 }
 
 /// Losses, router metrics and step-10 weights of `out` against `reference`, within 1e-5;
@@ -91,14 +75,6 @@ fn tp_and_ep_layouts_of_the_moe_match_one_rank() {
             layout(2, 2, 4, true, true),
         ],
     );
-}
-
-/// The evaluation losses logged under `out`, by step.
-fn eval_losses(out: &Path) -> Vec<(u64, f64)> {
-    metrics(out)
-        .iter()
-        .filter_map(|m| Some((m["step"].as_u64()?, m["eval_loss"].as_f64()?)))
-        .collect()
 }
 
 #[test]

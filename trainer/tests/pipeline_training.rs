@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::layout::{layout, recipe_for, Layout, ONE, STEPS};
+use common::layout::{eval_losses, layout, recipe_for, router_metrics, Layout, ONE, STEPS};
 use common::{assert_runs_match, hf_weights, losses, max_diff, metrics, Set};
 use moeru_trainer::pipeline::schedule::{compute_order, PipelineShape};
 use moeru_trainer::{run_threads_summaries, run_training, RunOptions, RunSummary};
@@ -35,24 +35,6 @@ fn run(out: &Path, p: Pipe, model: &[Set], opts: &RunOptions) -> Vec<RunSummary>
         1 => vec![run_training(&r, opts).unwrap_or_else(|e| panic!("{p:?}: {e}"))],
         _ => run_threads_summaries(&r, opts, ranks).unwrap_or_else(|e| panic!("{p:?}: {e}")),
     }
-}
-
-/// Per step: the router losses and each MoE layer's expert load (max, mean), as logged.
-fn router_metrics(out: &Path) -> Vec<Vec<f64>> {
-    metrics(out)
-        .iter()
-        .filter(|m| m["loss"].is_f64())
-        .map(|m| {
-            let mut v = vec![
-                m["aux_loss"].as_f64().unwrap_or(-1.0),
-                m["z_loss"].as_f64().unwrap_or(-1.0),
-            ];
-            for l in m["expert_load"].as_array().into_iter().flatten() {
-                v.extend([l["max"].as_f64().unwrap(), l["mean"].as_f64().unwrap()]);
-            }
-            v
-        })
-        .collect()
 }
 
 /// `p` against the one-rank run in `reference`: within 1e-5 (`assert_runs_match`), router
@@ -143,14 +125,6 @@ fn pipelines_compose_with_data_tensor_and_expert_parallelism() {
         let (loss, weights) = check(p, &[], one.path());
         eprintln!("{p:?}: loss {loss:.2e}, weights {weights:.2e}");
     }
-}
-
-/// The evaluation losses logged under `out`, by step.
-fn eval_losses(out: &Path) -> Vec<(u64, f64)> {
-    metrics(out)
-        .iter()
-        .filter_map(|m| Some((m["step"].as_u64()?, m["eval_loss"].as_f64()?)))
-        .collect()
 }
 
 /// The smoke model as it is (2 layers, tied embeddings) over two stages, one layer each: the

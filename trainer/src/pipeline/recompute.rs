@@ -190,9 +190,9 @@ impl StagePass {
             Some(_) => Some(upstream),
             None => {
                 // The embedding, last: its rows seeded with their gradient (when it trains;
-                // under LoRA it is frozen and has no graph).
-                let x0 = model.embed_rows(batch);
-                if x0.is_require_grad() {
+                // under LoRA the base is frozen and the rows have no graph).
+                if model.lora_config().is_none() {
+                    let x0 = model.embed_rows(batch);
                     add(&(x0 * upstream).sum().backward());
                 }
                 None

@@ -1,13 +1,13 @@
 //! Model-parallel layouts for the tests: dp × tp ranks with ep folded over them, the tiny
-//! 4-layer MoE recipe they run, and one rank's parameter count under tp × ep from
-//! config.json's fields alone.
+//! 4-layer MoE recipe they run, one rank's parameter count under tp × ep from config.json's
+//! fields alone, and the router and evaluation metrics the layout tests compare.
 
 use std::path::Path;
 
 use moeru_models::Qwen3Config;
 use moeru_trainer::recipe::schema::Recipe;
 
-use super::{test_recipe, Set};
+use super::{metrics, test_recipe, Set};
 
 /// Optimizer steps of a layout run.
 pub const STEPS: u64 = 10;
@@ -79,4 +79,30 @@ pub fn part_params(c: &Qwen3Config, tp: usize, ep: usize) -> u64 {
         };
     }
     n as u64
+}
+
+/// Per step: the router losses and each MoE layer's expert load (max, mean), as logged.
+pub fn router_metrics(out: &Path) -> Vec<Vec<f64>> {
+    metrics(out)
+        .iter()
+        .filter(|m| m["loss"].is_f64())
+        .map(|m| {
+            let mut v = vec![
+                m["aux_loss"].as_f64().unwrap_or(-1.0),
+                m["z_loss"].as_f64().unwrap_or(-1.0),
+            ];
+            for l in m["expert_load"].as_array().into_iter().flatten() {
+                v.extend([l["max"].as_f64().unwrap(), l["mean"].as_f64().unwrap()]);
+            }
+            v
+        })
+        .collect()
+}
+
+/// The evaluation losses logged under `out`, by step.
+pub fn eval_losses(out: &Path) -> Vec<(u64, f64)> {
+    metrics(out)
+        .iter()
+        .filter_map(|m| Some((m["step"].as_u64()?, m["eval_loss"].as_f64()?)))
+        .collect()
 }
