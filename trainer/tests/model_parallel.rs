@@ -10,7 +10,7 @@ use std::path::Path;
 use common::layout::{
     eval_losses, layout, part_params, recipe_for, router_metrics, Layout, ONE, STEPS,
 };
-use common::{assert_runs_match, losses, max_loss_diff, metrics, step_dir, Set};
+use common::{assert_runs_match, losses, max_loss_diff, step_dir, Set};
 use moeru_models::Qwen3Config;
 use moeru_trainer::parallel_sizes::validate_parallel_sizes;
 use moeru_trainer::pipeline::PipelineLayout;

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 
 use common::layout::{eval_losses, layout, recipe_for, router_metrics, Layout, ONE, STEPS};
-use common::{assert_runs_match, hf_weights, losses, max_diff, metrics, Set};
+use common::{assert_runs_match, hf_weights, losses, max_diff, Set};
 use moeru_trainer::pipeline::schedule::{compute_order, PipelineShape};
 use moeru_trainer::{run_threads_summaries, run_training, RunOptions, RunSummary};
 
