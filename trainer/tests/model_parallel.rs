@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 
 use common::layout::{
-    eval_losses, layout, part_params, recipe_for, router_metrics, Layout, ONE, STEPS,
+    assert_evals_match, layout, part_params, recipe_for, router_metrics, Layout, ONE, STEPS,
 };
 use common::{assert_runs_match, losses, max_loss_diff, step_dir, Set};
 use moeru_models::Qwen3Config;
@@ -93,12 +93,7 @@ fn tied_embeddings_under_tp2_with_evaluation() {
         let out = tempfile::tempdir().unwrap();
         run(out.path(), l, &model, &RunOptions::default()).unwrap();
         assert_matches(out.path(), reference.path(), &format!("tied {l:?}"));
-        let (a, b) = (eval_losses(out.path()), eval_losses(reference.path()));
-        assert_eq!(a.len(), 2, "{a:?}");
-        for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
-            assert_eq!(sa, sb);
-            assert!((la - lb).abs() <= 1e-5, "eval at step {sa}: {la} vs {lb}");
-        }
+        assert_evals_match(out.path(), reference.path(), 2);
     }
 }
 

@@ -7,8 +7,8 @@ mod common;
 
 use std::path::Path;
 
-use common::layout::{eval_losses, layout, recipe_for, router_metrics, Layout, ONE, STEPS};
-use common::{assert_runs_match, hf_weights, losses, max_diff, Set};
+use common::layout::{assert_evals_match, layout, recipe_for, router_metrics, Layout, ONE, STEPS};
+use common::{assert_runs_match, hf_weights, losses, max_diff, max_loss_diff, Set};
 use moeru_trainer::pipeline::schedule::{compute_order, PipelineShape};
 use moeru_trainer::{run_threads_summaries, run_training, RunOptions, RunSummary};
 
@@ -42,26 +42,23 @@ fn run(out: &Path, p: Pipe, model: &[Set], opts: &RunOptions) -> Vec<RunSummary>
 /// differences.
 fn check(p: Pipe, model: &[Set], reference: &Path) -> (f64, f32) {
     let out = tempfile::tempdir().unwrap();
-    let ranks = run(out.path(), p, model, &RunOptions::default());
+    check_in(out.path(), p, model, reference)
+}
+
+/// [`check`], the run writing under `out`.
+fn check_in(out: &Path, p: Pipe, model: &[Set], reference: &Path) -> (f64, f32) {
+    let ranks = run(out, p, model, &RunOptions::default());
     let what = format!("{p:?}");
-    assert_runs_match(out.path(), reference, STEPS, &what);
-    let (ra, rb) = (router_metrics(out.path()), router_metrics(reference));
+    assert_runs_match(out, reference, STEPS, &what);
+    let (ra, rb) = (router_metrics(out), router_metrics(reference));
     for (step, (x, y)) in ra.iter().zip(&rb).enumerate() {
         assert!((x[0] - y[0]).abs() <= 1e-6, "{what}: aux {x:?} vs {y:?}");
         assert!((x[1] - y[1]).abs() <= 1e-6, "{what}: z {x:?} vs {y:?}");
         assert_eq!(x[2..], y[2..], "{what}: step {} expert loads", step + 1);
     }
     assert_order(p, &ranks);
-    let (a, b) = (losses(out.path()), losses(reference));
-    let loss = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max);
-    let w = max_diff(
-        &hf_weights(out.path(), STEPS),
-        &hf_weights(reference, STEPS),
-    );
+    let loss = max_loss_diff(&losses(out), &losses(reference));
+    let w = max_diff(&hf_weights(out, STEPS), &hf_weights(reference, STEPS));
     (loss, w)
 }
 
@@ -142,17 +139,10 @@ fn tied_embeddings_across_stages_with_evaluation() {
     ];
     let one = reference(&model);
     for p in [pipe(2, 1, ONE), pipe(2, 1, layout(1, 2, 2, true, false))] {
-        let (loss, weights) = check(p, &model, one.path());
-        eprintln!("tied {p:?}: loss {loss:.2e}, weights {weights:.2e}");
-        // `check` ran it in a temporary folder; run again to read the evaluation.
         let out = tempfile::tempdir().unwrap();
-        run(out.path(), p, &model, &RunOptions::default());
-        let (a, b) = (eval_losses(out.path()), eval_losses(one.path()));
-        assert_eq!(a.len(), 2, "{a:?}");
-        for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
-            assert_eq!(sa, sb);
-            assert!((la - lb).abs() <= 1e-5, "eval at step {sa}: {la} vs {lb}");
-        }
+        let (loss, weights) = check_in(out.path(), p, &model, one.path());
+        eprintln!("tied {p:?}: loss {loss:.2e}, weights {weights:.2e}");
+        assert_evals_match(out.path(), one.path(), 2);
     }
 }
 

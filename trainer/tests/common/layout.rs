@@ -106,3 +106,14 @@ pub fn eval_losses(out: &Path) -> Vec<(u64, f64)> {
         .filter_map(|m| Some((m["step"].as_u64()?, m["eval_loss"].as_f64()?)))
         .collect()
 }
+
+/// `n` evaluations logged under `out`, at the steps and within 1e-5 of those of `reference`.
+pub fn assert_evals_match(out: &Path, reference: &Path, n: usize) {
+    let (a, b) = (eval_losses(out), eval_losses(reference));
+    assert_eq!(a.len(), n, "{a:?}");
+    assert_eq!(b.len(), n, "{b:?}");
+    for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
+        assert_eq!(sa, sb);
+        assert!((la - lb).abs() <= 1e-5, "eval at step {sa}: {la} vs {lb}");
+    }
+}
