@@ -23,6 +23,7 @@ pub mod pairs;
 mod plain_pages;
 pub mod preference;
 pub mod prepare;
+pub mod prompts;
 pub mod reader;
 pub mod rng;
 pub mod sample;

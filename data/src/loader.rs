@@ -102,6 +102,8 @@ pub enum StreamKind {
     Samples,
     /// Preference pairs, one stored document each (`mode` is then `pad`: nothing is packed).
     Pairs,
+    /// Prompts of a JSONL prompt set (`crate::prompts`); `samples` counts prompts drawn.
+    Prompts,
 }
 
 impl StreamKind {
@@ -121,7 +123,7 @@ impl LoaderState {
     }
 }
 
-pub(crate) const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 1;
 
 /// A rank's view of the global packed sample stream.
 pub struct DataLoader {

@@ -60,6 +60,12 @@ impl TextTokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The text of `ids` with special tokens (`<|im_end|>`, …) left out, as transformers'
+    /// `decode(skip_special_tokens=True)`; ids outside the vocabulary are dropped.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.inner.decode(ids, true).unwrap_or_default()
+    }
+
     /// Token ids of `text` (no special tokens added).
     pub fn encode_ids(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self.encode(text)?.ids)

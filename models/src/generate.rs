@@ -157,10 +157,23 @@ impl Qwen3Model {
         ctx: &ForwardCtx,
         observer: &mut dyn StepObserver,
     ) -> Generated {
+        let streams = prompts.streams();
+        self.generate_streams(prompts, &streams, cfg, ctx, observer)
+    }
+
+    /// [`Self::generate_with`] with each row's random stream given (`streams[r]` for row
+    /// `r`), for callers that name their samples themselves (GRPO: by generation and slot).
+    pub fn generate_streams(
+        &self,
+        prompts: &Prompts,
+        streams: &[u64],
+        cfg: &GenerationConfig,
+        ctx: &ForwardCtx,
+        observer: &mut dyn StepObserver,
+    ) -> Generated {
         let p = prompts.left_padded();
         let (b, s) = (p.batch, p.seq);
         let lengths = p.lengths();
-        let streams = p.streams();
         let mut cache = KvCache::new(self.layers.len(), s + cfg.max_new_tokens);
         // Keys a row may attend: its real prompt tokens, then every generated one.
         let mut valid: Vec<Vec<bool>> = (0..b)
@@ -172,7 +185,7 @@ impl Qwen3Model {
         let mut stopped_at = vec![None; b];
         let mut scores = Vec::new();
         for step in 0..cfg.max_new_tokens {
-            let next = self.choose(&mut logits, cfg, &streams, &finished, step);
+            let next = self.choose(&mut logits, cfg, streams, &finished, step);
             for r in 0..b {
                 finished[r] |= cfg.eos_token_ids.contains(&next[r]);
                 rows[r].push(next[r]);

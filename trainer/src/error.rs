@@ -32,6 +32,10 @@ pub enum TrainError {
     /// Another rank failed, or a rank could not start or report (threads, processes).
     #[error("{0}")]
     Rank(String),
+    /// A reward function failed (a `command` that failed, hung or wrote malformed scores);
+    /// the step is not taken and the last checkpoint stays as it was.
+    #[error("{0}")]
+    Reward(String),
     /// An invariant of moeru itself broke; the message asks for a report.
     #[error("{0}")]
     Bug(String),

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod fault;
+pub mod grpo;
 pub mod lora;
 pub mod metrics;
 pub mod objective;

@@ -34,7 +34,7 @@ pub struct StepReport {
     pub tokens: u64,
     /// A task's own metrics (DPO's rewards and log-probs), each already its share of the
     /// global batch's mean, so the sum over ranks is the mean; in the order first added.
-    pub task: Vec<(&'static str, f64)>,
+    pub task: Vec<(String, f64)>,
 }
 
 impl StepReport {
@@ -56,10 +56,10 @@ impl StepReport {
     }
 
     /// Adds `value` to the task metric `name`.
-    pub fn add_task(&mut self, name: &'static str, value: f64) {
+    pub fn add_task(&mut self, name: &str, value: f64) {
         match self.task.iter_mut().find(|(n, _)| *n == name) {
             Some((_, x)) => *x += value,
-            None => self.task.push((name, value)),
+            None => self.task.push((name.to_string(), value)),
         }
     }
 

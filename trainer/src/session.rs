@@ -5,13 +5,15 @@
 //! Owns: setup decisions (fresh or resumed, LoRA base checks). Must not: step, log steps or
 //! save (the task loops and the engine do).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use burn::tensor::Device;
 use moeru_checkpoints::{load_hf_model_sharded, load_peft_adapter};
 use moeru_data::pairs::{PairLoader, PairLoaderConfig};
+use moeru_data::prompts::{PromptLoader, PromptSet};
+use moeru_data::tokenizer::TextTokenizer;
 use moeru_data::{DataLoader, LoaderConfig, LoaderState, Manifest, PackMode};
 use moeru_models::init::RandomInit;
 use moeru_models::{Boundaries, DeviceSpec, Local, ModelShard, Qwen3Config, Qwen3Model};
@@ -70,10 +72,12 @@ pub struct Session<'w> {
     pub tied: Option<ProcessGroup>,
 }
 
-/// A task's data stream: packed token samples, or preference pairs (`data.task: dpo`).
+/// A task's data stream: packed token samples, preference pairs (`data.task: dpo`), or a
+/// prompt set (`data.task: grpo`).
 pub enum Loader {
     Tokens(DataLoader),
     Pairs(PairLoader),
+    Prompts(PromptLoader),
 }
 
 impl Loader {
@@ -81,13 +85,16 @@ impl Loader {
         match self {
             Loader::Tokens(l) => l.state(),
             Loader::Pairs(l) => l.state(),
+            Loader::Prompts(l) => l.state(),
         }
     }
 
-    pub fn manifest(&self) -> &Manifest {
+    /// The prepared dataset's manifest (a prompt set has none).
+    pub fn manifest(&self) -> Option<&Manifest> {
         match self {
-            Loader::Tokens(l) => l.manifest(),
-            Loader::Pairs(l) => l.manifest(),
+            Loader::Tokens(l) => Some(l.manifest()),
+            Loader::Pairs(l) => Some(l.manifest()),
+            Loader::Prompts(_) => None,
         }
     }
 }
@@ -202,6 +209,9 @@ impl<'w> Session<'w> {
         let (recipe, dp) = (self.recipe, &self.groups.dp);
         let d = &recipe.data;
         let (mbs, seed) = (recipe.train.micro_batch_size, recipe.train.seed);
+        if d.task == TaskKind::Grpo {
+            return Ok(Loader::Prompts(prompt_loader(recipe, state)?));
+        }
         if d.task == TaskKind::Dpo {
             let mut cfg = PairLoaderConfig::new(&d.train, d.seq_len, mbs, seed);
             cfg.shuffle = d.shuffle;
@@ -409,9 +419,63 @@ fn build_model(
     }
 }
 
+/// The recipe's prompt set (`data.train`), read with its tokenizer, from `state` when resuming.
+fn prompt_loader(recipe: &Recipe, state: Option<&LoaderState>) -> Result<PromptLoader, TrainError> {
+    let tokenizer = TextTokenizer::from_file(&grpo_tokenizer(recipe)?)?;
+    let d = &recipe.data;
+    let room = d.seq_len - recipe.generation.max_new_tokens.min(d.seq_len);
+    let set = PromptSet::read(
+        &d.train,
+        &tokenizer,
+        recipe.generation.enable_thinking,
+        room,
+    )?;
+    let mut loader = PromptLoader {
+        set,
+        seed: recipe.train.seed,
+        shuffle: d.shuffle,
+        seq_len: d.seq_len,
+        consumed: 0,
+    };
+    if let Some(state) = state {
+        loader.resume(state)?;
+    }
+    Ok(loader)
+}
+
+/// The tokenizer.json of a GRPO run: `grpo.tokenizer`, else the model folder's.
+pub fn grpo_tokenizer(recipe: &Recipe) -> Result<PathBuf, TrainError> {
+    match (&recipe.grpo.tokenizer, &recipe.model.path) {
+        (Some(t), _) => Ok(t.clone()),
+        (None, Some(dir)) => Ok(dir.join("tokenizer.json")),
+        (None, None) => Err(TrainError::BadRecipe(
+            "`grpo.tokenizer` is not set and the model has no folder (`model.architecture`); point `grpo.tokenizer` at a tokenizer.json".into(),
+        )),
+    }
+}
+
 fn check_data(recipe: &Recipe, loader: &Loader, model: &Qwen3Model) -> Result<(), TrainError> {
-    let m = loader.manifest();
     let dir = recipe.data.train.display();
+    let Some(m) = loader.manifest() else {
+        let vocab = model.config.vocab_size;
+        let Loader::Prompts(p) = loader else {
+            return Ok(());
+        };
+        let top = p
+            .set
+            .rows
+            .iter()
+            .flat_map(|r| r.ids.iter())
+            .max()
+            .copied()
+            .unwrap_or(0);
+        if top as usize >= vocab {
+            return Err(TrainError::Dataset(format!(
+                "{dir}: a prompt holds token id {top} but the model's vocab_size is {vocab}; use the model's tokenizer (`grpo.tokenizer`)"
+            )));
+        }
+        return Ok(());
+    };
     if m.tokenizer.vocab_size > model.config.vocab_size as u64 {
         return Err(TrainError::Dataset(format!(
             "{dir}: the dataset's tokenizer has {} tokens but the model's vocab_size is {}; use a model with a vocabulary at least that large",

@@ -461,6 +461,14 @@ fn full_json() -> serde_json::Value {
             "dpo.loss_weights=[1.0]",
         ],
     );
+    // The GRPO sections, set beside DPO's (validation would refuse both) so every key shows.
+    let mut r = r;
+    r.grpo.beta = 0.1;
+    r.generation.max_new_tokens = 8;
+    r.rewards = vec![serde_json::from_value(
+        serde_json::json!({"name": "f", "kind": "format", "pattern": "x"}),
+    )
+    .unwrap()];
     serde_json::to_value(r).unwrap()
 }
 
@@ -523,6 +531,11 @@ fn key_table_required_and_kinds_match_schema() {
             Kind::Section => vec![],
             Kind::OptSection => vec![serde_json::Value::Null],
             Kind::UInt => vec![3.into()],
+            Kind::OptUInt => vec![3.into(), serde_json::Value::Null],
+            Kind::MapList => vec![
+                serde_json::json!([{"name": "f", "kind": "format", "pattern": "x"}]),
+                serde_json::json!([]),
+            ],
             Kind::Float => vec![0.5.into(), 2.into()],
             Kind::OptFloat => vec![0.5.into(), serde_json::Value::Null],
             Kind::Bool => vec![true.into()],

@@ -2,9 +2,8 @@
 //! (prompt + chosen) then the rejected rows (prompt + rejected), right-padded to the longest,
 //! targets the next token, the mask on completion tokens only.
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::Device;
 use moeru_data::pairs::PreferencePair;
-use moeru_models::Batch;
 
 use crate::engine::MicroBatch;
 
@@ -37,45 +36,16 @@ pub fn completion_tokens(pairs: &[PreferencePair]) -> Vec<f32> {
         .collect()
 }
 
-/// `pairs` as one micro-batch on `device`. A padding tail is its own document (positions
-/// from 0), so no real token attends to it and it attends only to itself.
+/// `pairs` as one micro-batch on `device` (see [`MicroBatch::from_completions`]).
 pub fn pair_micro_batch(pairs: &[PreferencePair], device: &Device) -> MicroBatch {
-    let rows = rows(pairs);
-    let (b, s) = (
-        rows.len(),
-        rows.iter().map(|(r, _)| r.len()).max().unwrap_or(1),
-    );
-    let (mut ids, mut pos, mut docs) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut targets, mut mask) = (Vec::new(), Vec::new());
-    for (row, prompt) in &rows {
-        let (len, pad) = (row.len(), s - row.len());
-        ids.extend(
-            row.iter()
-                .map(|&t| t as i64)
-                .chain(std::iter::repeat_n(0, pad)),
-        );
-        pos.extend((0..len as i64).chain(0..pad as i64));
-        docs.extend(std::iter::repeat_n(0, len).chain(std::iter::repeat_n(1, pad)));
-        // Position t predicts token t + 1; it counts when that token is a completion token.
-        targets.extend(row[1..].iter().map(|&t| t as i64));
-        targets.extend(std::iter::repeat_n(0, pad + 1));
-        mask.extend((1..len).map(|t| f32::from(u8::from(t >= *prompt))));
-        mask.extend(std::iter::repeat_n(0.0, pad + 1));
-    }
     let completion_tokens = completion_tokens(pairs);
-    let target_count = completion_tokens.iter().sum::<f32>() as usize;
     MicroBatch {
-        batch: Batch::packed(&ids, &pos, &docs, b, s, device),
-        targets: Tensor::<2, Int>::from_data(TensorData::new(targets, [b, s]), device),
-        mask: Tensor::from_data(TensorData::new(mask, [b, s]), device),
-        target_count,
-        tokens: rows.iter().map(|(r, _)| r.len()).sum(),
-        dropout: None,
         pairs: Some(PairRows {
             ids: pairs.iter().map(|p| p.id).collect(),
             completion_tokens,
             reference: None,
         }),
+        ..MicroBatch::from_completions(&rows(pairs), device)
     }
 }
 

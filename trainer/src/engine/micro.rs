@@ -6,8 +6,10 @@ use moeru_models::loss::next_token_targets;
 use moeru_models::{Batch, DropoutKey};
 
 use crate::dpo::PairRows;
+use crate::grpo::RolloutRows;
 
 /// Model inputs plus next-token targets and their mask (1 = the target counts).
+#[derive(Clone)]
 pub struct MicroBatch {
     pub batch: Batch,
     pub targets: Tensor<2, Int>,
@@ -18,6 +20,8 @@ pub struct MicroBatch {
     pub dropout: Option<DropoutKey>,
     /// DPO: the rows are preference pairs (`dpo::pair_micro_batch`).
     pub pairs: Option<PairRows>,
+    /// GRPO: the rows are rollouts (`grpo::rollout`).
+    pub rollout: Option<RolloutRows>,
 }
 
 impl MicroBatch {
@@ -51,6 +55,7 @@ impl MicroBatch {
             tokens: b * s,
             dropout: None,
             pairs: None,
+            rollout: None,
         }
     }
 
@@ -66,6 +71,45 @@ impl MicroBatch {
             tokens: b * s,
             dropout: None,
             pairs: None,
+            rollout: None,
+        }
+    }
+
+    /// Rows of (prompt ++ completion, prompt length), right-padded to the longest: targets the
+    /// next token, the mask on completion tokens only. A padding tail is its own document
+    /// (positions from 0), so no real token attends to it and it attends only to itself.
+    pub fn from_completions(rows: &[(Vec<i32>, usize)], device: &Device) -> Self {
+        let (b, s) = (
+            rows.len(),
+            rows.iter().map(|(r, _)| r.len()).max().unwrap_or(1),
+        );
+        let (mut ids, mut pos, mut docs) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut targets, mut mask) = (Vec::new(), Vec::new());
+        for (row, prompt) in rows {
+            let (len, pad) = (row.len(), s - row.len());
+            ids.extend(
+                row.iter()
+                    .map(|&t| t as i64)
+                    .chain(std::iter::repeat_n(0, pad)),
+            );
+            pos.extend((0..len as i64).chain(0..pad as i64));
+            docs.extend(std::iter::repeat_n(0, len).chain(std::iter::repeat_n(1, pad)));
+            // Position t predicts token t + 1; it counts when that token is a completion token.
+            targets.extend(row[1..].iter().map(|&t| t as i64));
+            targets.extend(std::iter::repeat_n(0, pad + 1));
+            mask.extend((1..len).map(|t| f32::from(u8::from(t >= *prompt))));
+            mask.extend(std::iter::repeat_n(0.0, pad + 1));
+        }
+        let target_count = mask.iter().filter(|&&m| m > 0.0).count();
+        Self {
+            batch: Batch::packed(&ids, &pos, &docs, b, s, device),
+            targets: Tensor::<2, Int>::from_data(TensorData::new(targets, [b, s]), device),
+            mask: Tensor::from_data(TensorData::new(mask, [b, s]), device),
+            target_count,
+            tokens: rows.iter().map(|(r, _)| r.len()).sum(),
+            dropout: None,
+            pairs: None,
+            rollout: None,
         }
     }
 }

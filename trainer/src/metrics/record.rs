@@ -33,7 +33,7 @@ pub struct StepMetrics {
     /// Bytes this rank's collectives moved this step, by group and op.
     pub comm: Vec<CommBytes>,
     /// The task's own metrics (DPO: rewards and log-probs), top-level keys of the line.
-    pub task: Vec<(&'static str, f64)>,
+    pub task: Vec<(String, f64)>,
 }
 
 /// One op's traffic on one process group during a step (see `moeru_parallel::OpTraffic`).
@@ -77,7 +77,7 @@ impl StepMetrics {
             obj.insert("ep_load".into(), json!(self.ep_load));
         }
         for (name, v) in &self.task {
-            obj.insert((*name).into(), json!(v));
+            obj.insert(name.clone(), json!(v));
         }
         if !self.comm.is_empty() {
             let mut groups = Map::new();
@@ -205,7 +205,7 @@ pub fn eval_json(step: u64, loss: f64) -> Value {
 }
 
 /// A task's evaluation line: `{"step", "eval_<name>": value, ...}`.
-pub fn eval_values_json(step: u64, values: &[(&str, f64)]) -> Value {
+pub fn eval_values_json(step: u64, values: &[(String, f64)]) -> Value {
     let mut obj = Map::new();
     obj.insert("step".into(), json!(step));
     for (name, v) in values {

@@ -86,7 +86,7 @@ impl MetricsSink {
     pub fn log_eval_values(
         &mut self,
         step: u64,
-        values: &[(&str, f64)],
+        values: &[(String, f64)],
     ) -> Result<(), MetricsError> {
         self.jsonl.write(&eval_values_json(step, values))?;
         if let Some(events) = &mut self.events {

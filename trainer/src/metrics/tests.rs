@@ -252,14 +252,20 @@ fn writes_runs_for_tensorboard_check() {
 #[test]
 fn task_metrics_reach_jsonl_and_tensorboard_and_eval_lines() {
     let mut m = metrics(3, false);
-    m.task = vec![("rewards_accuracy", 0.75), ("rewards_margin", -0.125)];
+    m.task = vec![
+        ("rewards_accuracy".into(), 0.75),
+        ("rewards_margin".into(), -0.125),
+    ];
     let json = m.to_json();
     assert_eq!(json["rewards_accuracy"], 0.75);
     assert_eq!(json["rewards_margin"], -0.125);
     let scalars = m.scalars();
     assert!(scalars.contains(&("train/rewards_accuracy".to_string(), 0.75)));
     assert!(scalars.contains(&("train/rewards_margin".to_string(), -0.125)));
-    let eval = super::record::eval_values_json(20, &[("loss", 0.5), ("rewards_accuracy", 1.0)]);
+    let eval = super::record::eval_values_json(
+        20,
+        &[("loss".into(), 0.5), ("rewards_accuracy".into(), 1.0)],
+    );
     assert_eq!(
         eval,
         serde_json::json!({"step": 20, "eval_loss": 0.5, "eval_rewards_accuracy": 1.0})

@@ -116,8 +116,9 @@ impl Checker<'_> {
             (Kind::OptSection, Value::Null) => Ok(J::Null),
             // An empty section (`optim:` with everything commented out) means all defaults.
             (Kind::Section, Value::Null) => self.map(path, &[], &e.origin),
-            (Kind::UInt, Value::Int(i)) if *i >= 0 => Ok(J::from(*i)),
-            (Kind::UInt, Value::UInt(u)) => Ok(J::from(*u)),
+            (Kind::UInt | Kind::OptUInt, Value::Int(i)) if *i >= 0 => Ok(J::from(*i)),
+            (Kind::UInt | Kind::OptUInt, Value::UInt(u)) => Ok(J::from(*u)),
+            (Kind::OptUInt, Value::Null) => Ok(J::Null),
             (Kind::Float | Kind::OptFloat, v) if number(v).is_some() => Ok(number(v).into()),
             (Kind::OptFloat | Kind::OptPath | Kind::FreeMap, Value::Null) => Ok(J::Null),
             (Kind::Bool, Value::Bool(b)) => Ok(J::Bool(*b)),
@@ -164,6 +165,23 @@ impl Checker<'_> {
                 Value::Str(s) => Some(J::String(s.clone())),
                 _ => None,
             }),
+            (Kind::MapList, Value::Seq(items)) => {
+                let mut out = Vec::new();
+                for item in items {
+                    match &item.value {
+                        Value::Map(_) => {
+                            out.push(item.value.to_json().map_err(|x| RecipeError::WrongType {
+                                at: self.place(&item.origin),
+                                key: path.to_string(),
+                                expected: kind.expected(),
+                                found: format!("{x}"),
+                            })?)
+                        }
+                        other => return Err(self.wrong(path, &item.origin, kind, other, "")),
+                    }
+                }
+                Ok(J::Array(out))
+            }
             (Kind::FreeMap, Value::Map(_)) => {
                 node.value.to_json().map_err(|x| RecipeError::WrongType {
                     at: self.place(&node.origin),

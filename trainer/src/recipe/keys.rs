@@ -12,6 +12,8 @@ pub enum Kind {
     OptSection,
     /// A non-negative integer (u64 / usize).
     UInt,
+    /// A non-negative integer or null.
+    OptUInt,
     /// A finite number.
     Float,
     /// A finite number or null.
@@ -37,6 +39,8 @@ pub enum Kind {
     OptFloatList,
     /// A list of non-negative integers, or null.
     OptUIntList,
+    /// A list of mappings (their keys are checked when the list is read).
+    MapList,
 }
 
 impl Kind {
@@ -46,6 +50,7 @@ impl Kind {
             Kind::Section => "a mapping of keys".into(),
             Kind::OptSection => "a mapping of keys, or null (off)".into(),
             Kind::UInt => "a non-negative integer".into(),
+            Kind::OptUInt => "a non-negative integer or null".into(),
             Kind::Float => "a number".into(),
             Kind::OptFloat => "a number or null".into(),
             Kind::Bool => "a boolean (true or false)".into(),
@@ -65,6 +70,10 @@ impl Kind {
             }
             Kind::OptFloatList => "a list of numbers, e.g. [0.7, 0.3], or null".into(),
             Kind::OptUIntList => "a list of non-negative integers, e.g. [14, 14], or null".into(),
+            Kind::MapList => {
+                "a list of mappings, e.g. [{name: correct, kind: exact_match, field: answer}]"
+                    .into()
+            }
         }
     }
 }
@@ -110,7 +119,12 @@ pub const KEYS: &[Key] = &[
     ),
     key("data.eval", OptPath, false, ""),
     key("data.seq_len", UInt, true, "tokens per sequence"),
-    key("data.task", Enum(&["pretrain", "sft", "dpo"]), false, ""),
+    key(
+        "data.task",
+        Enum(&["pretrain", "sft", "dpo", "grpo"]),
+        false,
+        "",
+    ),
     key("data.pad", Bool, false, ""),
     key("data.shuffle", Bool, false, ""),
     key("optim", Section, false, ""),
@@ -191,6 +205,43 @@ pub const KEYS: &[Key] = &[
     key("dpo.label_smoothing", Float, false, ""),
     key("dpo.reference", Str, false, ""),
     key("dpo.precompute_reference", Bool, false, ""),
+    key("grpo", Section, false, ""),
+    key("grpo.prompts_per_step", UInt, false, ""),
+    key("grpo.num_generations", UInt, false, ""),
+    key(
+        "grpo.loss_type",
+        Enum(super::grpo::GRPO_LOSS_NAMES),
+        false,
+        "",
+    ),
+    key("grpo.epsilon", Float, false, ""),
+    key("grpo.epsilon_high", OptFloat, false, ""),
+    key("grpo.beta", Float, false, ""),
+    key("grpo.kl_bias_correction", Bool, false, ""),
+    key("grpo.delta", OptFloat, false, ""),
+    key(
+        "grpo.scale_rewards",
+        Enum(super::grpo::SCALE_REWARDS_NAMES),
+        false,
+        "",
+    ),
+    key("grpo.num_iterations", UInt, false, ""),
+    key("grpo.mask_truncated_completions", Bool, false, ""),
+    key("grpo.reference", Str, false, ""),
+    key("grpo.dual_clip_c", OptFloat, false, ""),
+    key("grpo.logratio_clamp", OptFloat, false, ""),
+    key("grpo.kl_clamp", OptFloat, false, ""),
+    key("grpo.adv_eps", Float, false, ""),
+    key("grpo.tokenizer", OptPath, false, ""),
+    key("generation", Section, false, ""),
+    key("generation.max_new_tokens", UInt, false, ""),
+    key("generation.temperature", Float, false, ""),
+    key("generation.top_p", Float, false, ""),
+    key("generation.top_k", UInt, false, ""),
+    key("generation.min_p", Float, false, ""),
+    key("generation.enable_thinking", Bool, false, ""),
+    key("generation.batch_size", OptUInt, false, ""),
+    key("rewards", MapList, false, ""),
 ];
 
 /// The key at `path`, if the schema has one.

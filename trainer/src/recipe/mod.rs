@@ -7,6 +7,7 @@
 pub mod check;
 pub mod dpo;
 pub mod error;
+pub mod grpo;
 pub mod hash;
 pub mod keys;
 pub mod overrides;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use super::dpo::DpoSection;
+pub use super::grpo::{GenerationSection, GrpoSection, RewardSpec};
 
 pub use moeru_models::Precision;
 
@@ -37,6 +38,23 @@ pub struct Recipe {
     /// DPO settings (`data.task: dpo`).
     #[serde(default, skip_serializing_if = "is_default_dpo")]
     pub dpo: DpoSection,
+    /// GRPO settings (`data.task: grpo`).
+    #[serde(default, skip_serializing_if = "is_default_grpo")]
+    pub grpo: GrpoSection,
+    /// How rollouts are sampled (`data.task: grpo`).
+    #[serde(default, skip_serializing_if = "is_default_generation")]
+    pub generation: GenerationSection,
+    /// The reward functions, summed with their weights (`data.task: grpo`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rewards: Vec<RewardSpec>,
+}
+
+fn is_default_grpo(g: &GrpoSection) -> bool {
+    *g == GrpoSection::default()
+}
+
+fn is_default_generation(g: &GenerationSection) -> bool {
+    *g == GenerationSection::default()
 }
 
 fn is_default_dpo(d: &DpoSection) -> bool {
@@ -67,6 +85,9 @@ pub enum TaskKind {
     Sft,
     /// Preference pairs (prepare with --preference): the `dpo` section's loss.
     Dpo,
+    /// On-policy RL: `data.train` is a JSONL prompt set; the `grpo`, `generation` and
+    /// `rewards` sections.
+    Grpo,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -4,7 +4,9 @@
 use moeru_models::lora::KNOWN_TARGETS;
 use moeru_models::DeviceSpec;
 
-use super::schema::{DpoSection, LoraSection, MoeSection, Recipe, TaskKind};
+use super::schema::{
+    DpoSection, GenerationSection, GrpoSection, LoraSection, MoeSection, Recipe, TaskKind,
+};
 
 /// A failed check: the key it is about and the message (without the key).
 #[derive(Debug, Clone, PartialEq)]
@@ -199,21 +201,35 @@ pub fn validate(r: &Recipe) -> Result<(), Violation> {
     Ok(())
 }
 
-/// The `dpo` section's own checks, and that it is set only for `data.task: dpo`.
+/// The task's own sections' checks, and that another task's sections are not set.
 fn validate_task(r: &Recipe) -> Result<(), Violation> {
-    if r.data.task == TaskKind::Dpo {
-        return r.dpo.validate();
+    match r.data.task {
+        TaskKind::Dpo => r.dpo.validate()?,
+        TaskKind::Grpo => super::grpo::validate_run(r)?,
+        _ => {}
     }
-    if r.dpo != DpoSection::default() {
-        return Err(Violation {
-            key: "dpo",
-            msg: format!(
-                "is set but `data.task` is `{}`; the section applies to `data.task: dpo` only",
-                serde_json::to_value(r.data.task)
-                    .map_or(String::new(), |v| v.as_str().unwrap_or("").to_string())
-            ),
-            related: &["data.task"],
-        });
+    let task = serde_json::to_value(r.data.task)
+        .map_or(String::new(), |v| v.as_str().unwrap_or("").to_string());
+    let foreign = |key: &'static str, owner: &str| Violation {
+        key,
+        msg: format!(
+            "is set but `data.task` is `{task}`; the section applies to `data.task: {owner}` only"
+        ),
+        related: &["data.task"],
+    };
+    if r.data.task != TaskKind::Dpo && r.dpo != DpoSection::default() {
+        return Err(foreign("dpo", "dpo"));
+    }
+    if r.data.task != TaskKind::Grpo {
+        if r.grpo != GrpoSection::default() {
+            return Err(foreign("grpo", "grpo"));
+        }
+        if r.generation != GenerationSection::default() {
+            return Err(foreign("generation", "grpo"));
+        }
+        if !r.rewards.is_empty() {
+            return Err(foreign("rewards", "grpo"));
+        }
     }
     Ok(())
 }

@@ -183,7 +183,7 @@ impl Task for DpoTask {
 impl DpoTask {
     /// The DPO loss and rewards of the held-out pairs under the current policy, each pair
     /// scored alone (no dropout).
-    fn held_out(&self, engine: &Engine) -> Vec<(&'static str, f64)> {
+    fn held_out(&self, engine: &Engine) -> Vec<(String, f64)> {
         let ctx = reference_ctx(engine);
         let pairs = &self.eval_pairs;
         let policy: Vec<[f64; 2]> = pairs
@@ -205,12 +205,14 @@ impl DpoTask {
         let k = pairs.len() as f64;
         let loss = to_f32_vec(l.per_pair.clone().sum())[0] as f64 / k;
         let [chosen, rejected, wins, margin, _, _] = l.metric_sums();
-        vec![
+        [
             ("loss", loss),
             ("rewards_accuracy", wins / k),
             ("rewards_margin", margin / k),
             ("rewards_chosen", chosen / k),
             ("rewards_rejected", rejected / k),
         ]
+        .map(|(n, v)| (n.to_string(), v))
+        .to_vec()
     }
 }

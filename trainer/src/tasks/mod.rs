@@ -3,6 +3,7 @@
 //! train and how it is evaluated; setup is the session's; the step is the engine's.
 
 pub mod dpo;
+pub mod grpo;
 pub mod lm;
 pub mod report;
 pub mod setup;
@@ -47,12 +48,18 @@ pub trait Task {
 
     /// The data stream's position, for a checkpoint.
     fn loader_state(&self) -> LoaderState;
+
+    /// The task's own metrics of the step just taken that its objective does not report
+    /// (GRPO: the rollouts'), global values.
+    fn step_metrics(&mut self) -> Vec<(String, f64)> {
+        Vec::new()
+    }
 }
 
 /// An evaluation result: the held-out LM loss, or a task's named values.
 pub enum Eval {
     Loss(f64),
-    Values(Vec<(&'static str, f64)>),
+    Values(Vec<(String, f64)>),
 }
 
 /// Trains (or resumes) `session`'s recipe on this rank.
@@ -107,7 +114,9 @@ pub fn run(session: &Session, opts: &RunOptions) -> Result<RunSummary, TrainErro
         if let Some(metrics) = &mut metrics {
             let elapsed = began.elapsed().as_secs_f64().max(1e-9);
             let ep = session.mesh.sizes.ep;
-            metrics.log_step(&step_metrics(done, lr, &report, elapsed, comm, ep))?;
+            let mut line = step_metrics(done, lr, &report, elapsed, comm, ep);
+            line.task.extend(task.step_metrics());
+            metrics.log_step(&line)?;
         }
         // A sharded model evaluates on every rank (its collectives need them all).
         if session.main || engine.parallel().is_some() {
@@ -148,6 +157,7 @@ fn task_for(
             objective: LmObjective { weights },
         }),
         Loader::Pairs(loader) => Box::new(dpo::DpoTask::new(session, engine, loader, weights)?),
+        Loader::Prompts(loader) => Box::new(grpo::GrpoTask::new(session, loader, weights)?),
     })
 }
 

@@ -1,0 +1,173 @@
+//! Rollouts: completions generated with the KV-cache generator for a rank's slots of a
+//! generation batch, and rollouts as training micro-batches (prompt ++ completion rows, the
+//! loss on completion tokens, the stop token included, as TRL's `completion_mask`).
+//!
+//! A slot's random stream is a function of the generation index and the slot alone, so the
+//! tokens do not depend on the batch around a row, the rank that generates it or a resume.
+//!
+//! Owns: generating and laying out rollouts. Must not: score them or communicate.
+
+use burn::tensor::{Tensor, TensorData};
+use moeru_models::generate::{GenerationConfig, Prompts, StepObserver};
+use moeru_models::params::to_f32_vec;
+use moeru_models::sampling::{mix, Sampling};
+use moeru_models::{ForwardCtx, Qwen3Model};
+
+use super::objective::token_logps;
+use crate::engine::MicroBatch;
+
+/// What a rollout micro-batch carries besides its tokens.
+#[derive(Debug, Clone)]
+pub struct RolloutRows {
+    /// One advantage per row.
+    pub advantages: Vec<f32>,
+    /// The log-probs `[rows, seq]` of the policy that generated them (`None`: this is that
+    /// policy's only update on them, so the live log-probs detached are the old ones).
+    pub old: Option<Tensor<2>>,
+    /// The reference's log-probs `[rows, seq]` (`None` when `grpo.beta` is 0).
+    pub reference: Option<Tensor<2>>,
+}
+
+/// One completion of a generation batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rollout {
+    /// Its index in the generation batch: prompt slot × `num_generations` + sample.
+    pub slot: usize,
+    /// The prompt set's row.
+    pub prompt: usize,
+    pub prompt_ids: Vec<i32>,
+    /// The completion's ids, the stop token included when it stopped.
+    pub completion: Vec<i64>,
+    /// It ended at a stop id (else at `max_new_tokens`).
+    pub stopped: bool,
+}
+
+/// How rollouts are generated.
+#[derive(Debug, Clone)]
+pub struct RolloutConfig {
+    pub max_new_tokens: usize,
+    pub eos_token_ids: Vec<i64>,
+    pub pad_token_id: i64,
+    /// `None`: greedy.
+    pub sampling: Option<Sampling>,
+    /// Rows decoded together.
+    pub batch_size: usize,
+}
+
+/// Keeps nothing and stops nothing (scores would cost `[rows, vocab]` a step).
+struct Quiet;
+
+impl StepObserver for Quiet {
+    fn step(&mut self, _: usize, _: &[i64], _: &mut [bool]) {}
+}
+
+/// The random stream of `slot` in generation `generation`.
+pub fn stream(generation: u64, slot: usize) -> u64 {
+    mix(mix(generation ^ 0x6772_706f) ^ slot as u64)
+}
+
+/// Completes `rows` (slot, prompt set row, prompt ids) under `model`, `rows.len()` at most
+/// `cfg.batch_size` at a time.
+pub fn generate(
+    model: &Qwen3Model,
+    rows: &[(usize, usize, Vec<i32>)],
+    generation: u64,
+    cfg: &RolloutConfig,
+    ctx: &ForwardCtx,
+) -> Vec<Rollout> {
+    let gen_cfg = GenerationConfig {
+        max_new_tokens: cfg.max_new_tokens,
+        eos_token_ids: cfg.eos_token_ids.clone(),
+        pad_token_id: cfg.pad_token_id,
+        sampling: cfg.sampling.clone(),
+    };
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(cfg.batch_size.max(1)) {
+        let prompts = left_pad(
+            chunk.iter().map(|(_, _, ids)| ids.as_slice()),
+            cfg.pad_token_id,
+        );
+        let streams: Vec<u64> = chunk
+            .iter()
+            .map(|(slot, ..)| stream(generation, *slot))
+            .collect();
+        let g = model.generate_streams(&prompts, &streams, &gen_cfg, ctx, &mut Quiet);
+        for (r, (slot, prompt, ids)) in chunk.iter().enumerate() {
+            let row = &g.sequences[r * g.len + prompts.seq..(r + 1) * g.len];
+            let (completion, stopped) = match g.stopped_at[r] {
+                Some(step) => (row[..=step].to_vec(), true),
+                None => (row.to_vec(), false),
+            };
+            out.push(Rollout {
+                slot: *slot,
+                prompt: *prompt,
+                prompt_ids: ids.clone(),
+                completion,
+                stopped,
+            });
+        }
+    }
+    out
+}
+
+/// Prompts `[batch, longest]`, left-padded with `pad`.
+fn left_pad<'a>(rows: impl Iterator<Item = &'a [i32]> + Clone, pad: i64) -> Prompts {
+    let seq = rows.clone().map(<[i32]>::len).max().unwrap_or(1);
+    let (mut ids, mut mask, mut batch) = (Vec::new(), Vec::new(), 0);
+    for row in rows {
+        let padding = seq - row.len();
+        ids.extend(std::iter::repeat_n(pad, padding).chain(row.iter().map(|&t| t as i64)));
+        mask.extend(std::iter::repeat_n(0, padding).chain(std::iter::repeat_n(1, row.len())));
+        batch += 1;
+    }
+    Prompts {
+        ids,
+        mask,
+        batch,
+        seq,
+    }
+}
+
+/// `rollouts` as one micro-batch with their advantages; a truncated completion's row gets no
+/// loss when `mask_truncated`.
+pub fn micro_batch(
+    rollouts: &[&Rollout],
+    advantages: &[f32],
+    mask_truncated: bool,
+    device: &burn::tensor::Device,
+) -> MicroBatch {
+    let rows: Vec<(Vec<i32>, usize)> = rollouts
+        .iter()
+        .map(|r| {
+            let completion = r.completion.iter().map(|&t| t as i32);
+            let row: Vec<i32> = r.prompt_ids.iter().copied().chain(completion).collect();
+            (row, r.prompt_ids.len())
+        })
+        .collect();
+    let mut mb = MicroBatch::from_completions(&rows, device);
+    if mask_truncated && rollouts.iter().any(|r| !r.stopped) {
+        let [b, s] = mb.mask.dims();
+        let keep: Vec<f32> = rollouts
+            .iter()
+            .map(|r| f32::from(u8::from(r.stopped)))
+            .collect();
+        let keep = Tensor::<2>::from_data(TensorData::new(keep, [b, 1]), device);
+        mb.mask = mb.mask * keep.expand([b, s]);
+        mb.target_count = to_f32_vec(mb.mask.clone())
+            .iter()
+            .filter(|&&m| m > 0.0)
+            .count();
+    }
+    mb.rollout = Some(RolloutRows {
+        advantages: advantages.to_vec(),
+        old: None,
+        reference: None,
+    });
+    mb
+}
+
+/// The log-probs `[rows, seq]` `model` gives `mb`'s targets at `temperature`, without a graph.
+pub fn score(model: &Qwen3Model, mb: &MicroBatch, temperature: f64, ctx: &ForwardCtx) -> Tensor<2> {
+    let hidden = model.forward(&mb.batch, ctx).hidden;
+    token_logps(model, mb, hidden, temperature, ctx).detach()
+}
