@@ -366,7 +366,7 @@ fn validation_names_key_value_and_fix() {
         ("parallel.ep=0", "`parallel.ep`: is 0; it must be at least 1"),
         ("schedule.warmup_steps=11", "`schedule.warmup_steps`: is 11 but `train.steps` is 10; set it to at most 10"),
         ("schedule.min_lr=0.1", "`schedule.min_lr`: is 0.1 but `optim.lr` is 0.0003"),
-        ("optim.lr=0", "`optim.lr`: is 0; it must be greater than 0"),
+        ("optim.lr=-0.1", "`optim.lr`: is -0.1; it must be 0 or more"),
         ("optim.betas=[0.9, 1.0]", "`optim.betas`: beta2 is 1; each beta must be in [0, 1)"),
         ("optim.eps=0", "`optim.eps`: is 0; it must be greater than 0"),
         ("train.eval_every=5", "`train.eval_every`: is 5 but `data.eval` is not set; set `data.eval` to a prepared folder, or `train.eval_every` to 0"),
@@ -459,6 +459,7 @@ fn full_json() -> serde_json::Value {
             "data.task=dpo",
             "dpo.beta=0.2",
             "dpo.loss_weights=[1.0]",
+            "train.eval_on_start=true",
         ],
     );
     // The GRPO sections, set beside DPO's (validation would refuse both) so every key shows.

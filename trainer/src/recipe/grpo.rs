@@ -422,6 +422,13 @@ pub fn validate_run(r: &Recipe) -> Result<(), Violation> {
             ],
         })?;
     }
+    if r.generation.temperature == 0.0 {
+        return Err(Violation {
+            key: "generation.temperature",
+            msg: "is 0 (greedy) under `data.task: grpo`; a group of identical completions has no signal: sample (TRL's default is 1.0)".into(),
+            related: &["data.task"],
+        });
+    }
     if r.generation.max_new_tokens >= r.data.seq_len {
         return Err(Violation {
             key: "generation.max_new_tokens",

@@ -154,6 +154,7 @@ pub const KEYS: &[Key] = &[
     key("train.grad_accum", UInt, false, ""),
     key("train.eval_every", UInt, false, ""),
     key("train.eval_batches", UInt, false, ""),
+    key("train.eval_on_start", Bool, false, ""),
     key(
         "train.recompute",
         Enum(&["none", "experts", "layers"]),

@@ -161,6 +161,9 @@ pub struct TrainSection {
     /// Micro-batches per evaluation (0 = the whole eval set, one epoch).
     #[serde(default)]
     pub eval_batches: u64,
+    /// Also evaluate before the first step of a fresh run (logged as step 0).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub eval_on_start: bool,
     /// What a forward keeps for its backward (see [`Recompute`]).
     #[serde(default)]
     pub recompute: Recompute,

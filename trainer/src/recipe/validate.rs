@@ -146,10 +146,14 @@ pub fn validate(r: &Recipe) -> Result<(), Violation> {
         });
     }
     let o = &r.optim;
-    if o.lr.is_nan() || o.lr <= 0.0 {
+    // 0 is allowed: a control run whose weights must not move.
+    if o.lr.is_nan() || o.lr < 0.0 {
         return Err(Violation {
             key: "optim.lr",
-            msg: format!("is {}; it must be greater than 0", o.lr),
+            msg: format!(
+                "is {}; it must be 0 or more (0 trains nothing: a control run)",
+                o.lr
+            ),
             related: &[],
         });
     }

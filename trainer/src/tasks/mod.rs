@@ -95,6 +95,9 @@ pub fn run(session: &Session, opts: &RunOptions) -> Result<RunSummary, TrainErro
         .stop_after
         .map_or(t.steps, |n| (start_step + n).min(t.steps));
     let mut last_loss = f64::NAN;
+    if t.eval_on_start && start_step == 0 {
+        log_eval(session, &engine, task.as_ref(), metrics.as_mut(), 0)?;
+    }
     for step in start_step..end {
         if let Some(f) = opts
             .fault
@@ -118,14 +121,7 @@ pub fn run(session: &Session, opts: &RunOptions) -> Result<RunSummary, TrainErro
             line.task.extend(task.step_metrics());
             metrics.log_step(&line)?;
         }
-        // A sharded model evaluates on every rank (its collectives need them all).
-        if session.main || engine.parallel().is_some() {
-            match (task.evaluate(session, &engine, done)?, &mut metrics) {
-                (Some(Eval::Loss(loss)), Some(m)) => m.log_eval(done, loss)?,
-                (Some(Eval::Values(values)), Some(m)) => m.log_eval_values(done, &values)?,
-                _ => {}
-            }
-        }
+        log_eval(session, &engine, task.as_ref(), metrics.as_mut(), done)?;
         let saved = save_if_due(session, &mut engine, task.as_ref(), &state, done, lr)?;
         if let (Some(dir), Some(metrics)) = (saved, &mut metrics) {
             metrics.println(&format!("saved {}", dir.display()));
@@ -142,6 +138,26 @@ pub fn run(session: &Session, opts: &RunOptions) -> Result<RunSummary, TrainErro
         rank: session.world.rank(),
         pipeline_order: engine.pipeline_order().map(<[_]>::to_vec),
     })
+}
+
+/// Evaluates after step `done` when due, and logs it on the reporting rank.
+fn log_eval(
+    session: &Session,
+    engine: &Engine,
+    task: &dyn Task,
+    metrics: Option<&mut MetricsSink>,
+    done: u64,
+) -> Result<(), TrainError> {
+    // A sharded model evaluates on every rank (its collectives need them all).
+    if !session.main && engine.parallel().is_none() {
+        return Ok(());
+    }
+    match (task.evaluate(session, engine, done)?, metrics) {
+        (Some(Eval::Loss(loss)), Some(m)) => m.log_eval(done, loss)?,
+        (Some(Eval::Values(values)), Some(m)) => m.log_eval_values(done, &values)?,
+        _ => {}
+    }
+    Ok(())
 }
 
 /// The recipe's task over `loader`'s data.
