@@ -14,4 +14,6 @@ python3 recipes/toy-rl/make_toy_rl.py "$work/sft-train.jsonl"
   --input "$work/sft-train.jsonl" --output "$work/data"
 "$moeru" train recipes/toy-rl-sft.yaml
 "$moeru" export --checkpoint "$work" --out recipes/toy-rl/sft
+# The export holds weights and config; the tokenizer is the base model's.
+cp recipes/smoke/base/tokenizer.json recipes/toy-rl/sft/
 ls -l recipes/toy-rl/sft

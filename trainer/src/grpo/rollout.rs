@@ -171,3 +171,40 @@ pub fn score(model: &Qwen3Model, mb: &MicroBatch, temperature: f64, ctx: &Forwar
     let hidden = model.forward(&mb.batch, ctx).hidden;
     token_logps(model, mb, hidden, temperature, ctx).detach()
 }
+
+/// Appends `rollouts` of generation `generation` as JSON lines to `path`: the prompt row,
+/// completion ids and text, whether it stopped, the summed reward and each function's
+/// (null: unscored). A resumed run appends too, so a generation after the last checkpoint
+/// appears twice; the later lines are the resumed run's.
+pub fn log_completions(
+    path: &std::path::Path,
+    generation: u64,
+    rollouts: &[Rollout],
+    texts: &[String],
+    rewards: (&[String], &[Vec<Option<f64>>], &[f64]),
+) -> Result<(), crate::metrics::MetricsError> {
+    use std::io::Write;
+    let io = |op, source| crate::metrics::MetricsError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    };
+    let (names, scores, total) = rewards;
+    let mut text = String::new();
+    for (i, r) in rollouts.iter().enumerate() {
+        let each: serde_json::Map<String, serde_json::Value> = (names.iter().zip(scores))
+            .map(|(n, s)| (n.clone(), serde_json::json!(s[i])))
+            .collect();
+        let line = serde_json::json!({
+            "generation": generation, "slot": r.slot, "prompt_row": r.prompt,
+            "completion_ids": r.completion, "text": texts[i], "stopped": r.stopped,
+            "reward": total[i], "rewards": each,
+        });
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    let mut f = (std::fs::OpenOptions::new().create(true).append(true))
+        .open(path)
+        .map_err(|e| io("open", e))?;
+    f.write_all(text.as_bytes()).map_err(|e| io("write", e))
+}

@@ -90,6 +90,10 @@ pub struct GrpoSection {
     /// tokenizer.json for prompts and rewards; null: the model folder's.
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,
+    /// Each rank appends its rollouts (prompt row, completion ids and text, rewards) to
+    /// `logging.dir/completions-rank<R>.jsonl` (TRL's `log_completions`).
+    #[serde(default)]
+    pub log_completions: bool,
 }
 
 impl Default for GrpoSection {
@@ -461,7 +465,7 @@ pub fn rollout_batch(r: &Recipe, dp: usize) -> Result<(), String> {
     if rows != step {
         return Err(format!("× `grpo.num_generations` is {} × {} = {rows} completions, but a step trains `train.micro_batch_size` × `train.grad_accum` × dp = {step} rows; make them equal", g.prompts_per_step, g.num_generations));
     }
-    if g.prompts_per_step % dp != 0 {
+    if !g.prompts_per_step.is_multiple_of(dp) {
         return Err(format!("is {}, not a multiple of the {dp} data-parallel ranks; each rank generates whole groups", g.prompts_per_step));
     }
     Ok(())

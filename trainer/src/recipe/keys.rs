@@ -234,6 +234,7 @@ pub const KEYS: &[Key] = &[
     key("grpo.kl_clamp", OptFloat, false, ""),
     key("grpo.adv_eps", Float, false, ""),
     key("grpo.tokenizer", OptPath, false, ""),
+    key("grpo.log_completions", Bool, false, ""),
     key("generation", Section, false, ""),
     key("generation.max_new_tokens", UInt, false, ""),
     key("generation.temperature", Float, false, ""),

@@ -22,7 +22,9 @@ use crate::engine::{Engine, MicroBatch};
 use crate::error::TrainError;
 use crate::grpo::advantage::{advantages, combine, nan_mean, nan_std};
 use crate::grpo::reward::{Completion, Reward};
-use crate::grpo::rollout::{generate, micro_batch, score, Rollout, RolloutConfig};
+use crate::grpo::rollout::{
+    generate, log_completions, micro_batch, score, Rollout, RolloutConfig,
+};
 use crate::grpo::{GrpoLossSettings, GrpoObjective};
 use crate::objective::{AuxWeights, Objective};
 use crate::recipe::schema::Recipe;
@@ -165,9 +167,12 @@ fn rollout_config(recipe: &Recipe, tokenizer: &TextTokenizer) -> Result<RolloutC
     })
 }
 
+/// Each reward function's scores per completion; `None` where it did not score one.
+type RewardColumns = Vec<Vec<Option<f64>>>;
+
 fn sampling(recipe: &Recipe, seed: u64) -> Option<Sampling> {
     let g = &recipe.generation;
-    (g.temperature > 0.0).then(|| Sampling {
+    (g.temperature > 0.0).then_some(Sampling {
         temperature: g.temperature,
         top_k: g.top_k,
         top_p: g.top_p,
@@ -200,31 +205,32 @@ impl GrpoTask {
         out
     }
 
+    /// `r`'s completion as text: without its stop token and special tokens.
+    fn text(&self, r: &Rollout) -> String {
+        let eos = &self.rollout.eos_token_ids;
+        let body = match r.stopped {
+            true => &r.completion[..r.completion.len() - 1],
+            false => &r.completion[..],
+        };
+        let ids: Vec<u32> = (body.iter().filter(|t| !eos.contains(t)))
+            .map(|&t| t as u32)
+            .collect();
+        self.tokenizer.decode(&ids)
+    }
+
     /// The rewards of `rollouts`, each function's scores (`None`: unscored) then the sum.
     fn score(
         &self,
         set: &PromptSet,
         rollouts: &[Rollout],
-    ) -> Result<(Vec<Vec<Option<f64>>>, Vec<f64>), TrainError> {
-        let eos = &self.rollout.eos_token_ids;
+    ) -> Result<(RewardColumns, Vec<f64>), TrainError> {
         let completions: Vec<Completion> = rollouts
             .iter()
-            .map(|r| {
-                let body = match r.stopped {
-                    true => &r.completion[..r.completion.len() - 1],
-                    false => &r.completion[..],
-                };
-                let ids: Vec<u32> = body
-                    .iter()
-                    .filter(|t| !eos.contains(t))
-                    .map(|&t| t as u32)
-                    .collect();
-                Completion {
-                    prompt: &set.rows[r.prompt],
-                    text: self.tokenizer.decode(&ids),
-                    ids: r.completion.clone(),
-                    stopped: r.stopped,
-                }
+            .map(|r| Completion {
+                prompt: &set.rows[r.prompt],
+                text: self.text(r),
+                ids: r.completion.clone(),
+                stopped: r.stopped,
             })
             .collect();
         let scores =
@@ -250,6 +256,13 @@ impl GrpoTask {
         let rollouts = generate(&policy, &slots, generation, &self.rollout, &ctx);
         let seconds = began.elapsed().as_secs_f64();
         let (scores, total) = self.score(&self.loader.set, &rollouts)?;
+        if g.log_completions {
+            let path = (recipe.logging.dir)
+                .join(format!("completions-rank{}.jsonl", session.world.rank()));
+            let texts: Vec<String> = rollouts.iter().map(|r| self.text(r)).collect();
+            let names: Vec<String> = self.rewards.iter().map(|f| f.name.clone()).collect();
+            log_completions(&path, generation, &rollouts, &texts, (&names, &scores, &total))?;
+        }
         let global = GlobalBatch::gather(session, &rollouts, &scores, &total)?;
         let adv = advantages(
             &global.rewards,
