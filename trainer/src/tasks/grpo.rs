@@ -22,9 +22,7 @@ use crate::engine::{Engine, MicroBatch};
 use crate::error::TrainError;
 use crate::grpo::advantage::{advantages, combine, nan_mean, nan_std};
 use crate::grpo::reward::{Completion, Reward};
-use crate::grpo::rollout::{
-    generate, log_completions, micro_batch, score, Rollout, RolloutConfig,
-};
+use crate::grpo::rollout::{generate, log_completions, micro_batch, score, Rollout, RolloutConfig};
 use crate::grpo::{GrpoLossSettings, GrpoObjective};
 use crate::objective::{AuxWeights, Objective};
 use crate::recipe::schema::Recipe;
@@ -261,7 +259,13 @@ impl GrpoTask {
                 .join(format!("completions-rank{}.jsonl", session.world.rank()));
             let texts: Vec<String> = rollouts.iter().map(|r| self.text(r)).collect();
             let names: Vec<String> = self.rewards.iter().map(|f| f.name.clone()).collect();
-            log_completions(&path, generation, &rollouts, &texts, (&names, &scores, &total))?;
+            log_completions(
+                &path,
+                generation,
+                &rollouts,
+                &texts,
+                (&names, &scores, &total),
+            )?;
         }
         let global = GlobalBatch::gather(session, &rollouts, &scores, &total)?;
         let adv = advantages(
