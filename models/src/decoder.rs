@@ -134,7 +134,7 @@ impl DecoderLayer {
         let mlp_prefix = format!("{prefix}.mlp");
         let mlp = match &c.moe {
             Some(m) if c.is_moe_layer(index) => {
-                Mlp::Moe(MoeBlock::new(c, m, &mlp_prefix, src, device)?)
+                Mlp::Moe(MoeBlock::new(c, m, index, &mlp_prefix, src, device)?)
             }
             _ => Mlp::Dense(DenseMlp::new(
                 h,

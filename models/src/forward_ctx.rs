@@ -2,8 +2,11 @@
 //! serve several forwards at once (micro-batches with their own dropout masks, a policy and
 //! its frozen reference).
 
+use std::sync::Arc;
+
 use crate::lora::DropoutKey;
 use crate::precision::Precision;
+use crate::route_replay::RouteReplay;
 
 /// Whether the LoRA adapters take part in a forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -17,9 +20,8 @@ pub enum Adapters {
 }
 
 /// The settings of one forward: the matmul dtype, the LoRA dropout mask and whether adapters
-/// apply. Later, per-forward state such as a KV cache for decoding and the parallel
-/// boundaries a stage or shard runs between belong here too; nothing for them exists yet.
-#[derive(Debug, Clone, Copy, Default)]
+/// apply, the MoE capacity, and routes to replay.
+#[derive(Debug, Clone, Default)]
 pub struct ForwardCtx {
     /// The dtype matmuls run in; parameters stay f32 either way (see `precision.rs`).
     pub precision: Precision,
@@ -30,6 +32,9 @@ pub struct ForwardCtx {
     /// MoE expert capacity as a multiple of an even share of the routed rows; assignments
     /// beyond it are dropped (`moe.rs`). `None`: dropless.
     pub capacity_factor: Option<f64>,
+    /// MoE router replay: each token goes to these experts instead of its live top-k
+    /// (`route_replay.rs`); `None`: live routing.
+    pub routes: Option<Arc<RouteReplay>>,
 }
 
 impl ForwardCtx {
@@ -53,6 +58,10 @@ impl ForwardCtx {
             capacity_factor,
             ..self
         }
+    }
+
+    pub fn with_routes(self, routes: Option<Arc<RouteReplay>>) -> Self {
+        Self { routes, ..self }
     }
 
     /// The same forward with the LoRA terms skipped: the frozen base model.

@@ -15,7 +15,9 @@ use crate::batch::Batch;
 use crate::forward_ctx::ForwardCtx;
 use crate::kv_cache::KvCache;
 use crate::model::Qwen3Model;
+use crate::moe::RouterStats;
 use crate::params::to_f32_vec;
+use crate::route_replay::{RouteRecorder, RouteReplay};
 use crate::sampling::{argmax, mix, Sampling};
 
 /// A prompt batch `[batch, seq]`, row-major: token ids and the attention mask (1 on real
@@ -50,6 +52,12 @@ pub struct Generated {
     /// Per step, the f32 logits `[batch, vocab]` its tokens were chosen from, warped when
     /// sampling (transformers' `scores`); empty when the observer did not keep them.
     pub scores: Vec<Vec<f32>>,
+    /// When the observer records: each MoE layer's routes of every position, laid out as
+    /// `sequences` (see [`RouteRecorder`]).
+    pub routes: Option<RouteReplay>,
+    /// When the observer records: per row, the log-probability of each step's token under
+    /// the distribution it was drawn from (the warped one when sampling), NaN once stopped.
+    pub token_logps: Vec<Vec<f32>>,
     /// Per row, the step whose token finished it (an EOS id, or the observer stopped it);
     /// `None`: it ran to `max_new_tokens`.
     pub stopped_at: Vec<Option<usize>>,
@@ -124,6 +132,11 @@ pub trait StepObserver {
     fn keep_scores(&self) -> bool {
         false
     }
+
+    /// Whether [`Generated::routes`] and [`Generated::token_logps`] are recorded (RL rollouts).
+    fn record(&self) -> bool {
+        false
+    }
 }
 
 /// [`Qwen3Model::generate`]'s observer: keeps the scores, stops nothing.
@@ -179,13 +192,29 @@ impl Qwen3Model {
         let mut valid: Vec<Vec<bool>> = (0..b)
             .map(|r| p.mask[r * s..(r + 1) * s].iter().map(|&m| m != 0).collect())
             .collect();
-        let mut logits = self.prefill(&p, &mut cache, ctx);
+        let (mut logits, router) = self.prefill(&p, &mut cache, ctx);
+        let k = self
+            .config
+            .moe
+            .as_ref()
+            .map_or(0, |m| m.num_experts_per_tok);
+        let mut recorder = observer.record().then(|| RouteRecorder::new(b, k));
+        if let Some(rec) = &mut recorder {
+            rec.prefill(&router, &p.mask);
+        }
         let mut rows: Vec<Vec<i64>> = (0..b).map(|r| p.ids[r * s..(r + 1) * s].to_vec()).collect();
         let mut finished = vec![false; b];
         let mut stopped_at = vec![None; b];
-        let mut scores = Vec::new();
+        let (mut scores, mut token_logps) = (Vec::new(), vec![Vec::new(); b]);
         for step in 0..cfg.max_new_tokens {
             let next = self.choose(&mut logits, cfg, streams, &finished, step);
+            if recorder.is_some() {
+                let lp = chosen_logps(&logits, &next, &finished);
+                token_logps
+                    .iter_mut()
+                    .zip(lp)
+                    .for_each(|(row, x)| row.push(x));
+            }
             for r in 0..b {
                 finished[r] |= cfg.eos_token_ids.contains(&next[r]);
                 rows[r].push(next[r]);
@@ -204,7 +233,11 @@ impl Qwen3Model {
             }
             let positions: Vec<i64> = lengths.iter().map(|&n| (n + step) as i64).collect();
             valid.iter_mut().for_each(|v| v.push(true));
-            logits = self.decode_step(&next, &positions, &valid, &mut cache, ctx);
+            let router;
+            (logits, router) = self.decode_step(&next, &positions, &valid, &mut cache, ctx);
+            if let Some(rec) = &mut recorder {
+                rec.step(&router);
+            }
         }
         let len = rows[0].len();
         Generated {
@@ -213,6 +246,8 @@ impl Qwen3Model {
             len,
             scores,
             stopped_at,
+            routes: recorder.map(|r| r.finish(len)),
+            token_logps,
         }
     }
 
@@ -242,7 +277,12 @@ impl Qwen3Model {
     /// Runs the left-padded prompts through the model, filling `cache`; the last position's
     /// logits `[b, vocab]`. Each pad is its own document, so real tokens never attend to
     /// pads and no pad row is fully masked; real tokens sit at positions 0..n.
-    pub(crate) fn prefill(&self, p: &Prompts, cache: &mut KvCache, ctx: &ForwardCtx) -> Vec<f32> {
+    pub(crate) fn prefill(
+        &self,
+        p: &Prompts,
+        cache: &mut KvCache,
+        ctx: &ForwardCtx,
+    ) -> (Vec<f32>, Vec<(usize, RouterStats)>) {
         let (b, s) = (p.batch, p.seq);
         let mut positions = vec![0i64; b * s];
         let mut documents = vec![0i64; b * s];
@@ -259,14 +299,14 @@ impl Qwen3Model {
         let bias = Tensor::<3>::zeros([b, s, s], &self.device())
             .mask_fill(batch.attention_block_mask(), f32::NEG_INFINITY)
             .reshape([b, 1, 1, s, s]);
-        let (x, _) = self.stack(
+        let (x, router) = self.stack(
             &batch.input_ids,
             &batch.position_ids,
             bias,
             Some(cache),
             ctx,
         );
-        self.last_logits(x, b, s, ctx)
+        (self.last_logits(x, b, s, ctx), router)
     }
 
     /// One token per row at `positions`, attending the keys `valid` marks (the cached ones
@@ -278,7 +318,7 @@ impl Qwen3Model {
         valid: &[Vec<bool>],
         cache: &mut KvCache,
         ctx: &ForwardCtx,
-    ) -> Vec<f32> {
+    ) -> (Vec<f32>, Vec<(usize, RouterStats)>) {
         let (b, device) = (tokens.len(), self.device());
         let keys = valid[0].len();
         let int =
@@ -287,8 +327,8 @@ impl Qwen3Model {
             .map(|&ok| if ok { 0.0 } else { f32::NEG_INFINITY })
             .collect();
         let bias = Tensor::<5>::from_data(TensorData::new(bias, [b, 1, 1, 1, keys]), &device);
-        let (x, _) = self.stack(&int(tokens), &int(positions), bias, Some(cache), ctx);
-        self.last_logits(x, b, 1, ctx)
+        let (x, router) = self.stack(&int(tokens), &int(positions), bias, Some(cache), ctx);
+        (self.last_logits(x, b, 1, ctx), router)
     }
 
     /// f32 logits `[b, vocab]` of the last of `s` positions of the normed rows `x [b·s, h]`.
@@ -297,4 +337,20 @@ impl Qwen3Model {
         let last = x.reshape([b, s, h]).narrow(1, s - 1, 1);
         to_f32_vec(self.logits(last, ctx))
     }
+}
+
+/// Each row's log-probability of `next` under its (warped) logits `[b, vocab]`; NaN for rows
+/// already `finished` (their token is padding).
+fn chosen_logps(logits: &[f32], next: &[i64], finished: &[bool]) -> Vec<f32> {
+    let vocab = logits.len() / next.len().max(1);
+    (logits.chunks(vocab).zip(next).zip(finished))
+        .map(|((row, &t), &done)| match done {
+            true => f32::NAN,
+            false => {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f64 = row.iter().map(|&z| ((z - max) as f64).exp()).sum();
+                row[t as usize] - max - sum.ln() as f32
+            }
+        })
+        .collect()
 }

@@ -12,6 +12,7 @@ use crate::layers::logsumexp_rows;
 use crate::linear::Linear;
 use crate::lora::{LoraAdapter, LoraSlot};
 use crate::params::{to_f32_vec, ParamSource, ParamVisitor, Params};
+use crate::route_replay::{replayed_ids, ReplayStats};
 use crate::routing::RoutingPlan;
 
 #[derive(Debug, Clone)]
@@ -21,6 +22,8 @@ pub struct MoeBlock {
     experts: Experts,
     top_k: usize,
     norm_topk_prob: bool,
+    /// Its decoder layer's index: the key of its recorded routes (`route_replay.rs`).
+    layer: usize,
 }
 
 /// Marks the assignments over each expert's capacity ⌈`factor` · assignments / `experts`⌉
@@ -58,6 +61,11 @@ pub struct RouterStats {
     pub z_sum: Tensor<1>,
     /// Tokens routed to each expert (top-k assignments, before any capacity drop).
     pub expert_counts: Vec<u64>,
+    /// Each token's experts `[tokens · top_k]` (replayed ones under router replay), before
+    /// any capacity drop: what a recording keeps.
+    pub expert_ids: Vec<i64>,
+    /// Under router replay, how the replayed routes compared with live routing.
+    pub replay: Option<ReplayStats>,
     /// Number of tokens routed.
     pub tokens: usize,
     /// Rows the expert matmuls computed, padding included (`tokens · top_k` without padding).
@@ -68,6 +76,7 @@ impl MoeBlock {
     pub fn new<S: ParamSource>(
         c: &Qwen3Config,
         m: &MoeConfig,
+        layer: usize,
         prefix: &str,
         src: &mut S,
         device: &Device,
@@ -78,6 +87,7 @@ impl MoeBlock {
             experts: Experts::load(src, &format!("{prefix}.experts"), e, h, i, device)?,
             top_k: m.num_experts_per_tok,
             norm_topk_prob: m.norm_topk_prob,
+            layer,
         })
     }
 
@@ -109,18 +119,36 @@ impl MoeBlock {
         let (experts, k) = (self.num_experts(), self.top_k);
         let logits = self.gate.forward(x, ctx);
         let z_sum = logsumexp_rows(logits.clone()).square().sum();
-        let probs = softmax(logits, 1);
+        let probs = softmax(logits.clone(), 1);
 
         // Expert choice is not differentiable; the chosen probabilities are, through gather.
-        let (_, chosen) = probs.clone().detach().topk_with_indices(k, 1);
-        let mut weights = probs.clone().gather(1, chosen.clone());
-        if self.norm_topk_prob {
-            weights = weights.clone() / weights.sum_dim(1);
-        }
+        let (_, live) = probs.clone().detach().topk_with_indices(k, 1);
+        let replay = (ctx.routes.as_ref()).and_then(|r| r.layer(self.layer));
+        let (chosen, replay) = match replay {
+            None => (live, None),
+            Some(recorded) => {
+                let live = live
+                    .into_data()
+                    .try_into_vec_as::<i64>()
+                    .expect("integer ids");
+                let (ids, stats) = replayed_ids(&live, recorded, k, experts);
+                let data = TensorData::new(ids, [tokens, k]);
+                (Tensor::from_data(data, &probs.device()), Some(stats))
+            }
+        };
+        // Renormalised over the chosen experts, the weights are a softmax of their logits
+        // alone: the same values as p / Σ p, but the LM loss then reaches only the chosen
+        // experts' gate rows, exactly (the other rows' terms are not rounded to zero but
+        // absent), which keeps replayed routes from leaking gradient to unchosen experts.
+        let weights = match self.norm_topk_prob {
+            true => softmax(logits.gather(1, chosen.clone()), 1),
+            false => probs.clone().gather(1, chosen.clone()),
+        };
         let mut expert_of = chosen
             .into_data()
             .try_into_vec_as::<i64>()
             .expect("top-k indices are integers");
+        let expert_ids = expert_of.clone();
         let weights = weights.reshape([tokens * k]);
         // The load-balancing loss and the loads count the assignments before any drop.
         let mut expert_counts = vec![0u64; experts];
@@ -135,6 +163,8 @@ impl MoeBlock {
             prob_sum: probs.sum_dim(0).reshape([experts]),
             z_sum,
             expert_counts,
+            expert_ids,
+            replay,
             tokens,
             computed_rows: 0,
         };
@@ -376,14 +406,14 @@ mod tests {
         let device = Device::flex();
         let mut init = RandomInit { seed: 5, std: 0.8 };
         let m = c.moe.clone().unwrap();
-        let block = MoeBlock::new(&c, &m, "mlp", &mut init, &device).unwrap();
+        let block = MoeBlock::new(&c, &m, 0, "mlp", &mut init, &device).unwrap();
         let tokens = 24;
         let x: Vec<f32> = (0..tokens * 8)
             .map(|i| ((i * 37 % 17) as f32 - 8.0) / 4.0)
             .collect();
         let x = Tensor::<2>::from_data(TensorData::new(x, [tokens, 8]), &device);
         let full_ctx = ForwardCtx::default();
-        let drop_ctx = full_ctx.with_capacity_factor(Some(0.75));
+        let drop_ctx = full_ctx.clone().with_capacity_factor(Some(0.75));
         let (full, full_stats) = block.forward(x.clone(), &full_ctx, &Local);
         let (dropped, stats) = block.forward(x.clone(), &drop_ctx, &Local);
         assert_eq!(

@@ -234,17 +234,19 @@ fn a_model_chained_through_the_loss_matches_trl_in_every_gradient() {
                     .collect(),
                 completion: completion[r * 4..r * 4 + len].to_vec(),
                 stopped: true,
+                routes: Default::default(),
+                sampled_logps: Vec::new(),
             }
         })
         .collect();
     let adv = f32s(&f, "model.adv").0;
     let refs: Vec<&Rollout> = rollouts.iter().collect();
-    let mut mb = micro_batch(&refs, &adv, false, &device);
+    let mut mb = micro_batch(&refs, &adv, false, false, &device);
     let seq = mb.mask.dims()[1];
     let temperature = f32s(&f, "model.temperature").0[0] as f64;
     let ctx = ForwardCtx::default();
     // The log-probs moeru scores equal TRL's fused head's at the completion tokens.
-    let ours = to_f32_vec(score(&model, &mb, temperature, &ctx));
+    let ours = to_f32_vec(score(&model, &mb, temperature, &ctx).0);
     let theirs = at_targets(&f32s(&f, "model.logps").0, 3, seq);
     let m = to_f32_vec(mb.mask.clone());
     for i in (0..ours.len()).filter(|&i| m[i] > 0.0) {

@@ -7,7 +7,7 @@
 use burn::tensor::Tensor;
 use moeru_models::moe::RouterStats;
 use moeru_models::params::to_f32_vec;
-use moeru_models::{ForwardCtx, ForwardOutput, Qwen3Model};
+use moeru_models::{ForwardCtx, ForwardOutput, Qwen3Model, ReplayStats};
 
 use crate::engine::MicroBatch;
 
@@ -97,6 +97,30 @@ impl StepReport {
             }
         }
         self.expert_rows_computed += router.iter().map(|(_, s)| s.computed_rows).sum::<u64>();
+        self.add_replay(router);
+    }
+
+    /// Under router replay, counts (summed over micro-batches and ranks; `tasks::report`
+    /// turns them into fractions): the replayed tokens, and those whose live top-k differs
+    /// from the replayed one in each layer and in any layer.
+    fn add_replay(&mut self, router: &[(usize, RouterStats)]) {
+        let replayed: Vec<(usize, &ReplayStats, usize)> = (router.iter())
+            .filter_map(|(l, s)| s.replay.as_ref().map(|r| (*l, r, s.tokens)))
+            .collect();
+        let Some(&(_, first, tokens)) = replayed.first() else {
+            return;
+        };
+        self.add_task(REPLAY_TOKENS, (tokens - first.fallback) as f64);
+        let mut any = vec![false; first.mismatched.len()];
+        for (layer, r, _) in &replayed {
+            let n = r.mismatched.iter().filter(|&&m| m).count();
+            self.add_task(&format!("{REPLAY_MISMATCH}_layer{layer}"), n as f64);
+            any.iter_mut()
+                .zip(&r.mismatched)
+                .for_each(|(a, &m)| *a |= m);
+        }
+        let n = any.iter().filter(|&&m| m).count();
+        self.add_task(&format!("{REPLAY_MISMATCH}_any_layer"), n as f64);
     }
 
     /// Gives every MoE layer of `layers` an expert-load entry (zeros where none was added)
@@ -114,6 +138,11 @@ impl StepReport {
         }
     }
 }
+
+/// The count of replayed tokens under router replay (a denominator, not logged).
+pub const REPLAY_TOKENS: &str = "router_replay_tokens";
+/// The prefix of the router-replay mismatch fractions.
+pub const REPLAY_MISMATCH: &str = "router_replay_mismatch_frac";
 
 /// A task's loss, one micro-batch at a time.
 pub trait Objective {

@@ -333,7 +333,7 @@ impl<'w> Session<'w> {
 }
 
 /// The model's config.json as the recipe gives it (a folder's, or `model.architecture`).
-fn recipe_config(recipe: &Recipe) -> Result<Qwen3Config, TrainError> {
+pub(crate) fn recipe_config(recipe: &Recipe) -> Result<Qwen3Config, TrainError> {
     match (&recipe.model.path, &recipe.model.architecture) {
         (Some(path), None) => Ok(Qwen3Config::from_dir(path)?),
         (None, Some(arch)) => Ok(Qwen3Config::from_map(

@@ -71,7 +71,7 @@ impl Reference {
     ) -> [f64; 2] {
         let ctx = ForwardCtx {
             dropout: None,
-            ..*ctx
+            ..ctx.clone()
         };
         let (model, ctx) = match self {
             Reference::Free => return [0.0; 2],

@@ -3,7 +3,8 @@
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use moeru_data::PackedSample;
 use moeru_models::loss::next_token_targets;
-use moeru_models::{Batch, DropoutKey};
+use moeru_models::{Batch, DropoutKey, ForwardCtx, RouteReplay};
+use std::sync::Arc;
 
 use crate::dpo::PairRows;
 use crate::grpo::RolloutRows;
@@ -22,9 +23,17 @@ pub struct MicroBatch {
     pub pairs: Option<PairRows>,
     /// GRPO: the rows are rollouts (`grpo::rollout`).
     pub rollout: Option<RolloutRows>,
+    /// MoE router replay: the routes its training forwards use (`moe.router_replay`).
+    pub routes: Option<Arc<RouteReplay>>,
 }
 
 impl MicroBatch {
+    /// The settings of a training forward of this micro-batch: `base` with its dropout key
+    /// and routes.
+    pub fn ctx(&self, base: &ForwardCtx) -> ForwardCtx {
+        (base.clone().with_dropout(self.dropout)).with_routes(self.routes.clone())
+    }
+
     /// From packed samples of the data loader (position t predicts `labels[t]`).
     pub fn from_samples(samples: &[PackedSample], device: &Device) -> Self {
         let (b, s) = (samples.len(), samples[0].input_ids.len());
@@ -56,6 +65,7 @@ impl MicroBatch {
             dropout: None,
             pairs: None,
             rollout: None,
+            routes: None,
         }
     }
 
@@ -72,6 +82,7 @@ impl MicroBatch {
             dropout: None,
             pairs: None,
             rollout: None,
+            routes: None,
         }
     }
 
@@ -110,6 +121,7 @@ impl MicroBatch {
             dropout: None,
             pairs: None,
             rollout: None,
+            routes: None,
         }
     }
 }

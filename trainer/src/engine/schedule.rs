@@ -44,7 +44,7 @@ impl Schedule<'_> {
             }
             Schedule::Local => {
                 for mb in micro {
-                    let ctx = base.with_dropout(mb.dropout);
+                    let ctx = mb.ctx(&base);
                     let loss = objective.micro_loss(model, mb, &ctx, counts, report);
                     let g = loss.backward();
                     // Only what trains gets gradients (LoRA: the adapters).

@@ -6,6 +6,7 @@
 //! `tasks::grpo` does).
 
 pub mod advantage;
+pub mod global;
 pub mod loss;
 pub mod objective;
 pub mod reward;

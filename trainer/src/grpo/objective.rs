@@ -65,6 +65,14 @@ impl Objective for GrpoObjective {
     ) -> Tensor<1> {
         let rows = rows_of(mb);
         let logps = token_logps(model, mb, hidden, self.temperature, ctx);
+        let mask = to_f32_vec(mb.mask.clone());
+        if let Some(sampled) = &rows.sampled {
+            let live = to_f32_vec(logps.clone().detach());
+            let sums = mismatch_sums(&live, &to_f32_vec(sampled.clone()), &mask);
+            for (name, sum) in MISMATCH_METRICS.iter().zip(sums) {
+                report.add_task(name, sum / counts[0].max(1.0));
+            }
+        }
         let s = &self.settings;
         let l = token_loss(
             logps,
@@ -78,7 +86,6 @@ impl Objective for GrpoObjective {
             micro_batches: counts[1],
             tokens: counts[0],
         };
-        let mask = to_f32_vec(mb.mask.clone());
         let sums = metric_sums(&l, &rows.advantages, &mask, s);
         let loss = aggregate(
             l.per_token,
@@ -97,6 +104,24 @@ impl Objective for GrpoObjective {
         report.tokens += mb.tokens as u64;
         loss
     }
+}
+
+/// The rollout-vs-training log-prob mismatch (AReaL's), token means over completions of
+/// `Δ = logp_train − logp_rollout`: the k3 estimate `e^Δ − 1 − Δ`, `|Δ|`, and the fraction
+/// with `|Δ| > ln 2`.
+pub const MISMATCH_METRICS: [&str; 3] =
+    ["mismatch_k3", "mismatch_abs_mean", "mismatch_extreme_frac"];
+
+/// The sums over `mask`ed tokens of [`MISMATCH_METRICS`].
+fn mismatch_sums(live: &[f32], sampled: &[f32], mask: &[f32]) -> [f64; 3] {
+    let mut sums = [0.0; 3];
+    for ((&l, &s), _) in live.iter().zip(sampled).zip(mask).filter(|(_, &m)| m > 0.0) {
+        let d = l as f64 - s as f64;
+        sums[0] += d.exp() - 1.0 - d;
+        sums[1] += d.abs();
+        sums[2] += f64::from(u8::from(d.abs() > std::f64::consts::LN_2));
+    }
+    sums
 }
 
 fn rows_of(mb: &MicroBatch) -> &RolloutRows {

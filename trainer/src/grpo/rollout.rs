@@ -9,9 +9,13 @@
 
 use burn::tensor::{Tensor, TensorData};
 use moeru_models::generate::{GenerationConfig, Prompts, StepObserver};
+use moeru_models::moe::RouterStats;
 use moeru_models::params::to_f32_vec;
+use moeru_models::route_replay::LIVE;
 use moeru_models::sampling::{mix, Sampling};
-use moeru_models::{ForwardCtx, Qwen3Model};
+use moeru_models::{ForwardCtx, Qwen3Model, RouteReplay};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::objective::token_logps;
 use crate::engine::MicroBatch;
@@ -26,6 +30,10 @@ pub struct RolloutRows {
     pub old: Option<Tensor<2>>,
     /// The reference's log-probs `[rows, seq]` (`None` when `grpo.beta` is 0).
     pub reference: Option<Tensor<2>>,
+    /// The log-probs the generator drew the completion tokens with `[rows, seq]` (at
+    /// `seq` positions as the targets; `None` unless recorded): the rollout-vs-training
+    /// mismatch metrics.
+    pub sampled: Option<Tensor<2>>,
 }
 
 /// One completion of a generation batch.
@@ -40,6 +48,12 @@ pub struct Rollout {
     pub completion: Vec<i64>,
     /// It ended at a stop id (else at `max_new_tokens`).
     pub stopped: bool,
+    /// When recorded: each MoE layer's routes of the row's tokens (prompt ++ completion,
+    /// `[len · top_k]`, the last token [`LIVE`]: it was never fed).
+    pub routes: BTreeMap<usize, Vec<i64>>,
+    /// When recorded: each completion token's log-prob under the distribution it was drawn
+    /// from.
+    pub sampled_logps: Vec<f32>,
 }
 
 /// How rollouts are generated.
@@ -52,13 +66,20 @@ pub struct RolloutConfig {
     pub sampling: Option<Sampling>,
     /// Rows decoded together.
     pub batch_size: usize,
+    /// Record routes and sampled log-probs (router replay, mismatch metrics).
+    pub record: bool,
 }
 
-/// Keeps nothing and stops nothing (scores would cost `[rows, vocab]` a step).
-struct Quiet;
+/// Stops nothing and keeps no scores (they would cost `[rows, vocab]` a step); records
+/// routes and sampled log-probs when asked.
+struct Recording(bool);
 
-impl StepObserver for Quiet {
+impl StepObserver for Recording {
     fn step(&mut self, _: usize, _: &[i64], _: &mut [bool]) {}
+
+    fn record(&self) -> bool {
+        self.0
+    }
 }
 
 /// The random stream of `slot` in generation `generation`.
@@ -91,23 +112,51 @@ pub fn generate(
             .iter()
             .map(|(slot, ..)| stream(generation, *slot))
             .collect();
-        let g = model.generate_streams(&prompts, &streams, &gen_cfg, ctx, &mut Quiet);
+        let mut observer = Recording(cfg.record);
+        let g = model.generate_streams(&prompts, &streams, &gen_cfg, ctx, &mut observer);
         for (r, (slot, prompt, ids)) in chunk.iter().enumerate() {
             let row = &g.sequences[r * g.len + prompts.seq..(r + 1) * g.len];
             let (completion, stopped) = match g.stopped_at[r] {
                 Some(step) => (row[..=step].to_vec(), true),
                 None => (row.to_vec(), false),
             };
+            let span = (prompts.seq - ids.len(), prompts.seq + completion.len());
             out.push(Rollout {
                 slot: *slot,
                 prompt: *prompt,
                 prompt_ids: ids.clone(),
+                routes: row_routes(g.routes.as_ref(), r, g.len, span),
+                sampled_logps: (g.token_logps.get(r))
+                    .map_or(Vec::new(), |l| l[..completion.len()].to_vec()),
                 completion,
                 stopped,
             });
         }
     }
     out
+}
+
+/// Row `r`'s routes over positions `span` of the generated `[rows, len]` layout, the last
+/// position live (whether or not other rows' decoding fed it).
+fn row_routes(
+    routes: Option<&RouteReplay>,
+    r: usize,
+    len: usize,
+    span: (usize, usize),
+) -> BTreeMap<usize, Vec<i64>> {
+    let Some(routes) = routes else {
+        return BTreeMap::new();
+    };
+    let k = routes.top_k;
+    let (from, to) = ((r * len + span.0) * k, (r * len + span.1) * k);
+    (routes.layers.iter())
+        .map(|(&layer, ids)| {
+            let mut row = ids[from..to].to_vec();
+            let n = row.len();
+            row[n - k..].fill(LIVE);
+            (layer, row)
+        })
+        .collect()
 }
 
 /// Prompts `[batch, longest]`, left-padded with `pad`.
@@ -134,6 +183,7 @@ pub fn micro_batch(
     rollouts: &[&Rollout],
     advantages: &[f32],
     mask_truncated: bool,
+    replay: bool,
     device: &burn::tensor::Device,
 ) -> MicroBatch {
     let rows: Vec<(Vec<i32>, usize)> = rollouts
@@ -162,14 +212,73 @@ pub fn micro_batch(
         advantages: advantages.to_vec(),
         old: None,
         reference: None,
+        sampled: sampled_logps(rollouts, &mb, device),
     });
+    if replay {
+        mb.routes = Some(Arc::new(routes(rollouts, mb.mask.dims()[1])));
+    }
     mb
 }
 
-/// The log-probs `[rows, seq]` `model` gives `mb`'s targets at `temperature`, without a graph.
-pub fn score(model: &Qwen3Model, mb: &MicroBatch, temperature: f64, ctx: &ForwardCtx) -> Tensor<2> {
-    let hidden = model.forward(&mb.batch, ctx).hidden;
-    token_logps(model, mb, hidden, temperature, ctx).detach()
+/// The recorded sampled log-probs laid out as `mb`'s targets; `None` unless every rollout
+/// has them.
+fn sampled_logps(
+    rollouts: &[&Rollout],
+    mb: &MicroBatch,
+    device: &burn::tensor::Device,
+) -> Option<Tensor<2>> {
+    if rollouts
+        .iter()
+        .any(|r| r.sampled_logps.len() != r.completion.len())
+    {
+        return None;
+    }
+    let [b, s] = mb.mask.dims();
+    let mut v = vec![0f32; b * s];
+    for (i, r) in rollouts.iter().enumerate() {
+        // Position t predicts token t + 1: completion token j is predicted at prompt + j - 1.
+        let at = i * s + r.prompt_ids.len() - 1;
+        v[at..at + r.completion.len()].copy_from_slice(&r.sampled_logps);
+    }
+    Some(Tensor::from_data(TensorData::new(v, [b, s]), device))
+}
+
+/// The rollouts' recorded routes as `[rows, width]` (padding live).
+fn routes(rollouts: &[&Rollout], width: usize) -> RouteReplay {
+    let first = rollouts[0];
+    let tokens = first.prompt_ids.len() + first.completion.len();
+    let k = first
+        .routes
+        .values()
+        .next()
+        .map_or(0, |ids| ids.len() / tokens);
+    let mut out = RouteReplay::new(k);
+    let layers: Vec<usize> = rollouts[0].routes.keys().copied().collect();
+    for layer in layers {
+        let mut ids = Vec::with_capacity(rollouts.len() * width * k);
+        for r in rollouts {
+            ids.extend_from_slice(&r.routes[&layer]);
+            ids.resize(
+                ids.len() + (width - r.prompt_ids.len() - r.completion.len()) * k,
+                LIVE,
+            );
+        }
+        out.layers.insert(layer, ids);
+    }
+    out
+}
+
+/// The log-probs `[rows, seq]` `model` gives `mb`'s targets at `temperature`, without a
+/// graph, and the forward's router stats.
+pub fn score(
+    model: &Qwen3Model,
+    mb: &MicroBatch,
+    temperature: f64,
+    ctx: &ForwardCtx,
+) -> (Tensor<2>, Vec<(usize, RouterStats)>) {
+    let out = model.forward(&mb.batch, ctx);
+    let logps = token_logps(model, mb, out.hidden, temperature, ctx).detach();
+    (logps, out.router)
 }
 
 /// Appends `rollouts` of generation `generation` as JSON lines to `path`: the prompt row,

@@ -190,7 +190,7 @@ impl PipelineRun<'_> {
                 (Some(leaf.require_grad()), counts)
             }
         };
-        let ctx = st.base.with_dropout(mb.dropout);
+        let ctx = mb.ctx(&st.base);
         let last = self.is_last(stage);
         let layers = self.stages[stage].clone();
         let model = &*st.model;
@@ -243,7 +243,7 @@ impl PipelineRun<'_> {
             }
         };
         let mb = &st.micro[c.mb];
-        let ctx = st.base.with_dropout(mb.dropout);
+        let ctx = mb.ctx(&st.base);
         let whole: Vec<u64> = counts.iter().map(|&c| c as u64).collect();
         let (model, report) = (&*st.model, &mut *st.report);
         let (objective, step_counts) = (st.objective, st.counts);

@@ -36,6 +36,23 @@ pub enum ScaleRewards {
     None,
 }
 
+/// MoE router replay in GRPO's training forwards (`moe.router_replay`): which routes the
+/// policy's forwards over a rollout use instead of routing live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouterReplay {
+    /// The generator's (R3): each token goes to the experts it went to while sampled.
+    #[default]
+    Rollout,
+    /// The old policy's forward over the rollout (R2; with one update per generation batch
+    /// the old policy is the live one, so this is live routing).
+    Old,
+    /// Live routing.
+    Off,
+}
+
+pub const ROUTER_REPLAY_NAMES: &[&str] = &["rollout", "old", "off"];
+
 pub const SCALE_REWARDS_NAMES: &[&str] = &["group", "batch", "none"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -185,6 +185,12 @@ pub const KEYS: &[Key] = &[
     key("moe.aux_loss_coef", OptFloat, false, ""),
     key("moe.z_loss_coef", Float, false, ""),
     key("moe.capacity_factor", OptFloat, false, ""),
+    key(
+        "moe.router_replay",
+        Enum(super::grpo::ROUTER_REPLAY_NAMES),
+        false,
+        "",
+    ),
     key("precision", Enum(&["f32", "bf16"]), false, ""),
     key("device", Str, false, ""),
     key("lora", OptSection, false, ""),

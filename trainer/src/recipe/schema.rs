@@ -256,6 +256,9 @@ pub struct MoeSection {
     /// probability first). `null`: dropless.
     #[serde(default)]
     pub capacity_factor: Option<f64>,
+    /// GRPO on a MoE model: the routes the training forwards replay (`rollout`, `old`, `off`).
+    #[serde(default)]
+    pub router_replay: super::grpo::RouterReplay,
 }
 
 /// Adapters `y = xW + s·(x A) B` on a frozen base, s = alpha / rank (alpha / √rank with
@@ -369,6 +372,7 @@ impl Default for MoeSection {
             aux_loss_coef: None,
             z_loss_coef: 0.0,
             capacity_factor: None,
+            router_replay: super::grpo::RouterReplay::default(),
         }
     }
 }

@@ -13,20 +13,22 @@ use moeru_data::prompts::{PromptLoader, PromptSet};
 use moeru_data::tokenizer::TextTokenizer;
 use moeru_data::LoaderState;
 use moeru_models::sampling::Sampling;
-use moeru_models::{ForwardCtx, Qwen3Model};
-use moeru_parallel::ReduceOp;
+use moeru_models::{ForwardCtx, Qwen3Model, RouteReplay};
+use std::sync::Arc;
 
 use super::lm::dropout_key;
 use super::{Eval, Task};
 use crate::engine::{Engine, MicroBatch};
 use crate::error::TrainError;
-use crate::grpo::advantage::{advantages, combine, nan_mean, nan_std};
+use crate::grpo::advantage::{advantages, combine, nan_mean};
+use crate::grpo::global::GlobalBatch;
 use crate::grpo::reward::{Completion, Reward};
 use crate::grpo::rollout::{generate, log_completions, micro_batch, score, Rollout, RolloutConfig};
 use crate::grpo::{GrpoLossSettings, GrpoObjective};
 use crate::objective::{AuxWeights, Objective};
+use crate::recipe::grpo::RouterReplay;
 use crate::recipe::schema::Recipe;
-use crate::session::{grpo_tokenizer, Session};
+use crate::session::{grpo_tokenizer, recipe_config, Session};
 
 /// The generation index evaluation streams use, so every evaluation draws the same uniforms.
 const EVAL_GENERATION: u64 = u64::MAX;
@@ -43,6 +45,8 @@ pub struct GrpoTask {
     buffer: Option<(u64, Vec<MicroBatch>)>,
     /// Metrics of the generation the last step trained on (global values).
     metrics: Vec<(String, f64)>,
+    /// On a MoE model, the routes training forwards replay (`moe.router_replay`).
+    replay: Option<RouterReplay>,
 }
 
 /// What the KL term compares against.
@@ -96,6 +100,7 @@ impl GrpoTask {
             reference,
             buffer: None,
             metrics: Vec::new(),
+            replay: (recipe_config(recipe)?.moe.is_some()).then_some(recipe.moe.router_replay),
         })
     }
 }
@@ -162,6 +167,7 @@ fn rollout_config(recipe: &Recipe, tokenizer: &TextTokenizer) -> Result<RolloutC
         eos_token_ids: eos,
         sampling: sampling(recipe, recipe.train.seed),
         batch_size: g.batch_size.unwrap_or(rows),
+        record: true,
     })
 }
 
@@ -285,8 +291,10 @@ impl GrpoTask {
         for (m, chunk) in rollouts.chunks(mbs).enumerate() {
             let a: Vec<f32> = chunk.iter().map(|r| adv.values[r.slot] as f32).collect();
             let refs: Vec<&Rollout> = chunk.iter().collect();
-            let mut mb = micro_batch(&refs, &a, g.mask_truncated_completions, &session.device);
-            let (old, reference) = self.scored(&policy, &mb, g.num_iterations > 1, &ctx);
+            let replay = self.replay == Some(RouterReplay::Rollout);
+            let mask = g.mask_truncated_completions;
+            let mut mb = micro_batch(&refs, &a, mask, replay, &session.device);
+            let (old, reference) = self.scored(&policy, &mut mb, g.num_iterations > 1, &ctx);
             let rows = mb.rollout.as_mut().expect("set by micro_batch");
             (rows.old, rows.reference) = (old, reference);
             mb.dropout = Some(dropout_key(session, step, m));
@@ -297,95 +305,37 @@ impl GrpoTask {
     }
 
     /// `mb`'s old log-probs (when the policy will move before its last update on them) and
-    /// reference log-probs (when the KL term is on).
+    /// reference log-probs (when the KL term is on). The old policy's forward replays the
+    /// rollout's routes as training will, or under `router_replay: old` records the routes
+    /// training replays; the reference routes live (it is another policy).
     fn scored(
         &self,
         policy: &Qwen3Model,
-        mb: &MicroBatch,
+        mb: &mut MicroBatch,
         old: bool,
         ctx: &ForwardCtx,
     ) -> (Option<Tensor<2>>, Option<Tensor<2>>) {
         let t = self.objective.temperature;
-        let old = old.then(|| score(policy, mb, t, ctx));
+        let old = old.then(|| {
+            let (logps, router) = score(policy, mb, t, &mb.ctx(ctx));
+            if self.replay == Some(RouterReplay::Old) {
+                let k = policy
+                    .config
+                    .moe
+                    .as_ref()
+                    .map_or(0, |m| m.num_experts_per_tok);
+                mb.routes = Some(Arc::new(RouteReplay::from_router(&router, k)));
+            }
+            logps
+        });
         let reference = match &self.reference {
             None => None,
             Some(ReferenceModel::AdaptersOff) => {
-                Some(score(policy, mb, t, &ctx.without_adapters()))
+                Some(score(policy, mb, t, &ctx.clone().without_adapters()).0)
             }
-            Some(ReferenceModel::Frozen(model)) => Some(score(model, mb, t, ctx)),
+            Some(ReferenceModel::Frozen(model)) => Some(score(model, mb, t, ctx).0),
         };
         (old, reference)
-    }
-}
-
-/// One generation batch's values over every data-parallel rank, in slot order.
-struct GlobalBatch {
-    rewards: Vec<f64>,
-    /// Per reward function, NaN where unscored.
-    scores: Vec<Vec<f64>>,
-    lengths: Vec<f64>,
-    stopped: Vec<f64>,
-}
-
-impl GlobalBatch {
-    /// Each rank fills its slots of a zeroed vector and the vectors are summed: exact, since
-    /// every slot has one non-zero writer.
-    fn gather(
-        session: &Session,
-        rollouts: &[Rollout],
-        scores: &[Vec<Option<f64>>],
-        total: &[f64],
-    ) -> Result<Self, TrainError> {
-        let g = &session.recipe.grpo;
-        let n = g.prompts_per_step * g.num_generations;
-        let fields = 3 + scores.len();
-        let mut flat = vec![0.0; fields * n];
-        for (i, r) in rollouts.iter().enumerate() {
-            flat[r.slot] = total[i];
-            flat[n + r.slot] = r.completion.len() as f64;
-            flat[2 * n + r.slot] = f64::from(u8::from(r.stopped));
-            for (f, s) in scores.iter().enumerate() {
-                flat[(3 + f) * n + r.slot] = s[i].unwrap_or(f64::NAN);
-            }
-        }
-        let dp = &session.groups.dp;
-        if dp.size() > 1 {
-            dp.all_reduce(&mut flat, ReduceOp::Sum)?;
-        }
-        let part = |k: usize| flat[k * n..(k + 1) * n].to_vec();
-        Ok(Self {
-            rewards: part(0),
-            lengths: part(1),
-            stopped: part(2),
-            scores: (0..scores.len()).map(|f| part(3 + f)).collect(),
-        })
-    }
-
-    /// TRL's rollout metrics: the reward's mean and standard deviation, each function's, the
-    /// fraction of rows whose group has a zero standard deviation, completion lengths.
-    fn metrics(&self, rewards: &[Reward], zero_std: &[bool]) -> Vec<(String, f64)> {
-        let n = self.rewards.len().max(1) as f64;
-        let mut out = vec![
-            ("reward".to_string(), nan_mean(&self.rewards)),
-            ("reward_std".to_string(), nan_std(&self.rewards)),
-            (
-                "frac_reward_zero_std".to_string(),
-                zero_std.iter().filter(|&&z| z).count() as f64 / n,
-            ),
-            (
-                "completions_mean_length".to_string(),
-                self.lengths.iter().sum::<f64>() / n,
-            ),
-            (
-                "completions_clipped_ratio".to_string(),
-                1.0 - self.stopped.iter().sum::<f64>() / n,
-            ),
-        ];
-        for (f, s) in rewards.iter().zip(&self.scores) {
-            out.push((format!("rewards_{}_mean", f.name), nan_mean(s)));
-            out.push((format!("rewards_{}_std", f.name), nan_std(s)));
-        }
-        out
     }
 }
 
@@ -450,6 +400,7 @@ impl GrpoTask {
         for (tag, sampling) in [("sampled", self.rollout.sampling.clone()), ("greedy", None)] {
             let cfg = RolloutConfig {
                 sampling,
+                record: false,
                 ..self.rollout.clone()
             };
             let rollouts = generate(&policy, &rows, EVAL_GENERATION, &cfg, &ctx);

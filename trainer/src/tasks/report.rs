@@ -3,7 +3,7 @@
 use moeru_parallel::{ProcessGroup, Traffic};
 
 use crate::metrics::{CommBytes, LayerLoad, StepMetrics};
-use crate::objective::StepReport;
+use crate::objective::{StepReport, REPLAY_MISMATCH, REPLAY_TOKENS};
 use crate::session::Session;
 
 /// Traffic counters of the mesh's groups (dp, tp, pp, ep, edp) and the world before a step.
@@ -74,8 +74,19 @@ pub fn step_metrics(
             .collect(),
         ep_load: ep_load(&r.expert_counts, ep),
         comm,
-        task: r.task.clone(),
+        task: replay_fractions(&r.task),
     }
+}
+
+/// The task metrics with the router-replay counts as fractions of the replayed tokens.
+fn replay_fractions(task: &[(String, f64)]) -> Vec<(String, f64)> {
+    let tokens = (task.iter().find(|(n, _)| n == REPLAY_TOKENS)).map(|(_, x)| *x);
+    (task.iter().filter(|(n, _)| n != REPLAY_TOKENS))
+        .map(|(n, x)| match (n.starts_with(REPLAY_MISMATCH), tokens) {
+            (true, Some(t)) => (n.clone(), x / t.max(1.0)),
+            _ => (n.clone(), *x),
+        })
+        .collect()
 }
 
 /// Rows routed to each of `ep` ranks' experts (contiguous ranges), over every MoE layer of
