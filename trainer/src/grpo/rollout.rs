@@ -281,6 +281,9 @@ pub fn score(
     (logps, out.router)
 }
 
+/// The reward function names, each one's scores per rollout (`None`: unscored), the sums.
+pub type LoggedRewards<'a> = (&'a [String], &'a [Vec<Option<f64>>], &'a [f64]);
+
 /// Appends `rollouts` of generation `generation` as JSON lines to `path`: the prompt row,
 /// completion ids and text, whether it stopped, the summed reward and each function's
 /// (null: unscored). A resumed run appends too, so a generation after the last checkpoint
@@ -290,7 +293,7 @@ pub fn log_completions(
     generation: u64,
     rollouts: &[Rollout],
     texts: &[String],
-    rewards: (&[String], &[Vec<Option<f64>>], &[f64]),
+    rewards: LoggedRewards<'_>,
 ) -> Result<(), crate::metrics::MetricsError> {
     use std::io::Write;
     let io = |op, source| crate::metrics::MetricsError::Io {
