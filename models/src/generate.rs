@@ -205,7 +205,10 @@ impl Qwen3Model {
         let mut rows: Vec<Vec<i64>> = (0..b).map(|r| p.ids[r * s..(r + 1) * s].to_vec()).collect();
         let mut finished = vec![false; b];
         let mut stopped_at = vec![None; b];
-        let (mut scores, mut token_logps) = (Vec::new(), vec![Vec::new(); b]);
+        let (mut scores, mut token_logps) = (
+            Vec::new(),
+            vec![Vec::new(); b * usize::from(observer.record())],
+        );
         for step in 0..cfg.max_new_tokens {
             let next = self.choose(&mut logits, cfg, streams, &finished, step);
             if recorder.is_some() {

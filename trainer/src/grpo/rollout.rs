@@ -126,8 +126,10 @@ pub fn generate(
                 prompt: *prompt,
                 prompt_ids: ids.clone(),
                 routes: row_routes(g.routes.as_ref(), r, g.len, span),
-                sampled_logps: (g.token_logps.get(r))
-                    .map_or(Vec::new(), |l| l[..completion.len()].to_vec()),
+                sampled_logps: match g.routes.is_some() {
+                    true => g.token_logps[r][..completion.len()].to_vec(),
+                    false => Vec::new(),
+                },
                 completion,
                 stopped,
             });
