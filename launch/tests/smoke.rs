@@ -2,31 +2,12 @@
 
 mod common;
 
-use common::moeru_command;
+use common::{moeru_command, train_recipe};
 
 #[test]
 fn smoke_recipe_trains_and_loss_halves() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = moeru_command()
-        .args(["train", "recipes/smoke-tiny-moe.yaml"])
-        .arg(format!(
-            "--set=checkpoint.dir={}",
-            tmp.path().join("ckpt").display()
-        ))
-        .arg(format!(
-            "--set=logging.dir={}",
-            tmp.path().join("logs").display()
-        ))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-
-    let text = std::fs::read_to_string(tmp.path().join("logs/metrics.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = train_recipe(tmp.path(), "recipes/smoke-tiny-moe.yaml", &[]);
     let losses: Vec<f64> = lines
         .iter()
         .filter_map(|l| l.get("loss")?.as_f64())

@@ -5,31 +5,12 @@
 
 mod common;
 
-use common::moeru_command;
+use common::train_recipe;
 
 /// The run's evaluation lines by step: (step, sampled reward, greedy reward).
 fn run(extra: &[&str]) -> (Vec<(u64, f64, f64)>, Vec<serde_json::Value>) {
     let tmp = tempfile::tempdir().unwrap();
-    let out = moeru_command()
-        .args(["train", "recipes/toy-grpo.yaml"])
-        .arg(format!(
-            "--set=checkpoint.dir={}",
-            tmp.path().join("ckpt").display()
-        ))
-        .arg(format!(
-            "--set=logging.dir={}",
-            tmp.path().join("logs").display()
-        ))
-        .args(extra)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let text = std::fs::read_to_string(tmp.path().join("logs/metrics.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = train_recipe(tmp.path(), "recipes/toy-grpo.yaml", extra);
     let evals = (lines.iter())
         .filter_map(|l| {
             let (s, g) = (

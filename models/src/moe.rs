@@ -119,6 +119,10 @@ impl MoeBlock {
         let (experts, k) = (self.num_experts(), self.top_k);
         let logits = self.gate.forward(x, ctx);
         let z_sum = logsumexp_rows(logits.clone()).square().sum();
+        // One graph node (× 1, exact) after the z-loss's use: the renormalised weights read
+        // the logits too, and a tensor with two consumers sums its gradient terms in the same
+        // bits whatever order a backward (whole model or pipeline stage) adds them in.
+        let logits = logits.mul_scalar(1.0);
         let probs = softmax(logits.clone(), 1);
 
         // Expert choice is not differentiable; the chosen probabilities are, through gather.

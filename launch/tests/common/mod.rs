@@ -55,3 +55,24 @@ pub fn assert_clean_failure(out: &Output) -> String {
     assert!(stderr.starts_with("error:"), "{stderr}");
     stderr
 }
+
+/// Runs `moeru train recipe` with its checkpoints and logs under `dir` (`ckpt`, `logs`) and
+/// `extra` arguments; asserts success and returns every line of its metrics.jsonl.
+pub fn train_recipe(dir: &Path, recipe: &str, extra: &[&str]) -> Vec<serde_json::Value> {
+    let out = moeru_command()
+        .args(["train", recipe])
+        .arg(format!(
+            "--set=checkpoint.dir={}",
+            dir.join("ckpt").display()
+        ))
+        .arg(format!("--set=logging.dir={}", dir.join("logs").display()))
+        .args(extra)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let text = std::fs::read_to_string(dir.join("logs/metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
