@@ -137,3 +137,37 @@ fn stop_and_resume_is_bit_exact() {
         );
     }
 }
+
+/// Router replay's metrics on the toy task's MoE layer: under `rollout` (R3) the training
+/// forwards replay the generator's routes; under `old` (R2) the first update on a generation
+/// batch replays the old policy's own routes, so its live routing agrees exactly.
+#[test]
+fn router_replay_modes_report_their_mismatch() {
+    for (mode, first_exact) in [("rollout", false), ("old", true), ("live", false)] {
+        let out = tempfile::tempdir().unwrap();
+        let sets: [Set; 1] = [("moe.router_replay", &mode)];
+        run_training(&recipe(out.path(), &sets), &RunOptions::default())
+            .unwrap_or_else(|e| panic!("{mode}: {e}"));
+        let m = common::metrics(out.path());
+        let any: Vec<Option<f64>> = (m.iter())
+            .filter(|l| l.get("loss").is_some())
+            .map(|l| l["router_replay_mismatch_frac_any_layer"].as_f64())
+            .collect();
+        eprintln!("{mode}: any-layer mismatch per step {any:?}");
+        match mode {
+            "live" => assert!(any.iter().all(Option::is_none), "{mode}: {any:?}"),
+            _ => assert!(any
+                .iter()
+                .all(|a| a.is_some_and(|x| (0.0..=1.0).contains(&x)))),
+        }
+        if first_exact {
+            assert_eq!(
+                any[0],
+                Some(0.0),
+                "{mode}: the first update replays its own routes"
+            );
+        }
+        let k3: Vec<f64> = m.iter().filter_map(|l| l["mismatch_k3"].as_f64()).collect();
+        assert_eq!(k3.len(), STEPS as usize, "{mode}: mismatch_k3 every step");
+    }
+}

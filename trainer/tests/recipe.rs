@@ -124,7 +124,7 @@ fn unknown_key_in_file_has_position_and_suggestion() {
     let msg = err(&format!("{MINIMAL}moe:\n  zzzzzzzzzz: 1\n"), &[]);
     assert!(
         msg.ends_with(
-            "valid keys here: `moe.aux_loss_coef`, `moe.z_loss_coef`, `moe.capacity_factor`"
+            "valid keys here: `moe.aux_loss_coef`, `moe.z_loss_coef`, `moe.capacity_factor`, `moe.router_replay`"
         ),
         "{msg}"
     );
@@ -138,7 +138,7 @@ fn wrong_type_in_file_names_key_expected_and_found() {
         ("  steps: 10", "  steps: 1.5", "`train.steps`: expected a non-negative integer, found 1.5"),
         ("  steps: 10", "  steps: \"10\"", "`train.steps`: expected a non-negative integer, found \"10\""),
         ("  seq_len: 16", "  seq_len: 16\n  pad: 3", "r.yaml:6:8: `data.pad`: expected a boolean (true or false), found 3"),
-        ("  seq_len: 16", "  seq_len: 16\n  task: pretrian", "`data.task`: expected one of `pretrain`, `sft`, `dpo`, found \"pretrian\"; did you mean `pretrain`?"),
+        ("  seq_len: 16", "  seq_len: 16\n  task: pretrian", "`data.task`: expected one of `pretrain`, `sft`, `dpo`, `grpo`, found \"pretrian\"; did you mean `pretrain`?"),
         ("  dir: ckpt", "  dir: [a, b]", "r.yaml:10:8: `checkpoint.dir`: expected a path (a string), found a list of 2 item(s)"),
         ("train:\n", "train: 5\nx:\n", "r.yaml:6:8: `train`: expected a mapping of keys, found 5"),
     ];

@@ -47,11 +47,11 @@ pub enum RouterReplay {
     /// The old policy's forward over the rollout (R2; with one update per generation batch
     /// the old policy is the live one, so this is live routing).
     Old,
-    /// Live routing.
-    Off,
+    /// Live routing (not `off`: YAML reads that as a boolean).
+    Live,
 }
 
-pub const ROUTER_REPLAY_NAMES: &[&str] = &["rollout", "old", "off"];
+pub const ROUTER_REPLAY_NAMES: &[&str] = &["rollout", "old", "live"];
 
 pub const SCALE_REWARDS_NAMES: &[&str] = &["group", "batch", "none"];
 

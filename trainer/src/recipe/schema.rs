@@ -256,7 +256,7 @@ pub struct MoeSection {
     /// probability first). `null`: dropless.
     #[serde(default)]
     pub capacity_factor: Option<f64>,
-    /// GRPO on a MoE model: the routes the training forwards replay (`rollout`, `old`, `off`).
+    /// GRPO on a MoE model: the routes the training forwards replay (`rollout`, `old`, `live`).
     #[serde(default)]
     pub router_replay: super::grpo::RouterReplay,
 }
