@@ -46,6 +46,10 @@ pub struct LaunchArgs {
     /// How to run the ranks (default: threads for a one-node CPU job).
     #[arg(long, value_enum)]
     spawn: Option<Spawn>,
+    /// Local address the store and the ranks listen on (default: loopback on one node, else
+    /// the interface that reaches --master-addr; never every interface).
+    #[arg(long, value_name = "ADDR")]
+    bind: Option<String>,
     /// Shared secret of the job's store; required with --nnodes > 1 (same on every node).
     #[arg(long)]
     job_token: Option<String>,
@@ -206,9 +210,9 @@ fn rendezvous(args: &LaunchArgs) -> Result<(String, u16), TrainError> {
     // Node 0 serves the store; its thread lives as long as this launcher (restarts use new
     // keys).
     let port = if args.node_rank == 0 {
-        StoreServer::bind(&format!("0.0.0.0:{}", args.master_port), &token)?
-            .addr()
-            .port()
+        let ip = moeru_parallel::bind_ip(&args.master_addr, args.bind.as_deref())?;
+        let addr = std::net::SocketAddr::new(ip, args.master_port);
+        StoreServer::bind(&addr.to_string(), &token)?.addr().port()
     } else {
         args.master_port
     };
@@ -243,6 +247,7 @@ fn run_processes(
             .env("MOERU_JOB_TOKEN", token)
             .env("MOERU_STORE_HOSTED", "1")
             .env("MOERU_RESTART_COUNT", restart.to_string())
+            .env("MOERU_BIND", args.bind.as_deref().unwrap_or_default())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = match cmd.spawn() {

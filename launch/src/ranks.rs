@@ -1,7 +1,11 @@
 //! How `moeru train` joins its job: one rank alone, N ranks as threads of this process, or
 //! one process of many (torchrun-style variables from `moeru launch`, or mpirun / srun).
 
-use moeru_parallel::{tcp_world, LaunchEnv, Launcher, ProcessGroup, StoreClient, StoreServer};
+use std::net::SocketAddr;
+
+use moeru_parallel::{
+    bind_ip, tcp_world, LaunchEnv, Launcher, ProcessGroup, StoreClient, StoreServer,
+};
 use moeru_trainer::recipe::schema::Recipe;
 use moeru_trainer::run::comm_timeout;
 use moeru_trainer::{run_rank, run_threads, run_training, RunOptions, RunSummary, TrainError};
@@ -51,14 +55,23 @@ fn join(env: &LaunchEnv, recipe: &Recipe) -> Result<ProcessGroup, TrainError> {
             }
         )));
     };
-    // Under srun / mpirun / plain torchrun variables, rank 0 serves the store itself.
+    // Under srun / mpirun / plain torchrun variables, rank 0 serves the store itself, on the
+    // interface that reaches MASTER_ADDR (or MOERU_BIND), not on every interface.
+    let (host, port) = addr.rsplit_once(':').unwrap_or((addr, "0"));
     let _server = if env.rank == 0 && !env.store_hosted {
-        let port = addr.rsplit(':').next().unwrap_or("0");
-        Some(StoreServer::bind(&format!("0.0.0.0:{port}"), &env.token)?)
+        let ip = bind_ip(host.trim_matches(['[', ']']), env.bind.as_deref())?;
+        Some(StoreServer::bind(
+            &format!("{}", SocketAddr::new(ip, port.parse().unwrap_or(0))),
+            &env.token,
+        )?)
     } else {
         None
     };
     let store = StoreClient::connect(addr, &env.token, timeout)?;
+    let bind = match &env.bind {
+        Some(text) => Some(bind_ip(host, Some(text))?),
+        None => None,
+    };
     let prefix = format!("moeru/attempt-{}", env.restart);
     Ok(tcp_world(
         &store,
@@ -67,5 +80,6 @@ fn join(env: &LaunchEnv, recipe: &Recipe) -> Result<ProcessGroup, TrainError> {
         env.world_size,
         &env.token,
         timeout,
+        bind,
     )?)
 }

@@ -29,6 +29,8 @@ pub struct LaunchEnv {
     pub token: String,
     /// MOERU_RESTART_COUNT: how many times the launcher restarted the job.
     pub restart: u32,
+    /// MOERU_BIND: the local address to listen on (else chosen by `bind::bind_ip`).
+    pub bind: Option<String>,
 }
 
 fn parse(vars: &HashMap<String, String>, key: &str) -> Result<Option<usize>, String> {
@@ -114,6 +116,7 @@ impl LaunchEnv {
                 .get("MOERU_RESTART_COUNT")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
+            bind: vars.get("MOERU_BIND").filter(|v| !v.is_empty()).cloned(),
         }))
     }
 }

@@ -4,6 +4,7 @@
 //! sharding, and differentiable collectives on burn tensors (`tensor_ops`). Model code never
 //! calls into this crate directly.
 
+pub mod bind;
 pub mod boundaries;
 pub mod comm;
 pub mod error;
@@ -34,6 +35,7 @@ pub mod store;
 pub mod tcp;
 pub mod zero;
 
+pub use bind::bind_ip;
 pub use env::{LaunchEnv, Launcher};
 pub use mesh::{DeviceMesh, GroupKind, MeshGroups, MeshSizes};
 pub use store::{StoreClient, StoreServer};

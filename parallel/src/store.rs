@@ -1,19 +1,28 @@
 //! A TCP key-value store for rendezvous (addresses of ranks, the NCCL unique id), as
 //! torch's TCPStore: one server, every rank a client; `get` waits for the key. Clients must
 //! present the job's token, so a stray process or another job on the same port is refused.
+//! Before the token is checked a frame part may hold at most [`PRE_AUTH_MAX`] bytes, so a
+//! stranger cannot make the store allocate; the token is compared in constant time and a
+//! refused peer is logged once per address.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::bind::constant_time_eq;
 use crate::error::{CommError, Result};
 
 const MAGIC: &[u8; 8] = b"MOERUST1";
 const SET: u8 = 1;
 const GET: u8 = 2;
 const ADD: u8 = 3;
+
+/// The largest frame part read before the token is checked (the magic and the token).
+pub const PRE_AUTH_MAX: usize = 4096;
+/// The largest value an authenticated rank may set (a rendezvous value is bytes to KiB).
+const VALUE_MAX: usize = 1 << 30;
 
 fn err(msg: String) -> CommError {
     CommError::Rendezvous(msg)
@@ -28,12 +37,16 @@ fn write_frame(s: &mut impl Write, parts: &[&[u8]]) -> std::io::Result<()> {
     s.write_all(&buf)
 }
 
-fn read_part(s: &mut impl Read) -> std::io::Result<Vec<u8>> {
+/// One length-prefixed part of at most `max` bytes; a longer one is refused before any
+/// allocation.
+fn read_part(s: &mut impl Read, max: usize) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len)?;
     let len = u32::from_le_bytes(len) as usize;
-    if len > 1 << 30 {
-        return Err(std::io::Error::other("store frame over 1 GiB"));
+    if len > max {
+        return Err(std::io::Error::other(format!(
+            "store frame part of {len} bytes, over the {max} allowed"
+        )));
     }
     let mut v = vec![0u8; len];
     s.read_exact(&mut v)?;
@@ -44,6 +57,8 @@ fn read_part(s: &mut impl Read) -> std::io::Result<Vec<u8>> {
 struct Shared {
     map: Mutex<HashMap<Vec<u8>, Vec<u8>>>,
     changed: Condvar,
+    /// Peers already logged as refused (each is logged once).
+    refused: Mutex<HashSet<IpAddr>>,
 }
 
 /// The store's server; it serves until the process exits.
@@ -83,19 +98,42 @@ impl StoreServer {
     }
 }
 
+/// Logs the first refusal of each peer address.
+fn log_refusal(shared: &Shared, peer: Option<SocketAddr>, why: &str) {
+    let Some(peer) = peer else { return };
+    let mut seen = shared.refused.lock().unwrap_or_else(|e| e.into_inner());
+    if seen.insert(peer.ip()) {
+        eprintln!("warning: the rendezvous store refused a connection from {peer}: {why} (logged once per address)");
+    }
+}
+
 fn serve(mut s: TcpStream, shared: &Shared, token: &[u8]) -> std::io::Result<()> {
     let _ = s.set_nodelay(true);
-    let magic = read_part(&mut s)?;
-    let theirs = read_part(&mut s)?;
-    if magic != MAGIC || theirs != token {
-        write_frame(&mut s, &[b"bad token"])?;
-        return Ok(());
+    let peer = s.peer_addr().ok();
+    // A peer that never finishes its hello must not hold a thread forever.
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let hello = read_part(&mut s, PRE_AUTH_MAX).and_then(|magic| {
+        let theirs = read_part(&mut s, PRE_AUTH_MAX)?;
+        Ok(magic == MAGIC && constant_time_eq(&theirs, token))
+    });
+    match hello {
+        Ok(true) => {}
+        Ok(false) => {
+            log_refusal(shared, peer, "wrong job token");
+            write_frame(&mut s, &[b"bad token"])?;
+            return Ok(());
+        }
+        Err(e) => {
+            log_refusal(shared, peer, &e.to_string());
+            return Ok(());
+        }
     }
+    s.set_read_timeout(None)?;
     write_frame(&mut s, &[b"ok"])?;
     loop {
-        let cmd = read_part(&mut s)?;
-        let key = read_part(&mut s)?;
-        let arg = read_part(&mut s)?;
+        let cmd = read_part(&mut s, PRE_AUTH_MAX)?;
+        let key = read_part(&mut s, PRE_AUTH_MAX)?;
+        let arg = read_part(&mut s, VALUE_MAX)?;
         match cmd.first().copied() {
             Some(SET) => {
                 let mut m = shared.map.lock().unwrap_or_else(|e| e.into_inner());
@@ -182,7 +220,7 @@ impl StoreClient {
         let _ = stream.set_nodelay(true);
         let io = |e: std::io::Error| err(format!("store at {addr}: {e}"));
         write_frame(&mut stream, &[MAGIC, token.as_bytes()]).map_err(io)?;
-        let reply = read_part(&mut stream).map_err(io)?;
+        let reply = read_part(&mut stream, PRE_AUTH_MAX).map_err(io)?;
         if reply != b"ok" {
             return Err(err(format!(
                 "the store at {addr} refused this job's token; another job is using the port, or the ranks were started with different MOERU_JOB_TOKEN values"
@@ -206,8 +244,8 @@ impl StoreClient {
         let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
         let io = |e: std::io::Error| err(format!("store at {}: {e}", self.addr));
         write_frame(&mut *s, &[&[cmd], key.as_bytes(), arg]).map_err(io)?;
-        let status = read_part(&mut *s).map_err(io)?;
-        let value = read_part(&mut *s).map_err(io)?;
+        let status = read_part(&mut *s, PRE_AUTH_MAX).map_err(io)?;
+        let value = read_part(&mut *s, VALUE_MAX).map_err(io)?;
         Ok((status, value))
     }
 

@@ -3,7 +3,7 @@
 //! a closed connection marks the peer gone, so a killed rank fails its peers at once.
 
 use std::io::{BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{IpAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -138,7 +138,7 @@ fn read_hello(s: &mut TcpStream, token: &str) -> std::io::Result<usize> {
     }
     let mut theirs = vec![0u8; len];
     s.read_exact(&mut theirs)?;
-    if theirs != token.as_bytes() {
+    if !crate::bind::constant_time_eq(&theirs, token.as_bytes()) {
         return Err(std::io::Error::other("wrong job token"));
     }
     Ok(u64::from_le_bytes(head[8..16].try_into().unwrap()) as usize)
@@ -146,7 +146,8 @@ fn read_hello(s: &mut TcpStream, token: &str) -> std::io::Result<usize> {
 
 /// Joins `size` processes as world rank `rank`: publishes this rank's listening address under
 /// `prefix` in the store, connects to lower ranks and accepts higher ones. Collectives wait
-/// at most `timeout`.
+/// at most `timeout`. The listener binds to `bind`, else to the interface that reaches the
+/// store (loopback on one node), never to every interface.
 pub fn tcp_world(
     store: &StoreClient,
     prefix: &str,
@@ -154,20 +155,24 @@ pub fn tcp_world(
     size: usize,
     token: &str,
     timeout: Duration,
+    bind: Option<IpAddr>,
 ) -> Result<ProcessGroup> {
     let fail = |what: String| CommError::Rendezvous(format!("rank {rank} of {size}: {what}"));
-    let listener =
-        TcpListener::bind(("0.0.0.0", 0)).map_err(|e| fail(format!("cannot listen: {e}")))?;
+    let ip = bind
+        .or_else(|| store.local_ip())
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    let listener = TcpListener::bind((ip, 0)).map_err(|e| {
+        fail(format!(
+            "cannot listen on {ip}: {e}; name a local address with --bind (MOERU_BIND)"
+        ))
+    })?;
     let port = listener
         .local_addr()
         .map_err(|e| fail(e.to_string()))?
         .port();
-    let ip = store
-        .local_ip()
-        .map_or("127.0.0.1".to_string(), |ip| ip.to_string());
     store.set(
         &format!("{prefix}/addr/{rank}"),
-        format!("{ip}:{port}").as_bytes(),
+        std::net::SocketAddr::new(ip, port).to_string().as_bytes(),
     )?;
     let mut peers: Vec<Option<TcpStream>> = (0..size).map(|_| None).collect();
     for (j, slot) in peers.iter_mut().enumerate().take(rank) {
@@ -183,6 +188,7 @@ pub fn tcp_world(
         .map_err(|e| fail(e.to_string()))?;
     let deadline = Instant::now() + timeout;
     let mut accepted = 0;
+    let mut refused = std::collections::HashSet::new();
     while accepted < size - rank - 1 {
         match listener.accept() {
             Ok((mut s, from)) => {
@@ -195,8 +201,11 @@ pub fn tcp_world(
                         peers[j] = Some(s);
                         accepted += 1;
                     }
-                    // A stray connection (port scanner, other job): ignore it.
-                    _ => eprintln!("warning: rank {rank} refused a connection from {from}"),
+                    // A stray connection (port scanner, other job): ignore it, logged once.
+                    _ if refused.insert(from.ip()) => eprintln!(
+                        "warning: rank {rank} refused a connection from {from} (not this job's peer; logged once per address)"
+                    ),
+                    _ => {}
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {

@@ -36,7 +36,7 @@ fn tcp_groups(n: usize, timeout: Duration) -> Vec<ProcessGroup> {
             std::thread::spawn(move || {
                 let store =
                     StoreClient::connect(&addr, "job-token", Duration::from_secs(10)).unwrap();
-                tcp_world(&store, "test", r, n, "job-token", timeout).unwrap()
+                tcp_world(&store, "test", r, n, "job-token", timeout, None).unwrap()
             })
         })
         .collect();
