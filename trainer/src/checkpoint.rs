@@ -121,25 +121,58 @@ pub fn save(
     let failed = if result.is_err() { 1.0 } else { 0.0 };
     let mut any = [failed];
     world.all_reduce(&mut any, moeru_parallel::ReduceOp::Max)?;
-    result?;
     if any[0] > 0.0 {
-        return Err(TrainError::Rank(format!(
-            "another rank failed to write its part of checkpoint {}",
-            tmp.display()
-        )));
+        if main {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        let why = match result {
+            Err(e) => e.to_string(),
+            Ok(()) => "another rank could not write its part".to_string(),
+        };
+        return Err(save_failed(run_dir, state.step, &why));
     }
     let mut dest = run_dir.join(step_dir_name(state.step));
     if main {
-        dest = commit_checkpoint(
+        let sealed = commit_checkpoint(
             run_dir,
             &tmp,
             state.step,
             target.mesh.clone(),
             target.keep_last,
-        )?;
+        );
+        match sealed {
+            Ok(d) => dest = d,
+            Err(e) => {
+                if tmp.exists() {
+                    let _ = std::fs::remove_dir_all(&tmp);
+                }
+                return Err(save_failed(run_dir, state.step, &e.to_string()));
+            }
+        }
     }
     world.barrier()?;
     Ok(dest)
+}
+
+/// The error of a save that could not complete (a full disk, a lost mount): what failed, that
+/// its partial files are gone, which checkpoint `latest` still names, and what to do.
+pub fn save_failed(run_dir: &Path, step: u64, why: &str) -> TrainError {
+    let previous = std::fs::read_to_string(run_dir.join(moeru_checkpoints::run_checkpoint::LATEST))
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty() && run_dir.join(t).is_dir());
+    let kept = match previous {
+        Some(name) => format!(
+            "the previous checkpoint {} is intact and is what a resume uses",
+            run_dir.join(name).display()
+        ),
+        None => "no earlier checkpoint exists".to_string(),
+    };
+    TrainError::Save(format!(
+        "could not save checkpoint {} in {}: {why}; its partial files were removed and {kept}; free space there (or point checkpoint.dir at a larger disk) and resume with --set checkpoint.resume=true",
+        step_dir_name(step),
+        run_dir.display()
+    ))
 }
 
 /// The model component (full weights and config.json, or a LoRA run's PEFT adapter files)

@@ -36,6 +36,10 @@ pub enum TrainError {
     /// the step is not taken and the last checkpoint stays as it was.
     #[error("{0}")]
     Reward(String),
+    /// A checkpoint could not be written (full disk, lost mount); the message says the partial
+    /// files are gone and which checkpoint a resume uses.
+    #[error("{0}")]
+    Save(String),
     /// An invariant of moeru itself broke; the message asks for a report.
     #[error("{0}")]
     Bug(String),
