@@ -88,14 +88,15 @@ pub fn write_contents(tmp: &Path, contents: &CheckpointContents) -> Result<(), C
     Ok(())
 }
 
-/// Seals the temp folder `tmp`: fsyncs and checksums every file in it into the manifest,
-/// renames it to `step-NNNNNN`, points `latest` at it and prunes to `keep_last`.
+/// Seals the temp folder `tmp`: fsyncs and checksums every file in it into the manifest of
+/// `step` written by `mesh`, renames it to `step-NNNNNN`, points `latest` at it and prunes to
+/// `keep_last`. `after_rename` runs between the rename and `latest` (a fault-injection point).
 pub fn commit_checkpoint(
     run_dir: &Path,
     tmp: &Path,
-    step: u64,
-    mesh: serde_json::Value,
+    (step, mesh): (u64, serde_json::Value),
     keep_last: usize,
+    after_rename: &dyn Fn(),
 ) -> Result<PathBuf, CheckpointError> {
     let name = step_dir_name(step);
     let dest = run_dir.join(&name);
@@ -143,6 +144,7 @@ pub fn commit_checkpoint(
         std::fs::rename(tmp, &dest).map_err(|e| CheckpointError::io(&dest, e))?;
     }
     sync_dir(run_dir)?;
+    after_rename();
     let latest_tmp = run_dir.join(format!("{LATEST}.tmp-{}", std::process::id()));
     write_synced(&latest_tmp, &format!("{name}\n"))?;
     std::fs::rename(&latest_tmp, run_dir.join(LATEST))

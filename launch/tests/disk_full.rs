@@ -63,7 +63,11 @@ fn a_full_disk_fails_the_save_cleanly_and_the_previous_checkpoint_resumes() {
         .args(args(&free.join("ckpt"), &free.join("logs")))
         .output()
         .unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
 
     let status = Command::new("unshare")
         .args(["-rm", "sh", "-c", SCRIPT, "sh", env!("CARGO_BIN_EXE_moeru")])
@@ -93,7 +97,10 @@ fn a_full_disk_fails_the_save_cleanly_and_the_previous_checkpoint_resumes() {
         assert!(last.contains(part), "missing {part:?} in {stderr}");
     }
     let listing = read(&full.join("full.ls"));
-    assert!(!listing.contains("tmp-"), "a partial folder was left: {listing}");
+    assert!(
+        !listing.contains("tmp-"),
+        "a partial folder was left: {listing}"
+    );
     assert!(!listing.contains("step-000008"), "{listing}");
     assert_eq!(read(&full.join("full.latest")).trim(), "step-000004");
     for file in ["model.safetensors", "optim.safetensors"] {
@@ -107,5 +114,8 @@ fn a_full_disk_fails_the_save_cleanly_and_the_previous_checkpoint_resumes() {
     assert!(resumed.contains("trained steps 4..8"), "{resumed}");
     let final_full = std::fs::read(full.join("final.safetensors")).unwrap();
     let final_free = std::fs::read(free.join("ckpt/step-000008/model.safetensors")).unwrap();
-    assert!(final_full == final_free, "resumed weights differ from the uninterrupted run");
+    assert!(
+        final_full == final_free,
+        "resumed weights differ from the uninterrupted run"
+    );
 }

@@ -34,6 +34,7 @@ use crate::checkpoint_sharded::{is_sliced, sharded_contents, SlicedMoments};
 use crate::engine::optim::{flat_tensor, AdamW, Moments, SavedMoments};
 use crate::engine::Engine;
 use crate::error::TrainError;
+use crate::fault::{Fault, FaultPoint};
 use crate::lora::BaseFingerprint;
 
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -77,6 +78,8 @@ pub struct SaveTarget<'a> {
     pub keep_last: usize,
     /// The mesh that wrote them (recorded in the manifest).
     pub mesh: serde_json::Value,
+    /// The test hook armed for this step (`save-write`, `save-commit`).
+    pub fault: Option<Fault>,
 }
 
 /// Saves step `state.step` of `engine` into `target.run_dir`, by component: the model (or its
@@ -115,7 +118,15 @@ pub fn save(
         optim_contents(&engine.optim, main, &mut contents);
     }
     if result.is_ok() {
-        result = write_contents(&tmp, &contents);
+        // The first file alone, then the rest: `save-write` fires in between.
+        let rest = CheckpointContents {
+            tensors: contents.tensors.split_off(contents.tensors.len().min(1)),
+            json: std::mem::take(&mut contents.json),
+        };
+        result = write_contents(&tmp, &contents).and_then(|()| {
+            Fault::at(target.fault.as_ref(), FaultPoint::SaveWrite);
+            write_contents(&tmp, &rest)
+        });
     }
     // Every rank's files are in place (or its error is reported) before rank 0 seals them.
     let failed = if result.is_err() { 1.0 } else { 0.0 };
@@ -133,12 +144,13 @@ pub fn save(
     }
     let mut dest = run_dir.join(step_dir_name(state.step));
     if main {
+        let after_rename = || Fault::at(target.fault.as_ref(), FaultPoint::SaveCommit);
         let sealed = commit_checkpoint(
             run_dir,
             &tmp,
-            state.step,
-            target.mesh.clone(),
+            (state.step, target.mesh.clone()),
             target.keep_last,
+            &after_rename,
         );
         match sealed {
             Ok(d) => dest = d,

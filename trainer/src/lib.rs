@@ -25,6 +25,6 @@ pub mod session;
 pub mod tasks;
 
 pub use error::TrainError;
-pub use fault::{Fault, FaultKind};
+pub use fault::{Fault, FaultKind, FaultPoint};
 pub use rank_threads::{run_threads, run_threads_summaries};
 pub use run::{run_rank, run_training, RunOptions, RunSummary};

@@ -11,7 +11,7 @@ use common::{assert_runs_match, losses, metrics, test_recipe, Set};
 use moeru_models::params::param_count;
 use moeru_models::Qwen3Config;
 use moeru_trainer::recipe::schema::Recipe;
-use moeru_trainer::{run_threads, run_training, Fault, FaultKind, RunOptions};
+use moeru_trainer::{run_threads, run_training, Fault, FaultKind, FaultPoint, RunOptions};
 
 const STEPS: u64 = 10;
 /// Sequences per global batch: micro-batch 2 × grad_accum × dp.
@@ -181,6 +181,7 @@ fn a_silent_rank_makes_the_others_fail_within_the_timeout() {
             kind: FaultKind::Stall,
             rank: 1,
             step: 3,
+            point: FaultPoint::Start,
         }),
         ..RunOptions::default()
     };

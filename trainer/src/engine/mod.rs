@@ -26,6 +26,7 @@ pub use parallel::ModelParallel;
 use schedule::Schedule;
 use sync::{GradSync, Subset, SyncKind};
 
+use crate::fault::{Fault, FaultPoint};
 use crate::objective::{Objective, StepReport};
 use crate::pipeline::executor::PipelineRun;
 use crate::pipeline::schedule::Compute;
@@ -77,6 +78,8 @@ pub struct Engine<'g> {
     /// the first step: it is a collective).
     norm_order: Option<NormOrder>,
     config: EngineConfig,
+    /// The fault-injection hook armed for the next step, if any.
+    fault: Option<Fault>,
 }
 
 impl<'g> Engine<'g> {
@@ -174,6 +177,7 @@ impl<'g> Engine<'g> {
             counted,
             norm_order: None,
             config,
+            fault: None,
         }
     }
 
@@ -227,6 +231,11 @@ impl<'g> Engine<'g> {
         }
     }
 
+    /// Arms the test hook `fault` (`MOERU_FAULT`) for the next step (`None` disarms it).
+    pub fn arm_fault(&mut self, fault: Option<Fault>) {
+        self.fault = fault;
+    }
+
     /// The model-parallel layout, if any.
     pub fn parallel(&self) -> Option<&ModelParallel<'g>> {
         self.parallel.as_ref()
@@ -252,7 +261,7 @@ impl<'g> Engine<'g> {
             objective,
             micro,
             base,
-            &counts,
+            (&counts, self.fault.as_ref()),
             &mut report,
         )?;
         let device = self.model.device().inner();
@@ -264,6 +273,7 @@ impl<'g> Engine<'g> {
             p.complete_partial(&mut buffer, &device)?;
         }
         let mut grads = Vec::new();
+        Fault::at(self.fault.as_ref(), FaultPoint::Collective);
         for sync in &self.syncs {
             grads.extend(sync.reduce(&mut buffer, &device)?);
         }

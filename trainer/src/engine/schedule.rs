@@ -9,6 +9,7 @@ use moeru_parallel::CommError;
 
 use super::grads::GradBuffer;
 use super::MicroBatch;
+use crate::fault::{Fault, FaultPoint};
 use crate::objective::{Objective, StepReport};
 use crate::pipeline::executor::PipelineRun;
 use crate::pipeline::schedule::Compute;
@@ -32,20 +33,26 @@ impl Schedule<'_> {
         objective: &dyn Objective,
         micro: &[MicroBatch],
         base: ForwardCtx,
-        counts: &[f64],
+        (counts, fault): (&[f64], Option<&Fault>),
         report: &mut StepReport,
     ) -> Result<GradBuffer, CommError> {
         let mut grads = GradBuffer::default();
         match self {
             Schedule::Pipeline(run, ran) => {
+                Fault::at(fault, FaultPoint::Forward);
+                Fault::at(fault, FaultPoint::Backward);
                 let (g, order) = run.run(model, objective, micro, base, counts, report)?;
                 *ran = order;
                 grads = g;
             }
             Schedule::Local => {
-                for mb in micro {
+                for (i, mb) in micro.iter().enumerate() {
+                    // The hooks fire in the last micro-batch, after the first ones ran.
+                    let last = (i + 1 == micro.len()).then_some(fault).flatten();
                     let ctx = mb.ctx(&base);
+                    Fault::at(last, FaultPoint::Forward);
                     let loss = objective.micro_loss(model, mb, &ctx, counts, report);
+                    Fault::at(last, FaultPoint::Backward);
                     let g = loss.backward();
                     // Only what trains gets gradients (LoRA: the adapters).
                     grads.accumulate(&mut model.trainable(), &g);

@@ -16,6 +16,7 @@ use moeru_data::LoaderState;
 use crate::checkpoint::{save, SaveTarget, TrainerState};
 use crate::engine::{Engine, MicroBatch};
 use crate::error::TrainError;
+use crate::fault::{Fault, FaultPoint};
 use crate::lora::BaseFingerprint;
 use crate::metrics::MetricsSink;
 use crate::objective::{LmObjective, Objective};
@@ -99,12 +100,9 @@ pub fn run(session: &Session, opts: &RunOptions) -> Result<RunSummary, TrainErro
         log_eval(session, &engine, task.as_ref(), metrics.as_mut(), 0)?;
     }
     for step in start_step..end {
-        if let Some(f) = opts
-            .fault
-            .filter(|f| f.rank == session.world.rank() && f.step == step + 1)
-        {
-            f.fire();
-        }
+        let fault = Fault::armed(opts.fault, session.world.rank(), step + 1);
+        Fault::at(fault.as_ref(), FaultPoint::Start);
+        engine.arm_fault(fault);
         let lr = learning_rate(recipe.optim.lr, &recipe.schedule, step, t.steps);
         let began = Instant::now();
         let micro = task.micro_batches(session, &engine, step)?;
@@ -122,7 +120,14 @@ pub fn run(session: &Session, opts: &RunOptions) -> Result<RunSummary, TrainErro
             metrics.log_step(&line)?;
         }
         log_eval(session, &engine, task.as_ref(), metrics.as_mut(), done)?;
-        let saved = save_if_due(session, &mut engine, task.as_ref(), &state, done, lr)?;
+        let saved = save_if_due(
+            session,
+            &mut engine,
+            task.as_ref(),
+            &state,
+            (done, lr),
+            fault,
+        )?;
         if let (Some(dir), Some(metrics)) = (saved, &mut metrics) {
             metrics.println(&format!("saved {}", dir.display()));
         }
@@ -191,8 +196,8 @@ fn save_if_due(
     engine: &mut Engine,
     task: &dyn Task,
     st: &LoopState,
-    done: u64,
-    lr: f64,
+    (done, lr): (u64, f64),
+    fault: Option<Fault>,
 ) -> Result<Option<PathBuf>, TrainError> {
     let recipe = session.recipe;
     let every = recipe.checkpoint.every;
@@ -213,7 +218,10 @@ fn save_if_due(
         lr,
         lora_base: base_unchanged(session, engine, st.lora_base.as_ref(), done)?,
     };
-    let target = save_target(session);
+    let target = SaveTarget {
+        fault,
+        ..save_target(session)
+    };
     Ok(Some(save(&target, engine, &state, session.world)?))
 }
 
@@ -246,5 +254,6 @@ fn save_target<'a>(session: &Session<'a>) -> SaveTarget<'a> {
             "dp": s.dp, "tp": s.tp, "ep": s.ep, "pp": s.pp,
             "zero_stage": recipe.parallel.zero_stage,
         }),
+        fault: None,
     }
 }
