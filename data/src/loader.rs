@@ -236,7 +236,17 @@ impl DataLoader {
                 return Ok(None);
             }
         }
-        self.samples += (m * d) as u64;
+        // A resumed state's count is read from a file; a corrupt one must not overflow.
+        self.samples = self
+            .samples
+            .checked_add((m * d) as u64)
+            .ok_or_else(|| DataError::Manifest {
+                path: self.cfg.dir.clone(),
+                msg: format!(
+                    "the loader state counts {} samples, too many to go on from; the checkpoint's trainer_state.json is corrupt, resume from an earlier checkpoint",
+                    self.samples
+                ),
+            })?;
         Ok(Some(out))
     }
 

@@ -160,6 +160,7 @@ impl ShardReader {
         let meta = ParquetMetaDataReader::new()
             .parse_and_finish(file)
             .map_err(|e| DataError::parquet(path, e))?;
+        check_chunk_ranges(path, file, &meta)?;
         let leaf = |name: &str, want: &str, converted: &[ConvertedType]| {
             let loc = Location {
                 file: path.to_path_buf(),
@@ -264,4 +265,36 @@ fn list_error(path: &Path, rg: usize, field: &str, e: ListError) -> DataError {
             format!("row group {rg}: null list element; re-run prepare"),
         ),
     }
+}
+
+/// Every column chunk's byte range lies inside the file: `parquet` panics on a negative
+/// offset or size (`ColumnChunkMetaData::byte_range`), so a corrupt footer is refused here.
+fn check_chunk_ranges(path: &Path, file: &File, meta: &ParquetMetaData) -> Result<()> {
+    let len = file
+        .metadata()
+        .map_err(|e| DataError::io(path, "reading shard size", e))?
+        .len();
+    for (rg, group) in meta.row_groups().iter().enumerate() {
+        for col in group.columns() {
+            let start = col
+                .dictionary_page_offset()
+                .unwrap_or(col.data_page_offset());
+            let size = col.compressed_size();
+            let inside = u64::try_from(start)
+                .ok()
+                .zip(u64::try_from(size).ok())
+                .and_then(|(s, n)| s.checked_add(n))
+                .is_some_and(|end| end <= len);
+            if !inside {
+                return Err(DataError::Manifest {
+                    path: path.to_path_buf(),
+                    msg: format!(
+                        "row group {rg}, column `{}`: chunk at offset {start} of {size} bytes is outside the {len}-byte file (a corrupt shard); re-run `moeru data prepare`",
+                        col.column_path()
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
 }

@@ -26,11 +26,21 @@ impl TextTokenizer {
     /// Load `tokenizer.json`; the hash is the sha256 of the file's bytes.
     pub fn from_file(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| DataError::io(path, "reading tokenizer", e))?;
-        let inner =
-            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| DataError::Tokenizer {
-                path: path.to_path_buf(),
-                msg: crate::error::one_line(&e.to_string()),
-            })?;
+        // Parse the JSON first, then build the tokenizer from the parsed value: `tokenizers`
+        // panics (instead of failing) when parsing the text itself fails inside some sections
+        // (`decoder`: `.expect("Helper")` in tokenizers 0.23), e.g. a trailing comma or a bad
+        // `\u` escape there.
+        let bad = |msg: String| DataError::Tokenizer {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let json: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            bad(format!(
+                "invalid JSON ({e}); the file is truncated or edited"
+            ))
+        })?;
+        let inner: tokenizers::Tokenizer = serde_json::from_value(json)
+            .map_err(|e| bad(crate::error::one_line(&e.to_string())))?;
         let sha256 = hex(&Sha256::digest(&bytes));
         let vocab_size = inner.get_vocab_size(true);
         Ok(Self {

@@ -144,24 +144,7 @@ fn serve(mut s: TcpStream, shared: &Shared, token: &[u8]) -> std::io::Result<()>
             }
             Some(GET) => {
                 let ms = u64::from_le_bytes(arg.as_slice().try_into().unwrap_or([0; 8]));
-                let deadline = Instant::now() + Duration::from_millis(ms);
-                let mut m = shared.map.lock().unwrap_or_else(|e| e.into_inner());
-                let found = loop {
-                    if let Some(v) = m.get(&key) {
-                        break Some(v.clone());
-                    }
-                    let now = Instant::now();
-                    if now >= deadline {
-                        break None;
-                    }
-                    m = shared
-                        .changed
-                        .wait_timeout(m, deadline - now)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
-                };
-                drop(m);
-                match found {
+                match wait_for(shared, &key, Duration::from_millis(ms), &s) {
                     Some(v) => write_frame(&mut s, &[b"ok", &v])?,
                     None => write_frame(&mut s, &[b"timeout", b""])?,
                 }
@@ -173,7 +156,12 @@ fn serve(mut s: TcpStream, shared: &Shared, token: &[u8]) -> std::io::Result<()>
                     .get(&key)
                     .and_then(|v| v.as_slice().try_into().ok())
                     .map_or(0, i64::from_le_bytes);
-                let new = old + delta;
+                // A sum past i64 leaves the value as it was and says so.
+                let Some(new) = old.checked_add(delta) else {
+                    drop(m);
+                    write_frame(&mut s, &[b"overflow", b""])?;
+                    continue;
+                };
                 m.insert(key, new.to_le_bytes().to_vec());
                 shared.changed.notify_all();
                 drop(m);
@@ -182,6 +170,46 @@ fn serve(mut s: TcpStream, shared: &Shared, token: &[u8]) -> std::io::Result<()>
             _ => return Ok(()),
         }
     }
+}
+
+/// The value of `key`, waiting up to `wait` (any length: a deadline past what `Instant` can
+/// hold waits until the key is set) for some client to set it. Stops early, with `None`,
+/// once the client `s` has closed its connection, so a waiter that went away does not hold
+/// a thread until its deadline.
+fn wait_for(shared: &Shared, key: &[u8], wait: Duration, s: &TcpStream) -> Option<Vec<u8>> {
+    let deadline = Instant::now().checked_add(wait);
+    let mut m = shared.map.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        if let Some(v) = m.get(key) {
+            return Some(v.clone());
+        }
+        let left = match deadline {
+            Some(d) => d.saturating_duration_since(Instant::now()),
+            None => Duration::MAX,
+        };
+        if left.is_zero() || peer_closed(s) {
+            return None;
+        }
+        m = shared
+            .changed
+            .wait_timeout(m, left.min(Duration::from_secs(1)))
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+}
+
+/// Whether the peer of `s` has closed its side (a non-blocking peek sees end of stream).
+fn peer_closed(s: &TcpStream) -> bool {
+    if s.set_nonblocking(true).is_err() {
+        return true;
+    }
+    let mut b = [0u8; 1];
+    let closed = match s.peek(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    };
+    closed || s.set_nonblocking(false).is_err()
 }
 
 /// One rank's connection to the store.
@@ -270,7 +298,14 @@ impl StoreClient {
 
     /// Adds `delta` to the integer at `key` (0 when unset); returns the new value.
     pub fn add(&self, key: &str, delta: i64) -> Result<i64> {
-        let (_, value) = self.call(ADD, key, &delta.to_le_bytes())?;
+        let (status, value) = self.call(ADD, key, &delta.to_le_bytes())?;
+        if status != b"ok" {
+            return Err(err(format!(
+                "the store {} refused adding {delta} to `{key}`: {} (the sum does not fit an i64)",
+                self.addr,
+                String::from_utf8_lossy(&status)
+            )));
+        }
         Ok(value.as_slice().try_into().map_or(0, i64::from_le_bytes))
     }
 }

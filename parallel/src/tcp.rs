@@ -34,31 +34,60 @@ fn header(channel: Channel, op: u8, seq: u64, len: usize) -> [u8; 29] {
     h
 }
 
+/// One frame a peer sent: data for the mailbox, or an abort notice.
+#[derive(Debug)]
+pub enum Frame {
+    Data(Channel, Message),
+    Abort(String),
+}
+
+/// Payloads are read in chunks of at most this many bytes, so a corrupt length field
+/// costs at most what the peer actually sends, not an allocation of the claimed size.
+const READ_CHUNK: usize = 64 << 20;
+
+/// Reads one frame (29-byte header, then the payload). `Err` says why the stream cannot go
+/// on: it closed, or the frame is malformed.
+pub fn read_frame(r: &mut impl Read) -> std::result::Result<Frame, String> {
+    let mut h = [0u8; 29];
+    if let Err(e) = r.read_exact(&mut h) {
+        return Err(format!(
+            "its connection closed ({e}): the process exited or was killed"
+        ));
+    }
+    let le8 = |at: usize| u64::from_le_bytes(h[at..at + 8].try_into().expect("8 bytes"));
+    let channel = Channel {
+        group: le8(0),
+        tag: u32::from_le_bytes(h[8..12].try_into().expect("4 bytes")),
+    };
+    let (seq, len) = (le8(13), le8(21));
+    let mut payload = Vec::new();
+    while (payload.len() as u64) < len {
+        let have = payload.len();
+        let want = (len - have as u64).min(READ_CHUNK as u64) as usize;
+        payload.resize(have + want, 0);
+        if let Err(e) = r.read_exact(&mut payload[have..]) {
+            return Err(format!(
+                "its connection closed mid-message ({e}; {have} of {len} payload bytes read)"
+            ));
+        }
+    }
+    if h[12] == ABORT {
+        return Ok(Frame::Abort(String::from_utf8_lossy(&payload).into_owned()));
+    }
+    let Some(op) = OpCode::from_u8(h[12]) else {
+        return Err(format!("it sent an unknown op code {}", h[12]));
+    };
+    Ok(Frame::Data(channel, Message { op, seq, payload }))
+}
+
 fn read_loop(peer: usize, stream: TcpStream, mailbox: &Mailbox) {
     let mut r = BufReader::with_capacity(1 << 20, stream);
     let reason = loop {
-        let mut h = [0u8; 29];
-        if let Err(e) = r.read_exact(&mut h) {
-            break format!("its connection closed ({e}): the process exited or was killed");
+        match read_frame(&mut r) {
+            Ok(Frame::Abort(reason)) => mailbox.abort(reason),
+            Ok(Frame::Data(channel, msg)) => mailbox.deliver(peer, channel, msg),
+            Err(reason) => break reason,
         }
-        let channel = Channel {
-            group: u64::from_le_bytes(h[0..8].try_into().unwrap()),
-            tag: u32::from_le_bytes(h[8..12].try_into().unwrap()),
-        };
-        let seq = u64::from_le_bytes(h[13..21].try_into().unwrap());
-        let len = u64::from_le_bytes(h[21..29].try_into().unwrap()) as usize;
-        let mut payload = vec![0u8; len];
-        if let Err(e) = r.read_exact(&mut payload) {
-            break format!("its connection closed mid-message ({e})");
-        }
-        if h[12] == ABORT {
-            mailbox.abort(String::from_utf8_lossy(&payload).into_owned());
-            continue;
-        }
-        let Some(op) = OpCode::from_u8(h[12]) else {
-            break format!("it sent an unknown op code {}", h[12]);
-        };
-        mailbox.deliver(peer, channel, Message { op, seq, payload });
     };
     mailbox.peer_gone(peer, format!("rank {peer}: {reason}"));
 }
@@ -121,7 +150,8 @@ impl Transport for TcpTransport {
     }
 }
 
-fn hello(token: &str, rank: usize) -> Vec<u8> {
+/// The hello a connecting rank sends (read by [`read_hello`]).
+pub fn hello(token: &str, rank: usize) -> Vec<u8> {
     let mut v = HELLO.to_vec();
     v.extend_from_slice(&(rank as u64).to_le_bytes());
     v.extend_from_slice(&(token.len() as u32).to_le_bytes());
@@ -129,10 +159,11 @@ fn hello(token: &str, rank: usize) -> Vec<u8> {
     v
 }
 
-fn read_hello(s: &mut TcpStream, token: &str) -> std::io::Result<usize> {
+/// Reads and checks a connecting peer's hello (magic, rank, token); returns its rank.
+pub fn read_hello(s: &mut impl Read, token: &str) -> std::io::Result<usize> {
     let mut head = [0u8; 20];
     s.read_exact(&mut head)?;
-    let len = u32::from_le_bytes(head[16..20].try_into().unwrap()) as usize;
+    let len = u32::from_le_bytes(head[16..20].try_into().expect("4 bytes")) as usize;
     if &head[0..8] != HELLO || len > 4096 {
         return Err(std::io::Error::other("not a moeru peer"));
     }
@@ -141,7 +172,9 @@ fn read_hello(s: &mut TcpStream, token: &str) -> std::io::Result<usize> {
     if !crate::bind::constant_time_eq(&theirs, token.as_bytes()) {
         return Err(std::io::Error::other("wrong job token"));
     }
-    Ok(u64::from_le_bytes(head[8..16].try_into().unwrap()) as usize)
+    let rank = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
+    usize::try_from(rank)
+        .map_err(|_| std::io::Error::other(format!("peer rank {rank} out of range")))
 }
 
 /// Joins `size` processes as world rank `rank`: publishes this rank's listening address under
