@@ -1,25 +1,23 @@
 //! A small deterministic RNG (splitmix64): the same seed gives the same inputs on every
 //! machine, so a run is reproduced from its seed alone. No global state.
 
-/// splitmix64 (Steele, Lea & Flood): fast, full period, good enough for mutation choices.
+use moeru_data::rng::SplitMix64;
+
+/// The data crate's splitmix64, plus the draws the mutators use.
 #[derive(Debug, Clone)]
 pub struct Rng {
-    state: u64,
+    state: SplitMix64,
 }
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
         Self {
-            state: seed ^ 0x9e37_79b9_7f4a_7c15,
+            state: SplitMix64::new(seed ^ 0x9e37_79b9_7f4a_7c15),
         }
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.state.next_u64()
     }
 
     /// Uniform in `0..n` (`0` when `n == 0`).
