@@ -204,7 +204,7 @@ pub fn verify_checkpoint(dir: &Path) -> Result<Manifest, String> {
         ));
     }
     for entry in &manifest.files {
-        let file = dir.join(&entry.name);
+        let file = checked_entry(dir, &path, &entry.name)?;
         let (bytes, sha) = sha256_file(&file).map_err(|e| e.to_string())?;
         if bytes != entry.bytes {
             return Err(format!(
@@ -221,6 +221,32 @@ pub fn verify_checkpoint(dir: &Path) -> Result<Manifest, String> {
         }
     }
     Ok(manifest)
+}
+
+/// The path of manifest entry `name` inside `dir`: a plain file name (no folder, no `..`, not
+/// absolute) naming a regular file, so a manifest cannot make a resume read outside its
+/// checkpoint or block on a device or FIFO.
+fn checked_entry(dir: &Path, manifest: &Path, name: &str) -> Result<PathBuf, String> {
+    let plain = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\\', '\0'])
+        && name != MANIFEST;
+    if !plain {
+        return Err(format!(
+            "{}: file entry {name:?} is not a plain file name in the checkpoint folder (corrupt or tampered manifest)",
+            manifest.display()
+        ));
+    }
+    let file = dir.join(name);
+    match std::fs::symlink_metadata(&file) {
+        Ok(meta) if meta.file_type().is_file() => Ok(file),
+        Ok(_) => Err(format!(
+            "{}: listed in the manifest but not a regular file (a link, folder or device)",
+            file.display()
+        )),
+        Err(e) => Err(format!("{}: {e}", file.display())),
+    }
 }
 
 /// The outcome of looking for a checkpoint to resume from.
@@ -245,4 +271,69 @@ pub fn latest_valid_checkpoint(run_dir: &Path) -> Result<LatestCheckpoint, Check
         }
     }
     Ok(latest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A committed one-file checkpoint of step 1 whose manifest lists `name` in place of the
+    /// real file (with the real file's size and digest, so only the name is wrong).
+    fn tampered(name: &str) -> (tempfile::TempDir, PathBuf) {
+        let run = tempfile::tempdir().unwrap();
+        let tmp = begin_checkpoint(run.path(), 1, "t").unwrap();
+        std::fs::write(tmp.join("a.json"), "{}\n").unwrap();
+        let dir =
+            commit_checkpoint(run.path(), &tmp, (1, serde_json::json!({})), 0, &|| {}).unwrap();
+        verify_checkpoint(&dir).expect("the untouched checkpoint verifies");
+        let path = dir.join(MANIFEST);
+        let mut manifest: Manifest =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        manifest.files[0].name = name.to_string();
+        std::fs::write(&path, serde_json::to_string(&manifest).unwrap()).unwrap();
+        (run, dir)
+    }
+
+    #[test]
+    fn manifest_names_outside_the_folder_are_refused() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("a.json"), "{}\n").unwrap();
+        let absolute = outside.path().join("a.json").display().to_string();
+        for name in [
+            "../a.json",
+            "sub/a.json",
+            absolute.as_str(),
+            "",
+            "..",
+            MANIFEST,
+        ] {
+            let (_run, dir) = tampered(name);
+            if name == "../a.json" {
+                // The escaping path names a file with the right size and digest.
+                std::fs::write(dir.parent().unwrap().join("a.json"), "{}\n").unwrap();
+            }
+            let e = verify_checkpoint(&dir).unwrap_err();
+            assert!(e.contains("not a plain file name"), "{name:?}: {e}");
+            assert!(e.contains(MANIFEST), "{name:?}: {e}");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn manifest_entries_that_are_links_or_devices_are_refused() {
+        let (_run, dir) = tampered("zero");
+        std::os::unix::fs::symlink("/dev/zero", dir.join("zero")).unwrap();
+        let e = verify_checkpoint(&dir).unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
+
+        let (_run, dir) = tampered("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(dir.join("fifo"))
+            .status()
+            .unwrap();
+        assert!(made.success());
+        // Reading a FIFO would block forever; the check refuses it without opening it.
+        let e = verify_checkpoint(&dir).unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
+    }
 }
