@@ -10,7 +10,7 @@ pub enum CheckpointError {
     Config(#[from] ConfigError),
     #[error("{path}: {reason}")]
     Io { path: PathBuf, reason: String },
-    #[error("{dir}: no weights found: expected model.safetensors or model.safetensors.index.json")]
+    #[error("{dir}: no weights found: expected model.safetensors or model.safetensors.index.json (moeru never reads pickled `.bin` / `.pt` weights: save them with `save_pretrained(..., safe_serialization=True)`)")]
     NoWeights { dir: PathBuf },
     #[error("{index}: lists shard `{shard}`, which does not exist in the folder; restore the missing file")]
     MissingShard { index: PathBuf, shard: String },

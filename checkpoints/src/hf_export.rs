@@ -9,6 +9,7 @@ use moeru_models::Qwen3Model;
 
 use crate::error::CheckpointError;
 use crate::hf_load::{INDEX_FILE, SINGLE_FILE};
+use crate::run_checkpoint::HeldTensors;
 use crate::tensor_file::{write_tensors, OwnedTensor};
 
 /// Files copied along when exporting from a folder that has them.
@@ -23,18 +24,28 @@ const SIDE_FILES: &[&str] = &[
 
 /// Every parameter as f32 under moeru's (transformers' in-memory) names, experts stacked.
 pub fn named_tensors<M: Params>(model: &mut M) -> Vec<(String, OwnedTensor)> {
-    struct Collect(Vec<(String, OwnedTensor)>);
+    held_named_tensors(model)()
+}
+
+/// [`named_tensors`] produced later: the closure holds a handle to each parameter (no copy;
+/// burn never changes a buffer another handle holds, so it reads the values of now).
+pub fn held_named_tensors<M: Params>(model: &mut M) -> HeldTensors {
+    type Read = Box<dyn FnOnce() -> Vec<f32> + Send>;
+    struct Collect(Vec<(String, Vec<usize>, Read)>);
     impl ParamVisitor for Collect {
         fn visit<const D: usize>(&mut self, name: &str, param: &mut Tensor<D>) {
-            let shape = param.dims().to_vec();
-            let values = to_f32_vec(param.clone());
-            self.0
-                .push((name.to_string(), OwnedTensor::f32(&values, shape)));
+            let held = param.clone().detach();
+            let read: Read = Box::new(move || to_f32_vec(held));
+            self.0.push((name.to_string(), param.dims().to_vec(), read));
         }
     }
     let mut c = Collect(Vec::new());
     model.visit_params(&mut c);
-    c.0
+    Box::new(move || {
+        c.0.into_iter()
+            .map(|(name, shape, read)| (name, OwnedTensor::f32(&read(), shape)))
+            .collect()
+    })
 }
 
 /// The model's parameters under their on-disk names, per-expert tensors split out.

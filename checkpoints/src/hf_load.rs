@@ -262,5 +262,43 @@ fn shard_names(index: &Path) -> Result<Vec<String>, CheckpointError> {
         .map(|v| v.as_str().map(str::to_string))
         .collect::<Option<_>>()
         .ok_or_else(|| CheckpointError::io(index, "`weight_map` values must be file names"))?;
+    // Shards live beside the index: a name with a folder, `..` or an absolute path would make
+    // loading read a file elsewhere.
+    if let Some(bad) = files
+        .iter()
+        .find(|f| f.contains(['/', '\\']) || f.starts_with('.') || !f.ends_with(".safetensors"))
+    {
+        return Err(CheckpointError::io(
+            index,
+            format!("`weight_map` names {bad:?}, not a `.safetensors` file name in the index's folder; fix the index"),
+        ));
+    }
     Ok(files.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_shard_names_outside_the_folder_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = dir.path().join("model");
+        std::fs::create_dir(&inner).unwrap();
+        // A real (empty) safetensors file one folder up: the escaping name would open it.
+        crate::tensor_file::write_tensors(&dir.path().join("x.safetensors"), &[]).unwrap();
+        let outside = dir.path().join("x.safetensors").display().to_string();
+        for name in [
+            "../x.safetensors",
+            outside.as_str(),
+            "sub/x.safetensors",
+            "x.bin",
+        ] {
+            let index = serde_json::json!({"weight_map": {"w": name}});
+            std::fs::write(inner.join(INDEX_FILE), index.to_string()).unwrap();
+            let e = HfFolder::open(&inner).err().expect("refused").to_string();
+            assert!(e.contains("not a `.safetensors` file name"), "{name}: {e}");
+            assert!(e.contains(INDEX_FILE), "{name}: {e}");
+        }
+    }
 }

@@ -35,7 +35,23 @@ pub struct Manifest {
 #[derive(Default)]
 pub struct CheckpointContents {
     pub tensors: Vec<(String, Vec<(String, OwnedTensor)>)>,
+    /// Safetensors files whose bytes are produced when the file is written (from tensor
+    /// handles the closure holds), so a snapshot costs no copy until then.
+    pub held: Vec<(String, HeldTensors)>,
     pub json: Vec<(String, serde_json::Value)>,
+}
+
+/// A file's tensors, produced on demand (on the thread that writes the file).
+pub type HeldTensors = Box<dyn FnOnce() -> Vec<(String, OwnedTensor)> + Send>;
+
+impl CheckpointContents {
+    /// Produces every held file's tensors now (on a GPU: the device-to-host copy, so a
+    /// background writer holds host memory only).
+    pub fn materialize(&mut self) {
+        for (file, held) in std::mem::take(&mut self.held) {
+            self.tensors.push((file, held()));
+        }
+    }
 }
 
 pub fn step_dir_name(step: u64) -> String {
@@ -75,15 +91,37 @@ pub fn begin_checkpoint(run_dir: &Path, step: u64, tag: &str) -> Result<PathBuf,
     Ok(tmp)
 }
 
-/// Writes `contents` into the temp folder `tmp` (no manifest yet).
-pub fn write_contents(tmp: &Path, contents: &CheckpointContents) -> Result<(), CheckpointError> {
+/// Writes `contents` into the temp folder `tmp` (no manifest yet): the tensor files, the held
+/// ones (produced one file at a time), then the JSON files. `after_first` runs once, after
+/// the first file (or at the end when there is none): a fault-injection point.
+pub fn write_contents(
+    tmp: &Path,
+    contents: CheckpointContents,
+    after_first: &dyn Fn(),
+) -> Result<(), CheckpointError> {
+    let mut written = 0;
+    let wrote = |written: &mut usize| {
+        *written += 1;
+        if *written == 1 {
+            after_first();
+        }
+    };
     for (file, tensors) in &contents.tensors {
         write_tensors(&tmp.join(file), tensors)?;
+        wrote(&mut written);
+    }
+    for (file, held) in contents.held {
+        write_tensors(&tmp.join(&file), &held())?;
+        wrote(&mut written);
     }
     for (file, value) in &contents.json {
         let text = serde_json::to_string_pretty(value).expect("JSON values serialise");
         std::fs::write(tmp.join(file), text + "\n")
             .map_err(|e| CheckpointError::io(tmp.join(file), e))?;
+        wrote(&mut written);
+    }
+    if written == 0 {
+        after_first(); // the point is reached by a rank with nothing to write too
     }
     Ok(())
 }

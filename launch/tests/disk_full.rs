@@ -4,7 +4,7 @@
 //! full disk, the intact previous checkpoint and the fix; its partial folder is removed;
 //! `latest` still names the first one, whose files are those of an unconstrained run; after
 //! the disk grows, `--set checkpoint.resume=true` continues from it to the same final weights
-//! as the uninterrupted run.
+//! as the uninterrupted run. The same holds for an asynchronous save.
 
 mod common;
 
@@ -13,7 +13,7 @@ use std::process::Command;
 
 use common::{moeru_command, p, TINY_MOE};
 
-fn args(ckpt: &Path, logs: &Path) -> Vec<String> {
+fn args(ckpt: &Path, logs: &Path, asynchronous: bool) -> Vec<String> {
     [
         "train.steps=8",
         "checkpoint.every=4",
@@ -28,6 +28,7 @@ fn args(ckpt: &Path, logs: &Path) -> Vec<String> {
     .chain([
         format!("checkpoint.dir={}", ckpt.display()),
         format!("logging.dir={}", logs.display()),
+        format!("checkpoint.async={asynchronous}"),
     ])
     .flat_map(|s| ["--set".to_string(), s])
     .collect()
@@ -55,12 +56,23 @@ fn read(path: &Path) -> String {
 
 #[test]
 fn a_full_disk_fails_the_save_cleanly_and_the_previous_checkpoint_resumes() {
+    check_full_disk(false);
+}
+
+/// The same with `checkpoint.async`: the background writer's failure surfaces when the run
+/// waits for its final save, with the same line.
+#[test]
+fn a_full_disk_fails_an_async_save_cleanly_too() {
+    check_full_disk(true);
+}
+
+fn check_full_disk(asynchronous: bool) {
     let dir = tempfile::tempdir().unwrap();
     let (free, full) = (dir.path().join("free"), dir.path().join("full"));
     std::fs::create_dir_all(full.join("ckpt")).unwrap();
     let ok = moeru_command()
         .args(["train", TINY_MOE])
-        .args(args(&free.join("ckpt"), &free.join("logs")))
+        .args(args(&free.join("ckpt"), &free.join("logs"), asynchronous))
         .output()
         .unwrap();
     assert!(
@@ -72,7 +84,7 @@ fn a_full_disk_fails_the_save_cleanly_and_the_previous_checkpoint_resumes() {
     let status = Command::new("unshare")
         .args(["-rm", "sh", "-c", SCRIPT, "sh", env!("CARGO_BIN_EXE_moeru")])
         .args([p(&full), p(&full.join("ckpt")), TINY_MOE])
-        .args(args(&full.join("ckpt"), &full.join("logs")))
+        .args(args(&full.join("ckpt"), &full.join("logs"), asynchronous))
         .current_dir(common::workspace())
         .status()
         .expect("this test needs util-linux's `unshare` to mount a small tmpfs");

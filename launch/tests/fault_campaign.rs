@@ -6,6 +6,9 @@
 //! Every job must resume by itself and end with a final model byte-identical to the
 //! uninterrupted run of its layout.
 //!
+//! A fourth layout saves asynchronously (dp2 with ZeRO-1 and `checkpoint.async`): its save
+//! faults fire on the background writer while training goes on.
+//!
 //! `MOERU_CAMPAIGN_TRIALS` (default 4, what CI runs) and `MOERU_CAMPAIGN_SEED` (default 1)
 //! set the campaign; `scripts/fault-campaign.sh` runs a long one and keeps its table.
 
@@ -15,10 +18,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Output;
 
-use common::{moeru_command, TINY_MOE};
+use common::{launch_settings, moeru_command, TINY_MOE};
+use moeru_data::rng::SplitMix64;
 
 const STEPS: u64 = 10;
-/// Checkpoints every 2 steps: the save points are drawn on even steps.
+/// Checkpoints every 2 steps (`launch_settings`): the save points are drawn on even steps.
 const EVERY: u64 = 2;
 const POINTS: [&str; 6] = [
     "start",
@@ -28,7 +32,7 @@ const POINTS: [&str; 6] = [
     "save-write",
     "save-commit",
 ];
-const LAYOUTS: [(&str, &[&str]); 3] = [
+const LAYOUTS: [(&str, &[&str]); 4] = [
     (
         "dp2-zero1",
         &[
@@ -46,24 +50,19 @@ const LAYOUTS: [(&str, &[&str]); 3] = [
         ],
     ),
     ("pp2", &["parallel.pp=2", "train.grad_accum=4"]),
+    (
+        "dp2-async",
+        &[
+            "parallel.dp=2",
+            "parallel.zero_stage=1",
+            "train.grad_accum=2",
+            "checkpoint.async=true",
+        ],
+    ),
 ];
 
-/// splitmix64: the campaign's draws, reproducible from the seed.
-struct Draw(u64);
-
-impl Draw {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+/// The campaign's draws, reproducible from the seed.
+type Draw = SplitMix64;
 
 #[derive(Debug)]
 struct Trial {
@@ -102,6 +101,11 @@ impl Trial {
 }
 
 fn launch(out: &Path, layout: usize, fault: Option<&str>) -> Output {
+    launch_with(out, layout, fault, 1)
+}
+
+/// A two-process job of `layout` with `restarts` restarts allowed and `fault` armed.
+fn launch_with(out: &Path, layout: usize, fault: Option<&str>, restarts: u32) -> Output {
     let mut c = moeru_command();
     c.args([
         "launch",
@@ -111,24 +115,11 @@ fn launch(out: &Path, layout: usize, fault: Option<&str>) -> Output {
         "--spawn",
         "processes",
     ]);
-    c.args(["--max-restarts", "1"]);
-    let settings = [
-        format!("train.steps={STEPS}"),
-        format!("checkpoint.every={EVERY}"),
-        "checkpoint.keep_last=0".into(),
-        format!("checkpoint.dir={}", out.join("ckpt").display()),
-        format!("logging.dir={}", out.join("logs").display()),
-        "logging.progress=false".into(),
-        "logging.tensorboard=false".into(),
-        "data.eval=null".into(),
-        "train.eval_every=0".into(),
-        "data.seq_len=64".into(),
-        "train.micro_batch_size=2".into(),
-        "parallel.timeout_s=3".into(),
-    ];
-    let layout_keys = LAYOUTS[layout].1.iter().map(|s| s.to_string());
-    for s in settings.into_iter().chain(layout_keys) {
-        c.arg("--set").arg(s);
+    c.args(["--max-restarts", &restarts.to_string()]);
+    c.args(launch_settings(out, STEPS));
+    c.args(["--set", "parallel.timeout_s=3"]);
+    for s in LAYOUTS[layout].1 {
+        c.args(["--set", s]);
     }
     if let Some(f) = fault {
         c.env("MOERU_FAULT", f);
@@ -168,7 +159,7 @@ fn env_u64(key: &str, default: u64) -> u64 {
 fn killed_and_hung_ranks_resume_by_themselves_to_identical_weights() {
     let trials = env_u64("MOERU_CAMPAIGN_TRIALS", 4);
     let seed = env_u64("MOERU_CAMPAIGN_SEED", 1);
-    let mut draw = Draw(seed);
+    let mut draw = Draw::new(seed);
     let drawn: Vec<Trial> = (0..trials).map(|_| Trial::draw(&mut draw)).collect();
     let mut reference = BTreeMap::new();
     println!(
@@ -232,4 +223,37 @@ fn killed_and_hung_ranks_resume_by_themselves_to_identical_weights() {
         );
     }
     println!("fault campaign: {survived} of {trials} trials resumed to byte-identical weights");
+}
+
+#[test]
+fn a_kill_during_an_async_save_leaves_the_previous_checkpoint_valid() {
+    let layout = LAYOUTS.iter().position(|l| l.0 == "dp2-async").unwrap();
+    for (rank, point) in [(1, "save-write"), (0, "save-write"), (0, "save-commit")] {
+        let dir = tempfile::tempdir().unwrap();
+        let fault = format!("kill:{rank}:4:{point}");
+        let o = launch_with(dir.path(), layout, Some(&fault), 0);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{fault}: the job survived: {err}");
+        assert!(err.contains("fault injection"), "{fault}: {err}");
+        let ckpt = dir.path().join("ckpt");
+        let latest = std::fs::read_to_string(ckpt.join("latest")).unwrap();
+        let found = moeru_checkpoints::latest_valid_checkpoint(&ckpt).unwrap();
+        let (manifest, _) = found.found.expect("a valid checkpoint");
+        if point == "save-commit" {
+            // Killed after the rename: step 4 is complete, `latest` still names step 2.
+            assert_eq!(
+                (latest.trim(), manifest.step),
+                ("step-000002", 4),
+                "{fault}"
+            );
+        } else {
+            assert_eq!(
+                (latest.trim(), manifest.step),
+                ("step-000002", 2),
+                "{fault}"
+            );
+            assert!(!ckpt.join("step-000004").exists(), "{fault}");
+        }
+        assert!(found.skipped.is_empty(), "{fault}: {:?}", found.skipped);
+    }
 }

@@ -9,29 +9,15 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::{moeru_command, TINY_MOE};
+use common::{launch_settings, moeru_command, TINY_MOE};
 
 const STEPS: u64 = 10;
 
 /// Global batch 8 = micro-batch 2 × grad_accum × dp.
 fn settings(out: &Path, dp: usize) -> Vec<String> {
-    [
-        format!("train.steps={STEPS}"),
-        "checkpoint.every=2".into(),
-        "checkpoint.keep_last=0".into(),
-        format!("checkpoint.dir={}", out.join("ckpt").display()),
-        format!("logging.dir={}", out.join("logs").display()),
-        "logging.progress=false".into(),
-        "logging.tensorboard=false".into(),
-        "data.eval=null".into(),
-        "train.eval_every=0".into(),
-        "data.seq_len=64".into(),
-        "train.micro_batch_size=2".into(),
-        format!("train.grad_accum={}", 4 / dp),
-    ]
-    .into_iter()
-    .flat_map(|s| ["--set".to_string(), s])
-    .collect()
+    let mut s = launch_settings(out, STEPS);
+    s.extend(["--set".into(), format!("train.grad_accum={}", 4 / dp)]);
+    s
 }
 
 fn moeru(args: &[String], envs: &[(&str, &str)]) -> (Output, Duration) {

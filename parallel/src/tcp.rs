@@ -216,21 +216,43 @@ pub fn tcp_world(
             .map_err(|e| fail(format!("rank {j} at {addr}: {e}")))?;
         *slot = Some(s);
     }
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| fail(e.to_string()))?;
+    accept_higher_ranks(&listener, &mut peers, (rank, size), token, timeout).map_err(fail)?;
+    let mailbox = Arc::new(Mailbox::default());
+    let writers = start_readers(peers, &mailbox).map_err(fail)?;
+    let t = TcpTransport {
+        rank,
+        size,
+        peers: writers,
+        mailbox,
+    };
+    Ok(ProcessGroup::new(Box::new(P2pComm::world(
+        Arc::new(t),
+        timeout,
+    ))))
+}
+
+/// Accepts the connections of every rank above `rank` (each proves itself with the job
+/// token in its hello) within `timeout`; strangers are dropped and logged once per address.
+fn accept_higher_ranks(
+    listener: &TcpListener,
+    peers: &mut [Option<TcpStream>],
+    (rank, size): (usize, usize),
+    token: &str,
+    timeout: Duration,
+) -> std::result::Result<(), String> {
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     let deadline = Instant::now() + timeout;
     let mut accepted = 0;
     let mut refused = std::collections::HashSet::new();
     while accepted < size - rank - 1 {
         match listener.accept() {
             Ok((mut s, from)) => {
-                s.set_nonblocking(false).map_err(|e| fail(e.to_string()))?;
+                s.set_nonblocking(false).map_err(|e| e.to_string())?;
                 s.set_read_timeout(Some(Duration::from_secs(10)))
-                    .map_err(|e| fail(e.to_string()))?;
+                    .map_err(|e| e.to_string())?;
                 match read_hello(&mut s, token) {
                     Ok(j) if j > rank && j < size && peers[j].is_none() => {
-                        s.set_read_timeout(None).map_err(|e| fail(e.to_string()))?;
+                        s.set_read_timeout(None).map_err(|e| e.to_string())?;
                         peers[j] = Some(s);
                         accepted += 1;
                     }
@@ -245,41 +267,39 @@ pub fn tcp_world(
                 if Instant::now() >= deadline {
                     let missing: Vec<usize> =
                         (rank + 1..size).filter(|&j| peers[j].is_none()).collect();
-                    return Err(fail(format!(
+                    return Err(format!(
                         "ranks {missing:?} did not connect within {:.0}s",
                         timeout.as_secs_f64()
-                    )));
+                    ));
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
-            Err(e) => return Err(fail(format!("accept: {e}"))),
+            Err(e) => return Err(format!("accept: {e}")),
         }
     }
-    let mailbox = Arc::new(Mailbox::default());
-    let mut writers = Vec::with_capacity(size);
+    Ok(())
+}
+
+/// One reader thread per connected peer feeding `mailbox`; the streams' write halves.
+fn start_readers(
+    peers: Vec<Option<TcpStream>>,
+    mailbox: &Arc<Mailbox>,
+) -> std::result::Result<Vec<Option<Mutex<TcpStream>>>, String> {
+    let mut writers = Vec::with_capacity(peers.len());
     for (j, s) in peers.into_iter().enumerate() {
         match s {
             None => writers.push(None),
             Some(s) => {
                 let _ = s.set_nodelay(true);
-                let reader = s.try_clone().map_err(|e| fail(e.to_string()))?;
+                let reader = s.try_clone().map_err(|e| e.to_string())?;
                 let mb = mailbox.clone();
                 std::thread::Builder::new()
                     .name(format!("moeru-tcp-{j}"))
                     .spawn(move || read_loop(j, reader, &mb))
-                    .map_err(|e| fail(e.to_string()))?;
+                    .map_err(|e| e.to_string())?;
                 writers.push(Some(Mutex::new(s)));
             }
         }
     }
-    let t = TcpTransport {
-        rank,
-        size,
-        peers: writers,
-        mailbox,
-    };
-    Ok(ProcessGroup::new(Box::new(P2pComm::world(
-        Arc::new(t),
-        timeout,
-    ))))
+    Ok(writers)
 }

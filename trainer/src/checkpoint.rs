@@ -18,9 +18,8 @@ use burn::tensor::{Device, Tensor, TensorData};
 use moeru_checkpoints::peft_config::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use moeru_checkpoints::run_checkpoint::step_dir_name;
 use moeru_checkpoints::{
-    begin_checkpoint, commit_checkpoint, latest_valid_checkpoint, load_hf_model_sharded,
-    named_tensors, peft_adapter_files, write_contents, CheckpointContents, CheckpointError,
-    OwnedTensor, TensorFile,
+    begin_checkpoint, held_named_tensors, latest_valid_checkpoint, load_hf_model_sharded,
+    peft_adapter_files, CheckpointContents, CheckpointError, HeldTensors, OwnedTensor, TensorFile,
 };
 use moeru_data::LoaderState;
 use moeru_models::params::{param_shapes, to_f32_vec};
@@ -31,10 +30,11 @@ use moeru_parallel::ProcessGroup;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint_sharded::{is_sliced, sharded_contents, SlicedMoments};
+use crate::checkpoint_writer::{seal_now, Snapshot};
 use crate::engine::optim::{flat_tensor, AdamW, Moments, SavedMoments};
 use crate::engine::Engine;
 use crate::error::TrainError;
-use crate::fault::{Fault, FaultPoint};
+use crate::fault::Fault;
 use crate::lora::BaseFingerprint;
 
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -80,6 +80,9 @@ pub struct SaveTarget<'a> {
     pub mesh: serde_json::Value,
     /// The test hook armed for this step (`save-write`, `save-commit`).
     pub fault: Option<Fault>,
+    /// Copy the tensors to host memory in the snapshot itself (a GPU run's background save:
+    /// it must not hold device memory), instead of when each file is written.
+    pub host_copy_now: bool,
 }
 
 /// Saves step `state.step` of `engine` into `target.run_dir`, by component: the model (or its
@@ -92,14 +95,28 @@ pub fn save(
     state: &TrainerState,
     world: &ProcessGroup,
 ) -> Result<PathBuf, TrainError> {
+    seal_now(snapshot(target, engine, state, world)?, world)
+}
+
+/// Copies this rank's part of checkpoint `state.step` out of `engine` into host memory, and
+/// (rank 0) creates the temp folder every rank writes into. Collective over `world`; what
+/// remains (writing, sealing) needs no engine, so it may run in the background.
+pub fn snapshot(
+    target: &SaveTarget,
+    engine: &mut Engine,
+    state: &TrainerState,
+    world: &ProcessGroup,
+) -> Result<Snapshot, TrainError> {
     let main = world.rank() == 0;
     let run_dir = target.run_dir;
     // One temp folder for all ranks: rank 0 names it.
     let tag = world.broadcast_string(&std::process::id().to_string(), 0)?;
     let tmp = run_dir.join(format!("{}.tmp-{tag}", step_dir_name(state.step)));
-    let mut result = Ok(());
+    let mut begun = Ok(());
     if main {
-        result = begin_checkpoint(run_dir, state.step, &tag).map(|_| ());
+        begun = begin_checkpoint(run_dir, state.step, &tag)
+            .map(|_| ())
+            .map_err(|e| e.to_string());
     }
     world.barrier()?;
     let mut contents = CheckpointContents::default();
@@ -117,53 +134,21 @@ pub fn save(
         }
         optim_contents(&engine.optim, main, &mut contents);
     }
-    if result.is_ok() {
-        // The first file alone, then the rest: `save-write` fires in between.
-        let rest = CheckpointContents {
-            tensors: contents.tensors.split_off(contents.tensors.len().min(1)),
-            json: std::mem::take(&mut contents.json),
-        };
-        result = write_contents(&tmp, &contents).and_then(|()| {
-            Fault::at(target.fault.as_ref(), FaultPoint::SaveWrite);
-            write_contents(&tmp, &rest)
-        });
+    if target.host_copy_now {
+        contents.materialize();
     }
-    // Every rank's files are in place (or its error is reported) before rank 0 seals them.
-    let failed = if result.is_err() { 1.0 } else { 0.0 };
-    let mut any = [failed];
-    world.all_reduce(&mut any, moeru_parallel::ReduceOp::Max)?;
-    if any[0] > 0.0 {
-        if main {
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        let why = match result {
-            Err(e) => e.to_string(),
-            Ok(()) => "another rank could not write its part".to_string(),
-        };
-        return Err(save_failed(run_dir, state.step, &why));
-    }
-    let mut dest = run_dir.join(step_dir_name(state.step));
-    if main {
-        let after_rename = || Fault::at(target.fault.as_ref(), FaultPoint::SaveCommit);
-        let sealed = commit_checkpoint(
-            run_dir,
-            &tmp,
-            (state.step, target.mesh.clone()),
-            target.keep_last,
-            &after_rename,
-        );
-        match sealed {
-            Ok(d) => dest = d,
-            Err(e) => {
-                if tmp.exists() {
-                    let _ = std::fs::remove_dir_all(&tmp);
-                }
-                return Err(save_failed(run_dir, state.step, &e.to_string()));
-            }
-        }
-    }
-    world.barrier()?;
-    Ok(dest)
+    Ok(Snapshot {
+        run_dir: run_dir.to_path_buf(),
+        tmp,
+        step: state.step,
+        mesh: target.mesh.clone(),
+        keep_last: target.keep_last,
+        fault: target.fault,
+        contents,
+        begun,
+        rank: world.rank(),
+        world_size: world.size(),
+    })
 }
 
 /// The error of a save that could not complete (a full disk, a lost mount): what failed, that
@@ -203,8 +188,8 @@ fn model_contents(
         }
         None => {
             contents
-                .tensors
-                .push((MODEL_FILE.into(), named_tensors(model)));
+                .held
+                .push((MODEL_FILE.into(), held_named_tensors(model)));
             config_and_state(&model.config, state, contents);
             return Ok(());
         }
@@ -234,7 +219,7 @@ fn config_and_state(config: &Qwen3Config, state: &TrainerState, contents: &mut C
 fn optim_contents(optim: &AdamW, main: bool, contents: &mut CheckpointContents) {
     match optim.saved_moments() {
         SavedMoments::Whole(moments) if main => contents
-            .tensors
+            .held
             .push((OPTIM_FILE.into(), whole_moments(&moments))),
         SavedMoments::Whole(_) => {}
         SavedMoments::Shard {
@@ -247,15 +232,19 @@ fn optim_contents(optim: &AdamW, main: bool, contents: &mut CheckpointContents) 
                 .iter()
                 .flat_map(|r| [r.start as i64, r.end as i64])
                 .collect();
-            let (n, k) = (exp_avg.len(), placement.ranges.len());
-            contents.tensors.push((
-                shard_file(placement.rank, placement.size),
+            let k = placement.ranges.len();
+            let shard: HeldTensors = Box::new(move || {
+                let (exp_avg, exp_avg_sq) = (concat(exp_avg), concat(exp_avg_sq));
+                let n = exp_avg.len();
                 vec![
                     ("exp_avg".into(), OwnedTensor::f32(&exp_avg, vec![n])),
                     ("exp_avg_sq".into(), OwnedTensor::f32(&exp_avg_sq, vec![n])),
                     ("ranges".into(), OwnedTensor::i64(&ranges, vec![k, 2])),
-                ],
-            ));
+                ]
+            });
+            contents
+                .held
+                .push((shard_file(placement.rank, placement.size), shard));
             if main {
                 let layout = OptimLayout {
                     dp: placement.size,
@@ -270,20 +259,32 @@ fn optim_contents(optim: &AdamW, main: bool, contents: &mut CheckpointContents) 
     }
 }
 
-fn whole_moments(state: &BTreeMap<&str, &Moments>) -> Vec<(String, OwnedTensor)> {
-    let mut optim = Vec::new();
-    for (name, m) in state {
-        let n = m.exp_avg.dims()[0];
-        optim.push((
-            format!("exp_avg.{name}"),
-            OwnedTensor::f32(&to_f32_vec(m.exp_avg.clone()), vec![n]),
-        ));
-        optim.push((
-            format!("exp_avg_sq.{name}"),
-            OwnedTensor::f32(&to_f32_vec(m.exp_avg_sq.clone()), vec![n]),
-        ));
-    }
-    optim
+/// Flat tensors' values, one after another.
+fn concat(parts: Vec<Tensor<1>>) -> Vec<f32> {
+    parts.into_iter().flat_map(to_f32_vec).collect()
+}
+
+/// The whole moments, read when the file is written.
+fn whole_moments(state: &BTreeMap<&str, &Moments>) -> HeldTensors {
+    let held: Vec<(String, Tensor<1>, Tensor<1>)> = state
+        .iter()
+        .map(|(name, m)| (name.to_string(), m.exp_avg.clone(), m.exp_avg_sq.clone()))
+        .collect();
+    Box::new(move || {
+        let mut optim = Vec::new();
+        for (name, exp_avg, exp_avg_sq) in held {
+            let n = exp_avg.dims()[0];
+            optim.push((
+                format!("exp_avg.{name}"),
+                OwnedTensor::f32(&to_f32_vec(exp_avg), vec![n]),
+            ));
+            optim.push((
+                format!("exp_avg_sq.{name}"),
+                OwnedTensor::f32(&to_f32_vec(exp_avg_sq), vec![n]),
+            ));
+        }
+        optim
+    })
 }
 
 /// A checkpoint's AdamW moments.

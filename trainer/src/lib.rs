@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod checkpoint_sharded;
+pub mod checkpoint_writer;
 pub mod dpo;
 pub mod engine;
 pub mod error;

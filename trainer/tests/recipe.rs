@@ -420,13 +420,14 @@ model:
     assert_ne!(h, recipe::recipe_hash(&c));
     let d = ok(MINIMAL, &["model.architecture.hidden_size=9"]);
     assert_ne!(h, recipe::recipe_hash(&d));
-    // The layout and `checkpoint.resume` do not change the training math.
+    // The layout, `checkpoint.resume` and `checkpoint.async` do not change the training math.
     let e = ok(
         MINIMAL,
         &[
             "parallel.dp=4",
             "parallel.zero_stage=1",
             "checkpoint.resume=false",
+            "checkpoint.async=true",
         ],
     );
     assert_eq!(h, recipe::recipe_hash(&e));
@@ -460,6 +461,7 @@ fn full_json() -> serde_json::Value {
             "dpo.beta=0.2",
             "dpo.loss_weights=[1.0]",
             "train.eval_on_start=true",
+            "checkpoint.async=true",
         ],
     );
     // The GRPO sections, set beside DPO's (validation would refuse both) so every key shows.

@@ -76,3 +76,25 @@ pub fn train_recipe(dir: &Path, recipe: &str, extra: &[&str]) -> Vec<serde_json:
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// The `--set` pairs of the multi-process launch tests' tiny-MoE runs: `steps` steps,
+/// checkpoints every 2 (all kept) and logs under `out`, no evaluation or progress bar,
+/// sequences of 64, micro-batches of 2. The caller adds the layout and its grad_accum.
+pub fn launch_settings(out: &Path, steps: u64) -> Vec<String> {
+    [
+        format!("train.steps={steps}"),
+        "checkpoint.every=2".into(),
+        "checkpoint.keep_last=0".into(),
+        format!("checkpoint.dir={}", out.join("ckpt").display()),
+        format!("logging.dir={}", out.join("logs").display()),
+        "logging.progress=false".into(),
+        "logging.tensorboard=false".into(),
+        "data.eval=null".into(),
+        "train.eval_every=0".into(),
+        "data.seq_len=64".into(),
+        "train.micro_batch_size=2".into(),
+    ]
+    .into_iter()
+    .flat_map(|s| ["--set".to_string(), s])
+    .collect()
+}

@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use moeru_models::params::to_f32_vec;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
@@ -69,11 +68,12 @@ pub struct ShardPlacement {
 pub enum SavedMoments<'a> {
     /// One pair per parameter, by name.
     Whole(BTreeMap<&'a str, &'a Moments>),
-    /// This rank's shard: the pieces' moments concatenated in flat order.
+    /// This rank's shard: the pieces' moments, to be concatenated in this (flat) order;
+    /// handles, read when the checkpoint file is written.
     Shard {
         placement: &'a ShardPlacement,
-        exp_avg: Vec<f32>,
-        exp_avg_sq: Vec<f32>,
+        exp_avg: Vec<Tensor<1>>,
+        exp_avg_sq: Vec<Tensor<1>>,
     },
 }
 
@@ -184,19 +184,11 @@ impl AdamW {
                     .map(|(p, m)| (p.name.as_str(), m))
                     .collect(),
             ),
-            Some(placement) => {
-                let flat = |f: fn(&Moments) -> &Tensor<1>| -> Vec<f32> {
-                    self.moments
-                        .iter()
-                        .flat_map(|m| to_f32_vec(f(m).clone()))
-                        .collect()
-                };
-                SavedMoments::Shard {
-                    placement,
-                    exp_avg: flat(|m| &m.exp_avg),
-                    exp_avg_sq: flat(|m| &m.exp_avg_sq),
-                }
-            }
+            Some(placement) => SavedMoments::Shard {
+                placement,
+                exp_avg: self.moments.iter().map(|m| m.exp_avg.clone()).collect(),
+                exp_avg_sq: self.moments.iter().map(|m| m.exp_avg_sq.clone()).collect(),
+            },
         }
     }
 }

@@ -35,11 +35,13 @@ fn sorted(v: &serde_json::Value) -> serde_json::Value {
 }
 
 /// sha256 hex of [`canonical_json`], leaving out what does not change the training math: the
-/// parallel layout (a checkpoint resumes at another DP size) and `checkpoint.resume`.
+/// parallel layout (a checkpoint resumes at another DP size), `checkpoint.resume` and
+/// `checkpoint.async` (both write the same files).
 pub fn recipe_hash(recipe: &Recipe) -> String {
     let mut r = recipe.clone();
     r.parallel = Default::default();
     r.checkpoint.resume = true;
+    r.checkpoint.asynchronous = false;
     let digest = Sha256::digest(canonical_json(&r).as_bytes());
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }

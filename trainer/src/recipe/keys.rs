@@ -166,6 +166,7 @@ pub const KEYS: &[Key] = &[
     key("checkpoint.every", UInt, false, ""),
     key("checkpoint.keep_last", UInt, false, ""),
     key("checkpoint.resume", Bool, false, ""),
+    key("checkpoint.async", Bool, false, ""),
     key("logging", Section, true, "where logs go"),
     key("logging.dir", Path, true, "the log folder"),
     key("logging.progress", Bool, false, ""),

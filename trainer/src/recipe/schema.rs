@@ -196,6 +196,14 @@ pub struct CheckpointSection {
     /// Resume from the newest valid checkpoint in `dir` when there is one.
     #[serde(default = "default_true")]
     pub resume: bool,
+    /// Write checkpoints on a background thread from a host snapshot while training goes
+    /// on (YAML `async`; left out of the written recipe when off, so older hashes hold).
+    #[serde(default, rename = "async", skip_serializing_if = "is_false")]
+    pub asynchronous: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

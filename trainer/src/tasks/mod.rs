@@ -11,9 +11,12 @@ pub mod setup;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use moeru_checkpoints::run_checkpoint::step_dir_name;
 use moeru_data::LoaderState;
+use moeru_models::DeviceSpec;
 
-use crate::checkpoint::{save, SaveTarget, TrainerState};
+use crate::checkpoint::{save, snapshot, SaveTarget, TrainerState};
+use crate::checkpoint_writer::{Finished, InFlight};
 use crate::engine::{Engine, MicroBatch};
 use crate::error::TrainError;
 use crate::fault::{Fault, FaultPoint};
@@ -23,7 +26,7 @@ use crate::objective::{LmObjective, Objective};
 use crate::recipe::recipe_hash;
 use crate::run::{RunOptions, RunSummary};
 use crate::schedule::learning_rate;
-use crate::session::{Loader, Session, Start};
+use crate::session::{comm_timeout, Loader, Session, Start};
 use report::{step_metrics, TrafficMark};
 use setup::{aux_weights, build_engine, report_sizes};
 
@@ -91,6 +94,7 @@ pub fn run(session: &Session, opts: &RunOptions) -> Result<RunSummary, TrainErro
     let mut state = LoopState {
         tokens_seen,
         lora_base,
+        in_flight: InFlight::default(),
     };
     let end = opts
         .stop_after
@@ -120,19 +124,27 @@ pub fn run(session: &Session, opts: &RunOptions) -> Result<RunSummary, TrainErro
             metrics.log_step(&line)?;
         }
         log_eval(session, &engine, task.as_ref(), metrics.as_mut(), done)?;
-        let saved = save_if_due(
+        let paused = Instant::now();
+        let saves = save_if_due(
             session,
             &mut engine,
             task.as_ref(),
-            &state,
+            &mut state,
             (done, lr),
             fault,
         )?;
-        if let (Some(dir), Some(metrics)) = (saved, &mut metrics) {
-            metrics.println(&format!("saved {}", dir.display()));
+        if let Some(metrics) = &mut metrics {
+            saves.print(metrics, paused.elapsed().as_secs_f64());
         }
     }
-    if let Some(metrics) = metrics {
+    // The final save is waited for.
+    let paused = Instant::now();
+    let last = SaveNotes {
+        finished: state.in_flight.finish(session.world)?,
+        ..Default::default()
+    };
+    if let Some(mut metrics) = metrics {
+        last.print(&mut metrics, paused.elapsed().as_secs_f64());
         metrics.finish()?;
     }
     Ok(RunSummary {
@@ -187,22 +199,60 @@ struct LoopState {
     tokens_seen: u64,
     /// LoRA runs on a model folder: the frozen base's digest at start.
     lora_base: Option<BaseFingerprint>,
+    /// `checkpoint.async`: the save being written in the background.
+    in_flight: InFlight,
+}
+
+/// What a step's saving did, for the log.
+#[derive(Default)]
+struct SaveNotes {
+    /// A checkpoint sealed now.
+    saved: Option<PathBuf>,
+    /// A background save that finished (it is waited for before the next one starts).
+    finished: Option<Finished>,
+    /// The step whose background save started.
+    started: Option<u64>,
+}
+
+impl SaveNotes {
+    /// Logs the saves with `paused`, the seconds training waited for them.
+    fn print(self, metrics: &mut MetricsSink, paused: f64) {
+        if let Some(f) = &self.finished {
+            metrics.println(&format!(
+                "saved {} (written in the background in {:.3} s)",
+                f.dir.display(),
+                f.seconds
+            ));
+        }
+        let pause = format!("training paused {paused:.4} s");
+        if let Some(dir) = self.saved {
+            metrics.println(&format!("saved {} ({pause})", dir.display()));
+        } else if let Some(step) = self.started {
+            metrics.println(&format!(
+                "saving {} in the background ({pause})",
+                step_dir_name(step)
+            ));
+        } else if self.finished.is_some() && paused >= 0.001 {
+            metrics.println(&format!("waited for the background save: {pause}"));
+        }
+    }
 }
 
 /// Saves a checkpoint after step `done` when it is due (every `checkpoint.every` steps and
-/// at the end); returns its folder.
+/// at the end): sealed now, or under `checkpoint.async` snapshotted now and written in the
+/// background once the save before it has finished.
 fn save_if_due(
     session: &Session,
     engine: &mut Engine,
     task: &dyn Task,
-    st: &LoopState,
+    st: &mut LoopState,
     (done, lr): (u64, f64),
     fault: Option<Fault>,
-) -> Result<Option<PathBuf>, TrainError> {
+) -> Result<SaveNotes, TrainError> {
     let recipe = session.recipe;
     let every = recipe.checkpoint.every;
     if done != recipe.train.steps && (every == 0 || !done.is_multiple_of(every)) {
-        return Ok(None);
+        return Ok(SaveNotes::default());
     }
     if let Some(run) = engine.pipeline() {
         if !run.tied_copies_equal(&engine.model)? {
@@ -222,7 +272,21 @@ fn save_if_due(
         fault,
         ..save_target(session)
     };
-    Ok(Some(save(&target, engine, &state, session.world)?))
+    if !recipe.checkpoint.asynchronous {
+        let saved = Some(save(&target, engine, &state, session.world)?);
+        return Ok(SaveNotes {
+            saved,
+            ..Default::default()
+        });
+    }
+    let finished = st.in_flight.finish(session.world)?;
+    let snap = snapshot(&target, engine, &state, session.world)?;
+    st.in_flight.start(snap, comm_timeout(recipe))?;
+    Ok(SaveNotes {
+        finished,
+        started: Some(done),
+        ..Default::default()
+    })
 }
 
 /// The digest of the LoRA base as it is now, so a checkpoint proves the base stayed frozen.
@@ -255,5 +319,10 @@ fn save_target<'a>(session: &Session<'a>) -> SaveTarget<'a> {
             "zero_stage": recipe.parallel.zero_stage,
         }),
         fault: None,
+        host_copy_now: recipe.checkpoint.asynchronous
+            && recipe
+                .device
+                .parse::<DeviceSpec>()
+                .is_ok_and(DeviceSpec::is_cuda),
     }
 }
