@@ -8,7 +8,7 @@ use crate::compute::ComputeArgs;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// A model shape from bench/shapes.json (tiny-moe, qwen3-0.6b, qwen3-1.7b, qwen3-moe-12l, qwen3-moe-16l, qwen3-moe-layer).
+    /// A model shape from bench/shapes.json (tiny-moe, mid-moe, mid-dense, qwen3-0.6b, qwen3-1.7b, qwen3-moe-12l, qwen3-moe-16l, qwen3-moe-layer).
     #[arg(long)]
     shape: String,
     #[arg(long, default_value_t = 4096)]

@@ -1,17 +1,18 @@
 //! The stacked experts of a Qwen3-MoE layer and their grouped forward over a [`RoutingPlan`].
 //!
-//! Routed tokens are laid out per expert in `[experts, capacity, hidden]` buffers, so experts
-//! run as batched matmuls; routing.rs decides how experts are grouped into those buffers
-//! (one over all experts while loads are even) and padding slots carry weight 0.
+//! Routed tokens are gathered in expert order (routing.rs) and each projection is one grouped
+//! matmul over those rows (grouped_mm.rs): every computed row is a routed one.
 
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
+
+use crate::grouped_mm::{grouped_mm, min_rows};
 
 use crate::forward_ctx::ForwardCtx;
 use crate::layers::swiglu;
 use crate::lora::{LoraAdapter, LoraSlot};
 use crate::params::{ParamSource, ParamVisitor, Params};
 use crate::precision::to_f32;
-use crate::routing::{ExpertGroup, RoutingPlan};
+use crate::routing::RoutingPlan;
 
 /// `mlp.experts` as transformers 5 holds it: `gate_up_proj [E, 2·I, H]` (gate rows, then up
 /// rows) and `down_proj [E, H, I]`, each with an optional LoRA adapter (peft's
@@ -49,7 +50,8 @@ impl Experts {
 
     /// The weighted sum over each token's experts: `x [tokens, hidden]` (f32), `plan` from the
     /// token's top-k choices, `weights [tokens · k]` (assignment-major, as the plan) →
-    /// `[tokens, hidden]` (f32). The matmuls run in `ctx.precision`.
+    /// `[tokens, hidden]` (f32). The matmuls run in `ctx.precision`, one grouped matmul over
+    /// the rows sorted by expert per projection (no padding).
     pub fn forward(
         &self,
         x: &Tensor<2>,
@@ -59,68 +61,41 @@ impl Experts {
     ) -> Tensor<2> {
         let [tokens, hidden] = x.dims();
         let device = x.device();
-        // Cast once (to the dtype of the routed activations): every group gathers from these.
-        let gate_up_proj = ctx.precision.mm(self.gate_up_proj.clone());
-        let down_proj = ctx.precision.mm(self.down_proj.clone());
-        let mut y = Tensor::<2>::zeros([tokens, hidden], &device);
-        for group in &plan.groups {
-            let slot_token = index(&group.slot_token, &device);
-            let out = self.group_forward(
-                group,
-                x,
-                slot_token.clone(),
-                weights,
-                [&gate_up_proj, &down_proj],
-                ctx,
-            );
-            y = y.select_assign(0, slot_token, out, IndexingUpdateOp::Add);
+        let y = Tensor::<2>::zeros([tokens, hidden], &device);
+        if plan.computed_rows == 0 {
+            return y;
         }
-        y
+        let offsets = &plan.offsets;
+        let row_token = index(&plan.sorted_token, &device);
+        let routed = ctx.precision.mm(x.clone().select(0, row_token.clone()));
+        let gate_up_proj = ctx.precision.mm(self.gate_up_proj.clone());
+        let mut gate_up = grouped_mm(routed.clone(), gate_up_proj, offsets);
+        if let Some(l) = active(&self.gate_up_lora, ctx) {
+            gate_up = gate_up + l.apply_experts(routed, offsets);
+        }
+        let inter = gate_up.dims()[1] / 2;
+        let act = swiglu(
+            gate_up.clone().narrow(1, 0, inter),
+            gate_up.narrow(1, inter, inter),
+        );
+        let mut out = grouped_mm(
+            act.clone(),
+            ctx.precision.mm(self.down_proj.clone()),
+            offsets,
+        );
+        if let Some(l) = active(&self.down_lora, ctx) {
+            out = out + l.apply_experts(act, offsets);
+        }
+        let row_weight = weights
+            .clone()
+            .select(0, index(&plan.sorted_assignment, &device));
+        let weighted = to_f32(out) * row_weight.unsqueeze_dim::<2>(1);
+        y.select_assign(0, row_token, weighted, IndexingUpdateOp::Add)
     }
 
-    /// The weighted expert outputs `[slots, hidden]` (f32) of one group's slots
-    /// (`slot_token`: `group.slot_token` on the device).
-    fn group_forward(
-        &self,
-        group: &ExpertGroup,
-        x: &Tensor<2>,
-        slot_token: Tensor<1, Int>,
-        weights: &Tensor<1>,
-        [gate_up_proj, down_proj]: [&Tensor<3>; 2],
-        ctx: &ForwardCtx,
-    ) -> Tensor<2> {
-        let device = x.device();
-        let hidden = x.dims()[1];
-        let (cap, slots) = (group.capacity, group.slot_token.len());
-        let n = slots / cap;
-        let members = group.experts.as_ref().map(|e| index(e, &device));
-        let pick = |w: &Tensor<3>| match &members {
-            Some(ids) => w.clone().select(0, ids.clone()),
-            None => w.clone(),
-        };
-        let valid =
-            Tensor::<1>::from_data(TensorData::new(group.slot_valid.clone(), [slots]), &device);
-        let slot_weight = weights
-            .clone()
-            .select(0, index(&group.slot_assignment, &device))
-            * valid;
-        let routed = ctx
-            .precision
-            .mm(x.clone().select(0, slot_token).reshape([n, cap, hidden]));
-        let mut gate_up = routed.clone().matmul(pick(gate_up_proj).swap_dims(1, 2));
-        if let Some(l) = active(&self.gate_up_lora, ctx) {
-            gate_up = gate_up + l.apply_experts(routed, members.clone());
-        }
-        let inter = gate_up.dims()[2] / 2;
-        let act = swiglu(
-            gate_up.clone().narrow(2, 0, inter),
-            gate_up.narrow(2, inter, inter),
-        );
-        let mut out = act.clone().matmul(pick(down_proj).swap_dims(1, 2));
-        if let Some(l) = active(&self.down_lora, ctx) {
-            out = out + l.apply_experts(act, members);
-        }
-        to_f32(out).reshape([slots, hidden]) * slot_weight.unsqueeze_dim::<2>(1)
+    /// The least rows an expert with any is computed over: its gate/up product's floor.
+    pub fn min_rows(&self) -> usize {
+        min_rows(self.gate_up_proj.dims()[1])
     }
 
     /// The adapter slot when `param` names `gate_up_proj` or `down_proj`.

@@ -20,6 +20,7 @@ mod forward_tests;
 pub mod generate;
 #[cfg(test)]
 mod generate_tests;
+pub mod grouped_mm;
 pub mod init;
 pub mod kv_cache;
 pub mod layers;

@@ -19,9 +19,10 @@
 
 use std::collections::BTreeMap;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::config::Qwen3Config;
+use crate::grouped_mm::grouped_mm;
 use crate::init::{name_hash, SplitMix64};
 use crate::layers::linear;
 use crate::params::{param_from_data, ParamSource};
@@ -236,15 +237,12 @@ impl LoraAdapter {
         scale(linear(linear(x, &self.a, None), &self.b, None), self.scale)
     }
 
-    /// Per-expert `s · (x_e · A_eᵀ) · B_eᵀ` for `x [n, C, in]` → `[n, C, out]`, where batch
-    /// entry i is expert `experts[i]` (`None`: all E experts in order).
-    pub fn apply_experts(&self, x: Tensor<3>, experts: Option<Tensor<1, Int>>) -> Tensor<3> {
-        let (mut a, mut b) = self.per_expert();
-        if let Some(ids) = experts {
-            (a, b) = (a.select(0, ids.clone()), b.select(0, ids));
-        }
+    /// Per-expert `s · (x_e · A_eᵀ) · B_eᵀ` for `x [rows, in]` sorted by expert (expert e's
+    /// rows `offsets[e]..offsets[e + 1]`) → `[rows, out]`.
+    pub fn apply_experts(&self, x: Tensor<2>, offsets: &[usize]) -> Tensor<2> {
+        let (a, b) = self.per_expert();
         let (a, b) = (like(a, &x), like(b, &x));
-        let y = x.matmul(a.swap_dims(1, 2)).matmul(b.swap_dims(1, 2));
+        let y = grouped_mm(grouped_mm(x, a, offsets), b, offsets);
         scale(y, self.scale)
     }
 

@@ -95,6 +95,11 @@ impl MoeBlock {
         self.gate.weight().dims()[0]
     }
 
+    /// The least rows an expert with any is computed over (grouped_mm.rs `min_rows`).
+    fn min_rows(&self) -> usize {
+        self.experts.min_rows()
+    }
+
     /// `x [tokens, hidden]` (f32, this rank's tokens) → `[tokens, hidden]` (f32) and the
     /// router statistics. The router runs in f32; the experts' matmuls in `ctx.precision`.
     /// Under expert parallelism this rank holds a contiguous range of the experts, and the
@@ -193,7 +198,7 @@ impl MoeBlock {
         let x = &x.clone().mul_scalar(1.0);
         let weights = routed.weights.clone().mul_scalar(1.0);
         if bd.shard().ep == 1 {
-            let plan = RoutingPlan::new(&routed.expert_of, k, experts);
+            let plan = RoutingPlan::new(&routed.expert_of, k, experts, self.min_rows());
             let y = self.experts.forward(x, &plan, &weights, ctx);
             (y, plan.computed_rows)
         } else {
@@ -203,8 +208,8 @@ impl MoeBlock {
 
     /// Dropless expert-parallel dispatch (torchtitan's all-to-all token dispatcher): sort
     /// this rank's assignments by expert, exchange the counts, send each routed row to its
-    /// expert's rank, run the local experts over what arrives (grouped as routing.rs plans
-    /// them), send the outputs back, and weight them by the router probabilities here, on the
+    /// expert's rank, run the local experts over what arrives (one grouped matmul per
+    /// projection), send the outputs back, and weight them by the router probabilities here, on the
     /// token's own rank, so the router's gradient never crosses ranks. Dropped assignments
     /// (negative experts) are not sent. Returns the output and the rows its experts computed.
     fn dispatch(
@@ -253,7 +258,7 @@ impl MoeBlock {
             .flat_map(|c| c.iter().enumerate())
             .flat_map(|(e, &n)| std::iter::repeat_n(e as i64, n as usize))
             .collect();
-        let plan = RoutingPlan::new(&local_expert, 1, local);
+        let plan = RoutingPlan::new(&local_expert, 1, local, self.min_rows());
         let ones = Tensor::<1>::ones([local_expert.len()], &device);
         let mut out = self.experts.forward(&rows, &plan, &ones, ctx);
         if local_expert.is_empty() {
@@ -411,7 +416,7 @@ mod tests {
         let mut init = RandomInit { seed: 5, std: 0.8 };
         let m = c.moe.clone().unwrap();
         let block = MoeBlock::new(&c, &m, 0, "mlp", &mut init, &device).unwrap();
-        let tokens = 24;
+        let tokens = 96;
         let x: Vec<f32> = (0..tokens * 8)
             .map(|i| ((i * 37 % 17) as f32 - 8.0) / 4.0)
             .collect();
