@@ -5,7 +5,8 @@
         --precision bf16 [--steps 10 --warmup 2 --json out.json]
 
 Same shapes (bench/shapes.json), random weights and tokens, AdamW (betas 0.9/0.95, weight
-decay 0.1), grad clip 1.0, one micro-batch per step, eager attention and eager experts. bf16
+decay 0.1), grad clip 1.0, one micro-batch per step, eager attention and (`--experts`) eager
+experts, or another of transformers' experts implementations (`default`: its own choice). bf16
 is torch.autocast(bfloat16) over f32 weights, which is what moeru's `precision: bf16` does.
 The FLOP count is moeru's (trainer/src/bench.rs), so the figures compare directly; CI checks
 that both count the same FLOPs per token.
@@ -64,8 +65,13 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--precision", choices=["f32", "bf16"], default="bf16")
     ap.add_argument("--peak-tflops", type=float)
+    ap.add_argument("--experts", default="eager",
+                    help="transformers' experts implementation: eager, grouped_mm, batched_mm, or default (leave transformers' own choice)")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     ap.add_argument("--json")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     with open(os.path.join(HERE, "shapes.json")) as f:
         shapes = json.load(f)
@@ -76,7 +82,8 @@ def main():
     torch.manual_seed(0)
     config = cfg_cls(**kwargs, attn_implementation="eager")
     if moe:
-        config.experts_implementation = "eager"
+        if a.experts != "default":
+            config.experts_implementation = a.experts
         config.output_router_logits = True
     device = torch.device(a.device)
     model = model_cls(config).to(device=device, dtype=torch.float32).train()
@@ -122,7 +129,7 @@ def main():
         print(f"  peak memory {mem / 2**30:.2f} GiB (torch.cuda.max_memory_allocated)")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(dict(impl="transformers-eager", shape=a.shape, device=name, precision=a.precision,
+            json.dump(dict(impl=f"transformers-{a.experts if moe else 'eager'}", shape=a.shape, device=name, precision=a.precision,
                            seq_len=a.seq_len, micro_batch_size=a.micro_batch_size, steps=len(times),
                            parameters=params, tokens_per_s=tokens_per_s, model_tflops=tflops,
                            flops_per_token=flops, peak_tflops=peak, mfu=mfu, peak_memory_bytes=mem,

@@ -109,7 +109,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(x) = r.expert_rows_per_routed_row {
         println!(
-            "  MoE: the expert matmuls ran {x:.3}x the routed rows (padding in the per-group expert buffers)"
+            "  MoE: the expert matmuls ran {x:.3}x the routed rows (above 1: experts with a few rows, computed over grouped_mm's floor)"
         );
     }
     if let Some(path) = &args.json {
