@@ -198,6 +198,13 @@ mod tests {
         Tensor::from_data(TensorData::new(v, dims), device)
     }
 
+    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
     /// Per-expert products written by the plain ops (autodiff through slices and a cat).
     fn reference(x: Tensor<2>, w: Tensor<3>, offsets: &[usize]) -> Tensor<2> {
         let [e, out, inp] = w.dims();
@@ -247,11 +254,7 @@ mod tests {
             );
             for (what, (g, w)) in ["output", "dx", "dw"].iter().zip(got.iter().zip(&want)) {
                 assert_eq!(g.len(), w.len(), "{what} {offsets:?}");
-                let diff = g
-                    .iter()
-                    .zip(w)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0, f32::max);
+                let diff = max_abs_diff(g, w);
                 assert!(diff < 1e-6, "{what} {offsets:?}: {diff}");
             }
             // An idle expert's weight gradient is exactly zero.
@@ -269,11 +272,7 @@ mod tests {
             run(false, FloatDType::BF16, &offsets),
         );
         for (g, w) in got.iter().zip(&want) {
-            let diff = g
-                .iter()
-                .zip(w)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
+            let diff = max_abs_diff(g, w);
             assert!(diff < 2e-2, "{diff}");
         }
     }
@@ -287,11 +286,7 @@ mod tests {
         let x = values([4, 6], 1, &device);
         let y = to_f32_vec(grouped_mm(x.clone(), w.clone(), &[0, 1, 1, 4]));
         let want = to_f32_vec(reference(x, w, &[0, 1, 1, 4]));
-        let diff = y
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let diff = max_abs_diff(&y, &want);
         assert!(diff < 1e-6, "{diff}");
     }
 
