@@ -192,7 +192,8 @@ pub fn commit_checkpoint(
     Ok(dest)
 }
 
-fn write_synced(path: &Path, text: &str) -> Result<(), CheckpointError> {
+/// Writes `text` to `path` and fsyncs it.
+pub fn write_synced(path: &Path, text: &str) -> Result<(), CheckpointError> {
     let mut f = File::create(path).map_err(|e| CheckpointError::io(path, e))?;
     f.write_all(text.as_bytes())
         .and_then(|()| f.sync_all())

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use moeru_checkpoints::run_checkpoint::step_dir_name;
+use moeru_checkpoints::run_checkpoint::{step_dir_name, write_synced};
 use moeru_checkpoints::{commit_checkpoint, write_contents, CheckpointContents};
 use moeru_parallel::{ProcessGroup, ReduceOp};
 
@@ -195,13 +195,6 @@ fn write_in_background(mut snap: Snapshot, markers_within: Duration) -> Result<P
             Err(why)
         }
     }
-}
-
-fn write_synced(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()
 }
 
 /// Rank 0: waits until every other rank has left its marker, then removes them (they are not
