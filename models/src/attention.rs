@@ -88,15 +88,12 @@ impl Attention {
         let x = bd.column_in(x);
         let hidden = x.dims()[1];
         let x = p.mm(x).reshape([b, s, hidden]);
-        let heads = |proj: &Linear, n: usize| {
-            proj.forward(x.clone(), ctx)
-                .reshape([b, s, n, hd])
-                .swap_dims(1, 2)
-        };
-        // QK-norm normalises each head over head_dim before the rotation.
-        let q = rms_norm(heads(&self.q_proj, nh), &self.q_norm, self.eps);
-        let k = rms_norm(heads(&self.k_proj, nkv), &self.k_norm, self.eps);
-        let v = heads(&self.v_proj, nkv);
+        let heads = |proj: &Linear, n: usize| proj.forward(x.clone(), ctx).reshape([b, s, n, hd]);
+        // QK-norm normalises each head over head_dim before the rotation; normed while each
+        // head's values are still contiguous rows, then moved to `[b, heads, s, hd]`.
+        let q = rms_norm(heads(&self.q_proj, nh), &self.q_norm, self.eps).swap_dims(1, 2);
+        let k = rms_norm(heads(&self.k_proj, nkv), &self.k_norm, self.eps).swap_dims(1, 2);
+        let v = heads(&self.v_proj, nkv).swap_dims(1, 2);
         let q = apply_rope(q, &attn.cos, &attn.sin);
         let k = apply_rope(k, &attn.cos, &attn.sin);
 

@@ -17,6 +17,7 @@ pub mod experts;
 pub mod forward_ctx;
 #[cfg(test)]
 mod forward_tests;
+pub mod fused;
 pub mod generate;
 #[cfg(test)]
 mod generate_tests;
