@@ -8,16 +8,21 @@ const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
 /// Below this e^x < 2.6e-38, the smallest normals; the result is 0 there.
 const MIN: f32 = -86.6;
+const MAX: f32 = 88.722_83;
 const ROUNDER: f32 = 12_582_912.0;
 
 /// `e^x`; `0` below −86.6 (where it would be ≤ 2.6e-38), `inf` above 88.7, `NaN` for
 /// `NaN`.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    let xc = x.clamp(MIN, 88.722_83);
+    let xc = x.clamp(MIN, MAX);
     // Round to nearest by adding and removing 1.5·2²³ (`round` is a libm call without
-    // SSE4.1, which would keep the loop scalar).
-    let n = (xc * LOG2E + ROUNDER) - ROUNDER;
+    // SSE4.1); the sum's low mantissa bits are then n itself, read as an integer without a
+    // float-to-int conversion (Rust's saturating `as` keeps loops scalar). Wrapping integer
+    // ops: an overflow check's branch would too (n is within ±128).
+    let t = xc * LOG2E + ROUNDER;
+    let n = t - ROUNDER;
+    let n_int = (t.to_bits() as i32).wrapping_sub(ROUNDER.to_bits() as i32);
     // Plain products and sums, not `mul_add`: without FMA in the compile target that is a
     // libm call. n·LN2_HI is exact (LN2_HI has 11 significant bits).
     let r = (xc - n * LN2_HI) - n * LN2_LO;
@@ -30,14 +35,12 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 0.5;
     let p = p * (r * r) + r + 1.0;
     // 2^(n−1)·2, so that n = 128 (x near the top of the range) stays finite until the end.
-    let scale = f32::from_bits(((n as i32 + 126) as u32) << 23);
+    let scale = f32::from_bits((n_int.wrapping_add(126) as u32) << 23);
     let y = p * scale * 2.0;
+    let y = if x > MAX { f32::INFINITY } else { y };
+    let y = if x < MIN { 0.0 } else { y };
     if x.is_nan() {
         x
-    } else if x > 88.722_83 {
-        f32::INFINITY
-    } else if x < MIN {
-        0.0
     } else {
         y
     }

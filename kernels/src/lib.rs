@@ -1,5 +1,5 @@
 //! The CPU loops behind moeru's fused ops: RMSNorm, SwiGLU and row softmax, forward and
-//! backward, each one pass (or two) over plain f32 rows instead of a chain of tensor ops that
+//! backward, and the AdamW update, each one pass (or two) over plain f32 rows instead of a chain of tensor ops that
 //! each allocate and sweep memory. Rows are split over rayon's threads in fixed chunks, so
 //! the result does not depend on the thread count.
 //!
@@ -8,11 +8,13 @@
 
 #[macro_use]
 mod multiversion;
+mod adamw;
 mod exp;
 mod rms_norm;
 mod softmax;
 mod swiglu;
 
+pub use adamw::{adamw, AdamWStep};
 pub use exp::exp;
 pub use rms_norm::{rms_norm, rms_norm_backward};
 pub use softmax::{softmax_backward_rows, softmax_rows};

@@ -18,6 +18,9 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::Cube;
 use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex, TensorMetadata};
 use burn::tensor::{FloatDType, Shape, Slice, Tensor};
+use burn_flex::FlexTensor;
+
+use crate::grouped_mm_cpu as cpu;
 
 /// `x [rows, in]` (rows sorted by expert: expert e owns rows `offsets[e]..offsets[e + 1]`)
 /// times `w [experts, out, in]` transposed per expert → `[rows, out]`, in x's dtype (w must
@@ -47,32 +50,70 @@ pub trait GroupedMmOps: Backend {
         w: FloatTensor<Self>,
         offsets: Vec<usize>,
     ) -> FloatTensor<Self> {
-        let [_, out_dim, inp] = w.shape().dims::<3>();
-        let (floor, dtype) = (min_rows(out_dim), FloatDType::from(x.dtype()));
-        let parts: Vec<_> = ranges(&offsets)
-            .map(|(e, r0, r1)| {
-                let mut xe = rows::<Self>(&x, r0, r1);
-                if r1 - r0 < floor {
-                    let pad =
-                        Self::float_zeros(Shape::new([floor - (r1 - r0), inp]), &x.device(), dtype);
-                    xe = Self::float_cat(vec![xe, pad], 0);
-                }
-                let ye = Self::float_matmul(xe, transposed::<Self>(&w, e));
-                match r1 - r0 < floor {
-                    true => rows::<Self>(&ye, 0, r1 - r0),
-                    false => ye,
-                }
-            })
-            .collect();
-        if parts.is_empty() {
-            let dtype = FloatDType::from(x.dtype());
-            return Self::float_zeros(Shape::new([0, out_dim]), &x.device(), dtype);
-        }
-        Self::float_cat(parts, 0)
+        grouped_mm_products::<Self>(x, w, &offsets)
+    }
+
+    /// `(dx, dw)` given the output's gradient `grad [rows, out]`.
+    fn grouped_mm_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        offsets: Vec<usize>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        grouped_mm_backward_products::<Self>([x, w], &offsets, grad)
     }
 }
 
-impl GroupedMmOps for Flex {}
+/// The op in backend matmuls, one per expert, concatenated.
+fn grouped_mm_products<B: Backend>(
+    x: FloatTensor<B>,
+    w: FloatTensor<B>,
+    offsets: &[usize],
+) -> FloatTensor<B> {
+    let [_, out_dim, inp] = w.shape().dims::<3>();
+    let (floor, dtype) = (min_rows(out_dim), FloatDType::from(x.dtype()));
+    let parts: Vec<_> = ranges(&offsets)
+        .map(|(e, r0, r1)| {
+            let mut xe = rows::<B>(&x, r0, r1);
+            if r1 - r0 < floor {
+                let pad = B::float_zeros(Shape::new([floor - (r1 - r0), inp]), &x.device(), dtype);
+                xe = B::float_cat(vec![xe, pad], 0);
+            }
+            let ye = B::float_matmul(xe, transposed::<B>(&w, e));
+            match r1 - r0 < floor {
+                true => rows::<B>(&ye, 0, r1 - r0),
+                false => ye,
+            }
+        })
+        .collect();
+    if parts.is_empty() {
+        let dtype = FloatDType::from(x.dtype());
+        return B::float_zeros(Shape::new([0, out_dim]), &x.device(), dtype);
+    }
+    B::float_cat(parts, 0)
+}
+
+/// f32 on the CPU writes every expert's product into one buffer (grouped_mm_cpu.rs).
+impl GroupedMmOps for Flex {
+    fn grouped_mm(x: FlexTensor, w: FlexTensor, offsets: Vec<usize>) -> FlexTensor {
+        match cpu::handles(&x, &w) {
+            true => cpu::forward(&x, &w, &offsets, min_rows(w.layout().shape()[1])),
+            false => grouped_mm_products::<Self>(x, w, &offsets),
+        }
+    }
+
+    fn grouped_mm_backward(
+        x: FlexTensor,
+        w: FlexTensor,
+        offsets: Vec<usize>,
+        grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor) {
+        match cpu::handles(&x, &w) && grad.dtype() == x.dtype() {
+            true => cpu::backward(&x, &w, &offsets, &grad),
+            false => grouped_mm_backward_products::<Self>([x, w], &offsets, grad),
+        }
+    }
+}
 #[cfg(feature = "cuda")]
 impl GroupedMmOps for Cube {}
 
@@ -114,12 +155,13 @@ fn transposed<B: Backend>(w: &FloatTensor<B>, e: usize) -> FloatTensor<B> {
     B::float_transpose(expert::<B>(w, e))
 }
 
-/// The gradients of x and w given the output's gradient `grad [rows, out]`.
-fn grouped_mm_backward<B: Backend>(
+/// The gradients of x and w given the output's gradient `grad [rows, out]`, in backend
+/// matmuls.
+fn grouped_mm_backward_products<B: Backend>(
     [x, w]: [FloatTensor<B>; 2],
     offsets: &[usize],
     grad: FloatTensor<B>,
-) -> [FloatTensor<B>; 2] {
+) -> (FloatTensor<B>, FloatTensor<B>) {
     let [experts, out, inp] = w.shape().dims::<3>();
     let [rows_total, _] = x.shape().dims::<2>();
     let (device, dtype) = (x.device(), FloatDType::from(x.dtype()));
@@ -138,21 +180,21 @@ fn grouped_mm_backward<B: Backend>(
         true => B::float_zeros(Shape::new([rows_total, inp]), &device, dtype),
         false => B::float_cat(dx, 0),
     };
-    [dx, B::float_cat(dw, 0)]
+    (dx, B::float_cat(dw, 0))
 }
 
 #[derive(Debug)]
 struct GroupedMmBackward;
 
-impl<B: Backend> Backward<B, 2> for GroupedMmBackward {
+impl<B: Backend + GroupedMmOps> Backward<B, 2> for GroupedMmBackward {
     /// x, w, offsets.
     type State = ([FloatTensor<B>; 2], Vec<usize>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (inputs, offsets) = ops.state;
+        let ([x, w], offsets) = ops.state;
         let grad = grads.consume::<B>(&ops.node);
-        let input_grads = grouped_mm_backward::<B>(inputs, &offsets, grad);
-        for (parent, g) in ops.parents.into_iter().zip(input_grads) {
+        let (dx, dw) = B::grouped_mm_backward(x, w, offsets, grad);
+        for (parent, g) in ops.parents.into_iter().zip([dx, dw]) {
             if let Some(node) = parent {
                 grads.register::<B>(node.id, g);
             }

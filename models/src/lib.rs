@@ -6,6 +6,7 @@
 //! hooks of `boundaries.rs`, which moeru-parallel implements, and `shard.rs` says which part of
 //! each parameter a rank holds.
 
+pub mod adamw_op;
 pub mod attention;
 pub mod attention_core;
 pub mod batch;
@@ -22,6 +23,7 @@ pub mod generate;
 #[cfg(test)]
 mod generate_tests;
 pub mod grouped_mm;
+mod grouped_mm_cpu;
 pub mod init;
 pub mod kv_cache;
 pub mod layers;

@@ -211,23 +211,21 @@ pub fn adamw_update(
     g: Tensor<1>,
     moments: &Moments,
 ) -> (Tensor<1>, Moments) {
-    let p = p.mul_scalar((1.0 - lr * decay) as f32);
-    // exp_avg.lerp_(grad, 1 - beta1)
-    let m = moments.exp_avg.clone();
-    let m = m.clone() + (g.clone() - m).mul_scalar((1.0 - c.beta1) as f32);
-    // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    let v = moments.exp_avg_sq.clone().mul_scalar(c.beta2 as f32)
-        + (g.clone() * g).mul_scalar((1.0 - c.beta2) as f32);
     let t = steps as i32;
     let bias1 = 1.0 - c.beta1.powi(t);
     let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
-    let step_size = lr / bias1;
-    let denom = v
-        .clone()
-        .sqrt()
-        .div_scalar(bias2_sqrt as f32)
-        .add_scalar(c.eps as f32);
-    let p = p - (m.clone() / denom).mul_scalar(step_size as f32);
+    let scalars = [
+        (1.0 - lr * decay) as f32,
+        (1.0 - c.beta1) as f32,
+        c.beta2 as f32,
+        (1.0 - c.beta2) as f32,
+        bias2_sqrt as f32,
+        c.eps as f32,
+        (lr / bias1) as f32,
+    ];
+    let (m, v) = (moments.exp_avg.clone(), moments.exp_avg_sq.clone());
+    // One pass on the CPU (moeru_models::adamw_op); the same arithmetic as torch's AdamW.
+    let (p, m, v) = moeru_models::adamw_op::adamw_update(p, g, m, v, scalars);
     (
         p,
         Moments {

@@ -1,0 +1,186 @@
+//! The arithmetic of one AdamW update of one flat piece, as a single op: on the CPU in f32 one
+//! moeru-kernels pass over the values, gradient and both moments; elsewhere the tensor
+//! expression (the trait's default body), op for op what the CPU loop computes, so the two
+//! agree bit for bit. trainer/src/engine/optim.rs owns the optimizer, its moments and step
+//! count; this lives here because moeru-models owns the backend-extension ops and their CUDA
+//! gating.
+
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::tensor::FloatTensor;
+#[cfg(feature = "cuda")]
+use burn::backend::Cube;
+use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
+use burn::tensor::{Bytes, DType, Tensor};
+use burn_flex::{FlexTensor, Layout};
+use moeru_kernels::AdamWStep;
+
+/// The step's scalars in f32: `[1 − lr·wd, 1 − β1, β2, 1 − β2, sqrt(1 − β2^t), eps,
+/// lr / (1 − β1^t)]` (moeru_kernels::AdamWStep's fields in order).
+pub type AdamWScalars = [f32; 7];
+
+/// `(p, exp_avg, exp_avg_sq)` after one AdamW update of `p` by gradient `g`.
+pub fn adamw_update(
+    p: Tensor<1>,
+    g: Tensor<1>,
+    m: Tensor<1>,
+    v: Tensor<1>,
+    s: AdamWScalars,
+) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+    let [p, g, m, v] = [p, g, m, v].map(|t| t.into_dispatch());
+    let (p, m, v) = <Dispatch as AdamWOps>::adamw_update(p, g, m, v, s.to_vec());
+    (
+        Tensor::from_dispatch(p),
+        Tensor::from_dispatch(m),
+        Tensor::from_dispatch(v),
+    )
+}
+
+#[backend_extension(Flex, Cube: cfg(feature = "cuda"), Autodiff)]
+pub trait AdamWOps: Backend {
+    /// `s`: the seven [`AdamWScalars`].
+    fn adamw_update(
+        p: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        s: Vec<f32>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        adamw_expression::<Self>(p, g, m, v, &s)
+    }
+}
+
+/// The update in tensor ops (torch's AdamW, op for op).
+fn adamw_expression<B: Backend>(
+    p: FloatTensor<B>,
+    g: FloatTensor<B>,
+    m: FloatTensor<B>,
+    v: FloatTensor<B>,
+    s: &[f32],
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let c = step(s);
+    let mul = |t, k: f32| B::float_mul_scalar(t, (k as f64).into());
+    let p = mul(p, c.keep);
+    // exp_avg.lerp_(grad, 1 − β1)
+    let m = B::float_add(
+        m.clone(),
+        mul(B::float_sub(g.clone(), m), c.one_minus_beta1),
+    );
+    // exp_avg_sq.mul_(β2).addcmul_(grad, grad, value = 1 − β2)
+    let g2 = B::float_mul(g.clone(), g);
+    let v = B::float_add(mul(v, c.beta2), mul(g2, c.one_minus_beta2));
+    let denom = B::float_div_scalar(B::float_sqrt(v.clone()), (c.bias2_sqrt as f64).into());
+    let denom = B::float_add_scalar(denom, (c.eps as f64).into());
+    let p = B::float_sub(p, mul(B::float_div(m.clone(), denom), c.step_size));
+    (p, m, v)
+}
+
+fn step(s: &[f32]) -> AdamWStep {
+    let [keep, one_minus_beta1, beta2, one_minus_beta2, bias2_sqrt, eps, step_size] =
+        <[f32; 7]>::try_from(s).expect("seven AdamW scalars");
+    AdamWStep {
+        keep,
+        one_minus_beta1,
+        beta2,
+        one_minus_beta2,
+        bias2_sqrt,
+        eps,
+        step_size,
+    }
+}
+
+impl AdamWOps for Flex {
+    fn adamw_update(
+        p: FlexTensor,
+        g: FlexTensor,
+        m: FlexTensor,
+        v: FlexTensor,
+        s: Vec<f32>,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let ts = [&p, &g, &m, &v];
+        if ts.iter().any(|t| t.dtype() != DType::F32) {
+            return adamw_expression::<Self>(p, g, m, v, &s);
+        }
+        let dense = |t: FlexTensor| match t.is_contiguous() {
+            true => t,
+            false => t.to_contiguous(),
+        };
+        let [p, g, m, v] = [p, g, m, v].map(dense);
+        let n = p.layout().num_elements();
+        let (mut po, mut mo, mut vo) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
+        let (ps, gs, ms, vs) = (slice(&p), slice(&g), slice(&m), slice(&v));
+        moeru_kernels::adamw(&step(&s), ps, gs, ms, vs, &mut po, &mut mo, &mut vo);
+        let out = |values: Vec<f32>| {
+            FlexTensor::new(
+                Bytes::from_elems(values),
+                Layout::contiguous(p.layout().shape().clone()),
+                DType::F32,
+            )
+        };
+        (out(po), out(mo), out(vo))
+    }
+}
+
+fn slice(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("a contiguous tensor")
+}
+
+#[cfg(feature = "cuda")]
+impl AdamWOps for Cube {}
+
+/// The optimizer works outside the autodiff graph; an autodiff tensor gets the expression.
+impl<B: Backend + AdamWOps, C: CheckpointStrategy> AdamWOps for Autodiff<B, C> {}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Device, Tensor, TensorData};
+
+    use super::*;
+
+    fn values(n: usize, seed: u64, scale: f32, device: &Device) -> Tensor<1> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
+            })
+            .collect();
+        Tensor::from_data(TensorData::new(v, [n]), device)
+    }
+
+    fn bits(t: Tensor<1>) -> Vec<u32> {
+        let v = t.into_data().try_to_vec::<f32>().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// The CPU loop against the default body's tensor expression on the same inputs (over
+    /// more elements than one parallel chunk): equal bit for bit.
+    #[test]
+    fn the_cpu_loop_equals_the_tensor_expression_bit_for_bit() {
+        let device = Device::flex();
+        let n = 40_000;
+        let p = values(n, 1, 1.0, &device);
+        let g = values(n, 2, 0.1, &device);
+        let m = values(n, 3, 0.01, &device);
+        let v = values(n, 4, 0.001, &device).abs();
+        let s = [0.99f32, 0.1, 0.999, 0.001, 0.0447, 1e-8, 3e-4];
+        let fused = adamw_update(p.clone(), g.clone(), m.clone(), v.clone(), s);
+        let (pe, me, ve) = {
+            let c = step(&s);
+            let k = |x: f32| x as f64;
+            let p1 = p.mul_scalar(k(c.keep));
+            let m1 = m.clone() + (g.clone() - m).mul_scalar(k(c.one_minus_beta1));
+            let v1 = v.mul_scalar(k(c.beta2)) + (g.clone() * g).mul_scalar(k(c.one_minus_beta2));
+            let denom = v1
+                .clone()
+                .sqrt()
+                .div_scalar(k(c.bias2_sqrt))
+                .add_scalar(k(c.eps));
+            (p1 - (m1.clone() / denom).mul_scalar(k(c.step_size)), m1, v1)
+        };
+        assert_eq!(bits(fused.0), bits(pe));
+        assert_eq!(bits(fused.1), bits(me));
+        assert_eq!(bits(fused.2), bits(ve));
+    }
+}
