@@ -72,7 +72,7 @@ fn grouped_mm_products<B: Backend>(
 ) -> FloatTensor<B> {
     let [_, out_dim, inp] = w.shape().dims::<3>();
     let (floor, dtype) = (min_rows(out_dim), FloatDType::from(x.dtype()));
-    let parts: Vec<_> = ranges(&offsets)
+    let parts: Vec<_> = ranges(offsets)
         .map(|(e, r0, r1)| {
             let mut xe = rows::<B>(&x, r0, r1);
             if r1 - r0 < floor {

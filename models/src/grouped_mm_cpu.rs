@@ -55,7 +55,7 @@ fn gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: Operand, b: Operand) {
 }
 
 /// `buf` cut into consecutive pieces of `lens[i]` elements.
-fn split<'a>(mut buf: &'a mut [f32], lens: impl Iterator<Item = usize>) -> Vec<&'a mut [f32]> {
+fn split(mut buf: &mut [f32], lens: impl Iterator<Item = usize>) -> Vec<&mut [f32]> {
     let mut parts = Vec::new();
     for len in lens {
         let (head, tail) = buf.split_at_mut(len);
