@@ -1,4 +1,5 @@
-//! One AdamW update in one pass over a parameter's values, gradient and moments (the tensor
+//! One AdamW update in one pass over a parameter's values, gradient and moments (updated in
+//! place) (the tensor
 //! expression it replaces sweeps memory a dozen times and allocates as many buffers).
 
 use rayon::prelude::*;
@@ -28,15 +29,14 @@ multiversion! {
         c: &AdamWStep,
         p: &[f32],
         g: &[f32],
-        m: &[f32],
-        v: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
         p_out: &mut [f32],
-        m_out: &mut [f32],
-        v_out: &mut [f32],
     ) {
-        let inputs = p.iter().zip(g).zip(m.iter().zip(v));
-        let outputs = p_out.iter_mut().zip(m_out.iter_mut().zip(v_out.iter_mut()));
-        for (((&pi, &gi), (&mi, &vi)), (po, (mo, vo))) in inputs.zip(outputs) {
+        let inputs = p.iter().zip(g);
+        let outputs = p_out.iter_mut().zip(m.iter_mut().zip(v.iter_mut()));
+        for ((&pi, &gi), (po, (mo, vo))) in inputs.zip(outputs) {
+            let (mi, vi) = (*mo, *vo);
             // The order of operations of torch's AdamW (and of the expression this replaces):
             // p·(1 − lr·wd); m + (g − m)(1 − β1); v·β2 + g²(1 − β2);
             // p − (m / (sqrt(v) / sqrt(1 − β2^t) + eps))·lr / (1 − β1^t).
@@ -50,35 +50,18 @@ multiversion! {
     }
 }
 
-/// Writes the updated values and moments of `p` (gradient `g`, moments `m`, `v`).
-#[allow(clippy::too_many_arguments)]
-pub fn adamw(
-    c: &AdamWStep,
-    p: &[f32],
-    g: &[f32],
-    m: &[f32],
-    v: &[f32],
-    p_out: &mut [f32],
-    m_out: &mut [f32],
-    v_out: &mut [f32],
-) {
+/// Writes the updated values of `p` (gradient `g`) to `p_out` and updates the moments `m`,
+/// `v` in place.
+pub fn adamw(c: &AdamWStep, p: &[f32], g: &[f32], m: &mut [f32], v: &mut [f32], p_out: &mut [f32]) {
     let n = p.len();
     assert!(
-        [
-            g.len(),
-            m.len(),
-            v.len(),
-            p_out.len(),
-            m_out.len(),
-            v_out.len()
-        ] == [n; 6]
+        [g.len(), m.len(), v.len(), p_out.len()] == [n; 4],
+        "adamw: lengths"
     );
-    let outs = p_out
-        .par_chunks_mut(CHUNK)
-        .zip(m_out.par_chunks_mut(CHUNK).zip(v_out.par_chunks_mut(CHUNK)));
-    outs.enumerate().for_each(|(i, (po, (mo, vo)))| {
+    let moments = m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK));
+    let chunks = p_out.par_chunks_mut(CHUNK).zip(moments).enumerate();
+    chunks.for_each(|(i, (po, (mc, vc)))| {
         let r = i * CHUNK..(i * CHUNK + po.len());
-        let (pi, gi, mi, vi) = (&p[r.clone()], &g[r.clone()], &m[r.clone()], &v[r]);
-        update_chunk(c, pi, gi, mi, vi, po, mo, vo);
+        update_chunk(c, &p[r.clone()], &g[r], mc, vc, po);
     });
 }

@@ -1,6 +1,7 @@
 //! `moeru`: one binary for training, post-training and running Qwen3 / Qwen3-MoE models.
 
 mod adapters;
+mod allocator;
 mod cmd_bench;
 mod cmd_eval;
 mod cmd_export;
@@ -54,6 +55,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    allocator::keep_freed_memory();
     let cli = Cli::parse();
     match cli.command {
         Command::Train(args) => match cmd_train::run(args) {

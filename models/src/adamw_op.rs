@@ -100,23 +100,36 @@ impl AdamWOps for Flex {
         if ts.iter().any(|t| t.dtype() != DType::F32) {
             return adamw_expression::<Self>(p, g, m, v, &s);
         }
-        let dense = |t: FlexTensor| match t.is_contiguous() {
-            true => t,
-            false => t.to_contiguous(),
-        };
-        let [p, g, m, v] = [p, g, m, v].map(dense);
-        let n = p.layout().num_elements();
-        let (mut po, mut mo, mut vo) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
-        let (ps, gs, ms, vs) = (slice(&p), slice(&g), slice(&m), slice(&v));
-        moeru_kernels::adamw(&step(&s), ps, gs, ms, vs, &mut po, &mut mo, &mut vo);
-        let out = |values: Vec<f32>| {
-            FlexTensor::new(
-                Bytes::from_elems(values),
-                Layout::contiguous(p.layout().shape().clone()),
-                DType::F32,
-            )
-        };
-        (out(po), out(mo), out(vo))
+        let shape = p.layout().shape().clone();
+        let (p, g) = (dense(p), dense(g));
+        let (mut m, mut v) = (owned(m), owned(v));
+        let mut p_out = vec![0.0f32; shape.num_elements()];
+        let (ms, vs) = (m.storage_mut::<f32>(), v.storage_mut::<f32>());
+        moeru_kernels::adamw(&step(&s), slice(&p), slice(&g), ms, vs, &mut p_out);
+        let p_out = FlexTensor::new(
+            Bytes::from_elems(p_out),
+            Layout::contiguous(shape),
+            DType::F32,
+        );
+        (p_out, m, v)
+    }
+}
+
+fn dense(t: FlexTensor) -> FlexTensor {
+    match t.is_contiguous() {
+        true => t,
+        false => t.to_contiguous(),
+    }
+}
+
+/// `t` as a buffer this op may overwrite: itself when no other handle holds it (the
+/// optimizer hands over its moments; a checkpoint snapshot may still hold them, and burn
+/// never changes a buffer two handles hold), else a copy.
+fn owned(t: FlexTensor) -> FlexTensor {
+    let whole = t.storage::<f32>().len() == t.layout().num_elements();
+    match t.is_unique() && t.is_contiguous() && t.layout().start_offset() == 0 && whole {
+        true => t,
+        false => FlexTensor::from_data(t.into_data()),
     }
 }
 

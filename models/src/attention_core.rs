@@ -16,7 +16,8 @@ use burn::backend::tensor::FloatTensor;
 #[cfg(feature = "cuda")]
 use burn::backend::Cube;
 use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex, TensorMetadata};
-use burn::tensor::{DType, FloatDType, Shape, Slice, Tensor};
+use burn::tensor::{Bytes, DType, FloatDType, Shape, Slice, Tensor};
+use burn_flex::{FlexTensor, Layout};
 
 /// f32 scores one block may hold, in bytes: a few such tensors live at once in backward.
 const BLOCK_BYTES: usize = 256 << 20;
@@ -74,9 +75,112 @@ pub trait CausalAttentionOps: Backend {
             .collect();
         Self::float_cat(outs, 3)
     }
+
+    /// `softmax(scores·scale + mask)` over the last dimension, in f32: `scores [b, g, rep, c,
+    /// t1]` in the matmul dtype (the scale applied in f32 and rounded once to it), `mask [b,
+    /// 1, 1, c, t1]` f32.
+    fn attention_probs(
+        scores: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        attention_probs_expression::<Self>(scores, mask, scale)
+    }
+
+    /// The gradient of the scores (in `d_probs`' dtype, the matmul dtype) given the f32
+    /// probabilities and their gradient.
+    fn attention_probs_backward(
+        probs: FloatTensor<Self>,
+        d_probs: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        attention_probs_backward_expression::<Self>(probs, d_probs, scale)
+    }
 }
 
-impl CausalAttentionOps for Flex {}
+/// f32 on the CPU: one moeru-kernels pass each way (scale, mask and softmax together).
+impl CausalAttentionOps for Flex {
+    fn attention_probs(scores: FlexTensor, mask: FlexTensor, scale: f64) -> FlexTensor {
+        if scores.dtype() != DType::F32 || mask.dtype() != DType::F32 {
+            return attention_probs_expression::<Self>(scores, mask, scale);
+        }
+        let scores = flex_dense(scores);
+        let shape = scores.layout().shape().clone();
+        let [_, g, rep, c, t1] = shape.dims::<5>();
+        let mask = match mask.layout().strides()[4] {
+            1 => mask,
+            _ => mask.to_contiguous(),
+        };
+        let (strides, batches) = (mask.layout().strides(), mask.layout().shape()[0]);
+        let rows = moeru_kernels::MaskRows {
+            data: mask.storage::<f32>(),
+            offset: mask.layout().start_offset(),
+            batch_stride: if batches == 1 { 0 } else { strides[0] as usize },
+            row_stride: strides[3] as usize,
+            rows: c,
+            heads: g * rep,
+        };
+        let mut probs = vec![0.0f32; shape.num_elements()];
+        let x = scores.as_slice::<f32>().expect("contiguous");
+        moeru_kernels::masked_softmax_rows(x, t1, scale as f32, rows, &mut probs);
+        flex_f32(probs, shape)
+    }
+
+    fn attention_probs_backward(probs: FlexTensor, d_probs: FlexTensor, scale: f64) -> FlexTensor {
+        if d_probs.dtype() != DType::F32 || probs.dtype() != DType::F32 {
+            return attention_probs_backward_expression::<Self>(probs, d_probs, scale);
+        }
+        let (probs, d_probs) = (flex_dense(probs), flex_dense(d_probs));
+        let shape = probs.layout().shape().clone();
+        let width = shape[shape.num_dims() - 1];
+        let mut d_scores = vec![0.0f32; shape.num_elements()];
+        let (p, dp) = (probs.as_slice::<f32>(), d_probs.as_slice::<f32>());
+        let (p, dp) = (p.expect("contiguous"), dp.expect("contiguous"));
+        moeru_kernels::softmax_backward_rows(p, dp, width, scale as f32, &mut d_scores);
+        flex_f32(d_scores, shape)
+    }
+}
+
+fn flex_dense(t: FlexTensor) -> FlexTensor {
+    match t.is_contiguous() {
+        true => t,
+        false => t.to_contiguous(),
+    }
+}
+
+fn flex_f32(values: Vec<f32>, shape: Shape) -> FlexTensor {
+    FlexTensor::new(
+        Bytes::from_elems(values),
+        Layout::contiguous(shape),
+        DType::F32,
+    )
+}
+
+/// [`CausalAttentionOps::attention_probs`] in backend ops.
+fn attention_probs_expression<B: Backend>(
+    scores: FloatTensor<B>,
+    mask: FloatTensor<B>,
+    scale: f64,
+) -> FloatTensor<B> {
+    let dtype = FloatDType::from(scores.dtype());
+    let scores = cast::<B>(scaled::<B>(scores, scale, dtype), FloatDType::F32);
+    B::softmax(B::float_add(scores, mask), 4)
+}
+
+/// [`CausalAttentionOps::attention_probs_backward`] in backend ops.
+fn attention_probs_backward_expression<B: Backend>(
+    probs: FloatTensor<B>,
+    d_probs: FloatTensor<B>,
+    scale: f64,
+) -> FloatTensor<B> {
+    let dtype = FloatDType::from(d_probs.dtype());
+    let d_probs = cast::<B>(d_probs, FloatDType::F32);
+    // Softmax: d_scores = p ⊙ (dp − Σ p ⊙ dp) over keys; the mask is a constant.
+    let dot = B::float_sum_dim(B::float_mul(probs.clone(), d_probs.clone()), 4);
+    let d_scores = B::float_mul(probs, B::float_sub(d_probs, dot));
+    // Back through the cast to f32 and the scaling.
+    scaled::<B>(cast::<B>(d_scores, dtype), scale, dtype)
+}
 #[cfg(feature = "cuda")]
 impl CausalAttentionOps for Cube {}
 
@@ -124,7 +228,7 @@ fn queries<B: Backend>(q: &FloatTensor<B>, t0: usize, t1: usize) -> FloatTensor<
 }
 
 /// The f32 probabilities `[b, g, rep, c, t1]` of query positions `t0..t1` over keys `0..t1`.
-fn block_probs<B: Backend>(
+fn block_probs<B: CausalAttentionOps>(
     q: &FloatTensor<B>,
     k: &FloatTensor<B>,
     bias: &FloatTensor<B>,
@@ -137,16 +241,14 @@ fn block_probs<B: Backend>(
         queries::<B>(q, t0, t1),
         B::float_transpose(keys::<B>(k, t1)),
     );
-    let dtype = FloatDType::from(scores.dtype());
-    let scores = cast::<B>(scaled::<B>(scores, scale, dtype), FloatDType::F32);
     let scores = B::float_reshape(scores, Shape::new([b, g, rep, t1 - t0, t1]));
     let all = Slice::full();
     let mask = B::float_slice(bias.clone(), &[all, all, all, range(t0, t1), range(0, t1)]);
-    B::softmax(B::float_add(scores, mask), 4)
+    B::attention_probs(scores, mask, scale)
 }
 
 /// Gradients of q, k and v (in their dtypes) given the output's gradient `grad`.
-fn causal_attention_backward<B: Backend>(
+fn causal_attention_backward<B: CausalAttentionOps>(
     [q, k, v, bias]: [FloatTensor<B>; 4],
     scale: f64,
     block: usize,
@@ -156,15 +258,19 @@ fn causal_attention_backward<B: Backend>(
     let dtype = FloatDType::from(q.dtype());
     let device = q.device();
     let f32_zeros = || B::float_zeros(Shape::new([b, g, s, hd]), &device, FloatDType::F32);
-    let (mut dk, mut dv, mut dq) = (f32_zeros(), f32_zeros(), Vec::new());
+    let (mut dk, mut dv, mut dq) = (None, None, Vec::new());
     let all = Slice::full();
-    let accumulate = |acc: FloatTensor<B>, part: FloatTensor<B>, t1: usize| {
+    // Sums a block's part (keys 0..t1) into the f32 gradient; a part over every key, as
+    // the one block of a short sequence is, becomes the gradient without a zeroed buffer.
+    let accumulate = |acc: Option<FloatTensor<B>>, part: FloatTensor<B>, t1: usize| {
+        let part = cast::<B>(part, FloatDType::F32);
+        if acc.is_none() && t1 == s {
+            return Some(part);
+        }
+        let acc = acc.unwrap_or_else(f32_zeros);
         let at = [all, all, range(0, t1), all];
-        let sum = B::float_add(
-            B::float_slice(acc.clone(), &at),
-            cast::<B>(part, FloatDType::F32),
-        );
-        B::float_slice_assign(acc, &at, sum)
+        let sum = B::float_add(B::float_slice(acc.clone(), &at), part);
+        Some(B::float_slice_assign(acc, &at, sum))
     };
     for (t0, t1) in blocks(s, block) {
         let rows = rep * (t1 - t0);
@@ -178,15 +284,8 @@ fn causal_attention_backward<B: Backend>(
         let dv_part = B::float_matmul(B::float_transpose(probs_mm), d_out.clone());
         dv = accumulate(dv, dv_part, t1);
         let d_probs = B::float_matmul(d_out, B::float_transpose(keys::<B>(&v, t1)));
-        let d_probs = B::float_reshape(
-            cast::<B>(d_probs, FloatDType::F32),
-            Shape::new([b, g, rep, t1 - t0, t1]),
-        );
-        // Softmax: d_scores = p ⊙ (dp − Σ p ⊙ dp) over keys; the mask is a constant.
-        let dot = B::float_sum_dim(B::float_mul(probs.clone(), d_probs.clone()), 4);
-        let d_scores = B::float_mul(probs, B::float_sub(d_probs, dot));
-        // Back through the cast to f32 and the scaling.
-        let d_scores = scaled::<B>(cast::<B>(d_scores, dtype), scale, dtype);
+        let d_probs = B::float_reshape(d_probs, Shape::new([b, g, rep, t1 - t0, t1]));
+        let d_scores = B::attention_probs_backward(probs, d_probs, scale);
         let d_scores = B::float_reshape(d_scores, Shape::new([b, g, rows, t1]));
         let dq_part = B::float_matmul(d_scores.clone(), keys::<B>(&k, t1));
         dq.push(B::float_reshape(
@@ -196,17 +295,18 @@ fn causal_attention_backward<B: Backend>(
         let dk_part = B::float_matmul(B::float_transpose(d_scores), queries::<B>(&q, t0, t1));
         dk = accumulate(dk, dk_part, t1);
     }
-    [
-        B::float_cat(dq, 3),
-        cast::<B>(dk, dtype),
-        cast::<B>(dv, dtype),
-    ]
+    let dq = match dq.len() {
+        1 => dq.pop().expect("one block"),
+        _ => B::float_cat(dq, 3),
+    };
+    let (dk, dv) = (dk.unwrap_or_else(f32_zeros), dv.unwrap_or_else(f32_zeros));
+    [dq, cast::<B>(dk, dtype), cast::<B>(dv, dtype)]
 }
 
 #[derive(Debug)]
 struct CausalAttentionBackward;
 
-impl<B: Backend> Backward<B, 3> for CausalAttentionBackward {
+impl<B: CausalAttentionOps> Backward<B, 3> for CausalAttentionBackward {
     /// q, k, v, bias, scale, block.
     type State = ([FloatTensor<B>; 4], f64, usize);
 

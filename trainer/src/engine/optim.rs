@@ -167,7 +167,14 @@ impl AdamW {
             } else {
                 0.0
             };
-            let (p, m) = adamw_update(&self.config, self.steps, lr, decay, p, g, moments);
+            // Handed over, so that the update can write them in place.
+            let placeholder = Tensor::<1>::empty([0], &p.device());
+            let held = Moments {
+                exp_avg: placeholder.clone(),
+                exp_avg_sq: placeholder,
+            };
+            let taken = std::mem::replace(moments, held);
+            let (p, m) = adamw_update(&self.config, self.steps, lr, decay, p, g, taken);
             *moments = m;
             out.push(p);
         }
@@ -209,7 +216,7 @@ pub fn adamw_update(
     decay: f64,
     p: Tensor<1>,
     g: Tensor<1>,
-    moments: &Moments,
+    moments: Moments,
 ) -> (Tensor<1>, Moments) {
     let t = steps as i32;
     let bias1 = 1.0 - c.beta1.powi(t);
@@ -223,7 +230,7 @@ pub fn adamw_update(
         c.eps as f32,
         (lr / bias1) as f32,
     ];
-    let (m, v) = (moments.exp_avg.clone(), moments.exp_avg_sq.clone());
+    let (m, v) = (moments.exp_avg, moments.exp_avg_sq);
     // One pass on the CPU (moeru_models::adamw_op); the same arithmetic as torch's AdamW.
     let (p, m, v) = moeru_models::adamw_op::adamw_update(p, g, m, v, scalars);
     (
