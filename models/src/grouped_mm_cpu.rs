@@ -1,8 +1,9 @@
 //! The grouped matmul on the CPU backend, in f32: every expert's product is written by the
 //! gemm crate straight into its row range of one output buffer (no per-expert tensors to
 //! concatenate, no zero-filled gradient blocks), and the experts run on rayon's threads side
-//! by side, each product on one thread, so the packing that gemm does before a product is
-//! spread over the threads too and results do not depend on the thread count.
+//! by side in fixed blocks of rows, each product on one thread, so the packing that gemm does
+//! before a product is spread over the threads too and results do not depend on the thread
+//! count.
 //!
 //! Owns only the f32 loops over contiguous buffers; grouped_mm.rs owns the op's meaning
 //! (offsets, the small-product floor) and the other dtypes and backends.
@@ -85,7 +86,26 @@ pub(crate) fn handles(x: &FlexTensor, w: &FlexTensor) -> bool {
     x.dtype() == DType::F32 && w.dtype() == DType::F32
 }
 
-/// `x [rows, in] · w_eᵀ` per expert row range → `[rows, out]`; an expert with fewer than
+/// Rows per task: an expert's rows are cut into blocks of this many, so that one busy
+/// expert does not keep one thread working while the others wait (the router is uneven).
+/// Fixed, so the cut does not depend on the thread count.
+const ROW_BLOCK: usize = 128;
+
+/// `(expert, first row, rows)` of every block: each expert's rows cut into [`ROW_BLOCK`]s.
+fn row_blocks(offsets: &[usize]) -> Vec<(usize, usize, usize)> {
+    let mut blocks = Vec::new();
+    for (e, p) in offsets.windows(2).enumerate() {
+        let mut r = p[0];
+        while r < p[1] {
+            let n = ROW_BLOCK.min(p[1] - r);
+            blocks.push((e, r, n));
+            r += n;
+        }
+    }
+    blocks
+}
+
+/// `x [rows, in] · w_eᵀ` per expert row range → `[rows, out]`; a block of fewer than
 /// `floor` rows is computed over zero rows padded up to `floor` (see grouped_mm::min_rows).
 pub(crate) fn forward(
     x: &FlexTensor,
@@ -96,52 +116,51 @@ pub(crate) fn forward(
     let [_, out, inp] = w.layout().shape().dims::<3>();
     let rows = offsets[offsets.len() - 1];
     let (x, w) = (dense(x), dense(w));
-    let (xs, ws) = (x.storage::<f32>(), w.storage::<f32>());
-    let xs = &xs[x.layout().start_offset()..];
-    let ws = &ws[w.layout().start_offset()..];
+    let xs = &x.storage::<f32>()[x.layout().start_offset()..];
+    let ws = &w.storage::<f32>()[w.layout().start_offset()..];
     let mut y = vec![0.0f32; rows * out];
-    let counts = offsets.windows(2).map(|p| p[1] - p[0]);
-    let blocks = split(&mut y, counts.clone().map(|c| c * out));
-    blocks.into_par_iter().enumerate().for_each(|(e, dst)| {
-        let (r0, r) = (offsets[e], offsets[e + 1] - offsets[e]);
-        if r == 0 {
-            return;
-        }
-        let we = Operand {
-            data: &ws[e * out * inp..(e + 1) * out * inp],
-            row: 1,
-            col: inp,
-        };
-        if r >= floor {
-            let xe = Operand {
-                data: &xs[r0 * inp..(r0 + r) * inp],
-                row: inp,
-                col: 1,
+    let blocks = row_blocks(offsets);
+    let dsts = split(&mut y, blocks.iter().map(|b| b.2 * out));
+    dsts.into_par_iter()
+        .zip(blocks)
+        .for_each(|(dst, (e, r0, r))| {
+            let we = Operand {
+                data: &ws[e * out * inp..(e + 1) * out * inp],
+                row: 1,
+                col: inp,
             };
-            return gemm(dst, r, out, inp, xe, we);
-        }
-        let mut padded = vec![0.0f32; floor * inp];
-        padded[..r * inp].copy_from_slice(&xs[r0 * inp..(r0 + r) * inp]);
-        let mut full = vec![0.0f32; floor * out];
-        gemm(
-            &mut full,
-            floor,
-            out,
-            inp,
-            Operand {
+            let xb = &xs[r0 * inp..(r0 + r) * inp];
+            if r >= floor {
+                return gemm(
+                    dst,
+                    r,
+                    out,
+                    inp,
+                    Operand {
+                        data: xb,
+                        row: inp,
+                        col: 1,
+                    },
+                    we,
+                );
+            }
+            let mut padded = vec![0.0f32; floor * inp];
+            padded[..r * inp].copy_from_slice(xb);
+            let mut full = vec![0.0f32; floor * out];
+            let xp = Operand {
                 data: &padded,
                 row: inp,
                 col: 1,
-            },
-            we,
-        );
-        dst.copy_from_slice(&full[..r * out]);
-    });
+            };
+            gemm(&mut full, floor, out, inp, xp, we);
+            dst.copy_from_slice(&full[..r * out]);
+        });
     f32_tensor(y, Shape::new([rows, out]))
 }
 
 /// `(dx [rows, in], dw [experts, out, in])` given `grad [rows, out]`: per expert
-/// `dx_e = g_e · w_e` and `dw_e = g_eᵀ · x_e` (zero for an expert without rows).
+/// `dx_e = g_e · w_e` (by row blocks) and `dw_e = g_eᵀ · x_e` (by blocks of its `out` rows,
+/// each summing over all the expert's rows; zero for an expert without rows).
 pub(crate) fn backward(
     x: &FlexTensor,
     w: &FlexTensor,
@@ -155,53 +174,54 @@ pub(crate) fn backward(
     let ws = &w.storage::<f32>()[w.layout().start_offset()..];
     let gs = &grad.storage::<f32>()[grad.layout().start_offset()..];
     let (mut dx, mut dw) = (vec![0.0f32; rows * inp], vec![0.0f32; experts * out * inp]);
-    let counts = offsets.windows(2).map(|p| p[1] - p[0]);
-    let dx_blocks = split(&mut dx, counts.map(|c| c * inp));
-    let dw_blocks = split(&mut dw, (0..experts).map(|_| out * inp));
-    let tasks = dx_blocks.into_par_iter().zip(dw_blocks).enumerate();
-    tasks.for_each(|(e, (dxe, dwe))| {
-        let (r0, r) = (offsets[e], offsets[e + 1] - offsets[e]);
-        if r == 0 {
-            return;
-        }
-        let ge = &gs[r0 * out..(r0 + r) * out];
-        let xe = &xs[r0 * inp..(r0 + r) * inp];
-        let we = &ws[e * out * inp..(e + 1) * out * inp];
-        let g = Operand {
-            data: ge,
-            row: out,
-            col: 1,
-        };
-        gemm(
-            dxe,
-            r,
-            inp,
-            out,
-            g,
-            Operand {
-                data: we,
+    let blocks = row_blocks(offsets);
+    let dx_dsts = split(&mut dx, blocks.iter().map(|b| b.2 * inp));
+    dx_dsts
+        .into_par_iter()
+        .zip(blocks)
+        .for_each(|(dst, (e, r0, r))| {
+            let g = Operand {
+                data: &gs[r0 * out..(r0 + r) * out],
+                row: out,
+                col: 1,
+            };
+            let we = Operand {
+                data: &ws[e * out * inp..(e + 1) * out * inp],
                 row: inp,
                 col: 1,
-            },
-        );
-        let g_t = Operand {
-            data: ge,
-            row: 1,
-            col: out,
-        };
-        gemm(
-            dwe,
-            out,
-            inp,
-            r,
-            g_t,
-            Operand {
-                data: xe,
+            };
+            gemm(dst, r, inp, out, g, we);
+        });
+    // dw_e rows o0..o0+n = (g_e columns o0..o0+n)ᵀ · x_e.
+    let out_block = ROW_BLOCK.min(out.max(1));
+    let dw_tasks: Vec<(usize, usize, usize)> = (0..experts)
+        .flat_map(|e| {
+            (0..out)
+                .step_by(out_block)
+                .map(move |o0| (e, o0, out_block.min(out - o0)))
+        })
+        .collect();
+    let dw_dsts = split(&mut dw, dw_tasks.iter().map(|t| t.2 * inp));
+    dw_dsts
+        .into_par_iter()
+        .zip(dw_tasks)
+        .for_each(|(dst, (e, o0, n))| {
+            let (r0, r) = (offsets[e], offsets[e + 1] - offsets[e]);
+            if r == 0 {
+                return;
+            }
+            let g_t = Operand {
+                data: &gs[r0 * out + o0..(r0 + r) * out],
+                row: 1,
+                col: out,
+            };
+            let xe = Operand {
+                data: &xs[r0 * inp..(r0 + r) * inp],
                 row: inp,
                 col: 1,
-            },
-        );
-    });
+            };
+            gemm(dst, n, inp, r, g_t, xe);
+        });
     (
         f32_tensor(dx, Shape::new([rows, inp])),
         f32_tensor(dw, Shape::new([experts, out, inp])),
