@@ -17,7 +17,9 @@ mod swiglu;
 pub use adamw::{adamw, AdamWStep};
 pub use exp::exp;
 pub use rms_norm::{rms_norm, rms_norm_backward};
-pub use softmax::{masked_softmax_rows, softmax_backward_rows, MaskRows};
+pub use softmax::{
+    exp_sum_rows, exp_sum_rows_backward, masked_softmax_rows, softmax_backward_rows, MaskRows,
+};
 pub use swiglu::{swiglu, swiglu_backward};
 
 /// A row-major matrix view: row `r` is `data[offset + r·stride ..][..width]` (a narrowed

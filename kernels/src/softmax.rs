@@ -121,6 +121,64 @@ pub fn softmax_backward_rows(y: &[f32], dy: &[f32], width: usize, scale: f32, dx
         .for_each(|(dxc, (yc, dyc))| backward_chunk(yc, dyc, width, scale, dxc));
 }
 
+multiversion! {
+    fn exp_sum_chunk(x: &[f32], width: usize, max: &[f32], out: &mut [f32]) {
+        for ((o, xr), &m) in out.iter_mut().zip(x.chunks_exact(width)).zip(max) {
+            let mut lanes = [0.0f32; 8];
+            let chunks = xr.chunks_exact(8);
+            let tail: f32 = chunks.remainder().iter().map(|&v| exp(v - m)).sum();
+            for c in chunks {
+                for l in 0..8 {
+                    lanes[l] += exp(c[l] - m);
+                }
+            }
+            *o = lanes.iter().sum::<f32>() + tail;
+        }
+    }
+}
+
+multiversion! {
+    fn exp_sum_backward_chunk(x: &[f32], width: usize, max: &[f32], g: &[f32], dx: &mut [f32]) {
+        let rows = dx.chunks_exact_mut(width).zip(x.chunks_exact(width)).zip(max.iter().zip(g));
+        for ((dxr, xr), (&m, &gi)) in rows {
+            for (o, &v) in dxr.iter_mut().zip(xr) {
+                *o = exp(v - m) * gi;
+            }
+        }
+    }
+}
+
+/// `out[i] = Σ_j exp(x[i, j] − max[i])` over the rows of `x [rows, width]` (the sum inside a
+/// log-sum-exp, without keeping the exponentials).
+pub fn exp_sum_rows(x: &[f32], width: usize, max: &[f32], out: &mut [f32]) {
+    assert!(
+        x.len() == out.len() * width && max.len() == out.len(),
+        "exp_sum_rows: shapes"
+    );
+    if width == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let chunk = chunk_rows(width);
+    out.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk * width).zip(max.par_chunks(chunk)))
+        .for_each(|(oc, (xc, mc))| exp_sum_chunk(xc, width, mc, oc));
+}
+
+/// The gradient of [`exp_sum_rows`] given `g [rows]`: `dx[i, j] = g[i] · exp(x[i, j] − max[i])`
+/// (`max` held constant, as the detached max of a log-sum-exp is).
+pub fn exp_sum_rows_backward(x: &[f32], width: usize, max: &[f32], g: &[f32], dx: &mut [f32]) {
+    assert!(x.len() == dx.len() && x.len() == g.len() * width && max.len() == g.len());
+    if width == 0 {
+        return;
+    }
+    let chunk = chunk_rows(width);
+    dx.par_chunks_mut(chunk * width)
+        .zip(x.par_chunks(chunk * width))
+        .zip(max.par_chunks(chunk).zip(g.par_chunks(chunk)))
+        .for_each(|((dxc, xc), (mc, gc))| exp_sum_backward_chunk(xc, width, mc, gc, dxc));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +229,32 @@ mod tests {
         let b1 = heads * rows * width;
         assert_eq!(y[b1 + width + 10], 0.0);
         assert_eq!(y[b1 + rows * width + width + 10], 0.0);
+    }
+
+    #[test]
+    fn exp_sums_and_their_gradient_match_the_formula() {
+        let (rows, width) = (300, 37);
+        let x: Vec<f32> = (0..rows * width)
+            .map(|i| ((i * 31 % 97) as f32 - 48.0) / 6.0)
+            .collect();
+        let max: Vec<f32> = x
+            .chunks(width)
+            .map(|r| r.iter().cloned().fold(f32::MIN, f32::max))
+            .collect();
+        let g: Vec<f32> = (0..rows).map(|i| (i % 7) as f32 - 3.0).collect();
+        let (mut out, mut dx) = (vec![0.0; rows], vec![0.0; rows * width]);
+        exp_sum_rows(&x, width, &max, &mut out);
+        exp_sum_rows_backward(&x, width, &max, &g, &mut dx);
+        for r in 0..rows {
+            let e: Vec<f64> = (0..width)
+                .map(|j| (x[r * width + j] as f64 - max[r] as f64).exp())
+                .collect();
+            let want: f64 = e.iter().sum();
+            assert!((out[r] as f64 - want).abs() < 1e-5 * want, "row {r}");
+            for (j, ej) in e.iter().enumerate() {
+                let k = r * width + j;
+                assert!((dx[k] as f64 - ej * g[r] as f64).abs() < 1e-5, "dx {k}");
+            }
+        }
     }
 }

@@ -57,6 +57,10 @@ enum Command {
 fn main() -> ExitCode {
     allocator::keep_freed_memory();
     let cli = Cli::parse();
+    allocator::on_compute_pool(|| run(cli))
+}
+
+fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Train(args) => match cmd_train::run(args) {
             Ok(()) => ExitCode::SUCCESS,

@@ -1,4 +1,5 @@
-//! RMSNorm and SwiGLU as single ops with their own backward, on f32 rows `[rows, d]`.
+//! RMSNorm, SwiGLU and the exponential sum of a log-sum-exp as single ops with their own
+//! backward, on f32 rows `[rows, d]`.
 //!
 //! Autodiff through the plain expressions (layers.rs) runs seven tensor ops for an RMSNorm
 //! and four for a SwiGLU forward, each allocating and sweeping its operand, and about twice
@@ -30,8 +31,32 @@ pub fn swiglu_rows(gate: Tensor<2>, up: Tensor<2>) -> Tensor<2> {
     Tensor::from_dispatch(out)
 }
 
+/// `Σ_j exp(x_ij − max_i)` per row of `x [rows, d]` (f32), differentiable in `x` only (`max
+/// [rows]` is the detached row max of a log-sum-exp); the exponentials are not kept.
+pub fn exp_sum_rows(x: Tensor<2>, max: Tensor<1>) -> Tensor<1> {
+    let out = <Dispatch as FusedOps>::fused_exp_sum_rows(x.into_dispatch(), max.into_dispatch());
+    Tensor::from_dispatch(out)
+}
+
 #[backend_extension(Flex, Cube: cfg(feature = "cuda"), Autodiff)]
 pub trait FusedOps: Backend {
+    fn fused_exp_sum_rows(x: FloatTensor<Self>, max: FloatTensor<Self>) -> FloatTensor<Self> {
+        let rows = max.shape().dims::<1>()[0];
+        let sums = Self::float_sum_dim(shifted_exp::<Self>(x, max), 1);
+        Self::float_reshape(sums, Shape::new([rows]))
+    }
+
+    /// `dx` given the sums' gradient `g [rows]`.
+    fn fused_exp_sum_rows_backward(
+        x: FloatTensor<Self>,
+        max: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let rows = max.shape().dims::<1>()[0];
+        let g = Self::float_reshape(g, Shape::new([rows, 1]));
+        Self::float_mul(shifted_exp::<Self>(x, max), g)
+    }
+
     fn fused_rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         let r = inv_rms::<Self>(&x, eps);
         Self::float_mul(Self::float_mul(x, r), row_vector::<Self>(w))
@@ -81,6 +106,15 @@ pub trait FusedOps: Backend {
     }
 }
 
+/// `exp(x − max)` with `max [rows]` broadcast over each row.
+fn shifted_exp<B: Backend>(x: FloatTensor<B>, max: FloatTensor<B>) -> FloatTensor<B> {
+    let rows = max.shape().dims::<1>()[0];
+    B::float_exp(B::float_sub(
+        x,
+        B::float_reshape(max, Shape::new([rows, 1])),
+    ))
+}
+
 /// `1 / sqrt(mean(x²) + eps)` per row, `[rows, 1]`.
 fn inv_rms<B: Backend>(x: &FloatTensor<B>, eps: f64) -> FloatTensor<B> {
     let mean = B::float_mean_dim(B::float_mul(x.clone(), x.clone()), 1);
@@ -93,6 +127,23 @@ fn row_vector<B: Backend>(w: FloatTensor<B>) -> FloatTensor<B> {
 }
 
 impl FusedOps for Flex {
+    fn fused_exp_sum_rows(x: FlexTensor, max: FlexTensor) -> FlexTensor {
+        let (x, max) = (dense(x), dense(max));
+        let shape = max.layout().shape().clone();
+        let width = x.layout().shape()[1];
+        let mut out = vec![0.0f32; shape.num_elements()];
+        moeru_kernels::exp_sum_rows(slice(&x), width, slice(&max), &mut out);
+        f32_tensor(out, shape)
+    }
+
+    fn fused_exp_sum_rows_backward(x: FlexTensor, max: FlexTensor, g: FlexTensor) -> FlexTensor {
+        let (x, max, g) = (dense(x), dense(max), dense(g));
+        let shape = x.layout().shape().clone();
+        let mut dx = vec![0.0f32; shape.num_elements()];
+        moeru_kernels::exp_sum_rows_backward(slice(&x), shape[1], slice(&max), slice(&g), &mut dx);
+        f32_tensor(dx, shape)
+    }
+
     fn fused_rms_norm(x: FlexTensor, w: FlexTensor, eps: f64) -> FlexTensor {
         let (x, w) = (dense(x), dense(w));
         let mut y = vec![0.0f32; x.layout().num_elements()];
@@ -193,6 +244,22 @@ fn f32_tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
 }
 
 #[derive(Debug)]
+struct ExpSumBackward;
+
+impl<B: Backend + FusedOps> Backward<B, 1> for ExpSumBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, max) = ops.state;
+        let g = grads.consume::<B>(&ops.node);
+        let [parent] = ops.parents;
+        if let Some(node) = parent {
+            grads.register::<B>(node.id, B::fused_exp_sum_rows_backward(x, max, g));
+        }
+    }
+}
+
+#[derive(Debug)]
 struct RmsNormBackward;
 
 impl<B: Backend + FusedOps> Backward<B, 2> for RmsNormBackward {
@@ -229,6 +296,23 @@ impl<B: Backend + FusedOps> Backward<B, 2> for SwigluBackward {
 }
 
 impl<B: Backend + FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    fn fused_exp_sum_rows(x: FloatTensor<Self>, max: FloatTensor<Self>) -> FloatTensor<Self> {
+        // `max` is a constant of the op: the log-sum-exp's max is detached.
+        let nodes = [x.node()];
+        let (x, max) = (x.into_primitive(), max.into_primitive());
+        match ExpSumBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let state = (x.clone(), max.clone());
+                prep.finish(state, B::fused_exp_sum_rows(x, max))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_exp_sum_rows(x, max)),
+        }
+    }
+
     fn fused_rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         let nodes = [x.node(), w.node()];
         let [x, w] = [x, w].map(|t| t.into_primitive());
@@ -360,5 +444,30 @@ mod tests {
         let (x, w) = (values([3, 8], 8, &device), values([8], 9, &device));
         let (a, b) = (rms_norm(x.clone(), &w, 1e-5), rms_norm_plain(x, &w, 1e-5));
         assert_close(&vec(a), &vec(b), 1e-5, "rms");
+    }
+
+    /// A log-sum-exp over rows built on [`super::exp_sum_rows`] against the plain one, with
+    /// the gradient of the logits.
+    fn lse_run(fused: bool) -> [Vec<f32>; 2] {
+        let device = Device::flex().autodiff();
+        let x = values([37, 50], 10, &device).require_grad();
+        let max = x.clone().detach().max_dim(1).reshape([37]);
+        let sums = match fused {
+            true => super::exp_sum_rows(x.clone(), max.clone()),
+            false => (x.clone() - max.clone().unsqueeze_dim::<2>(1))
+                .exp()
+                .sum_dim(1)
+                .reshape([37]),
+        };
+        let lse = sums.log() + max;
+        let grads = (lse.clone() * values([37], 11, &device)).sum().backward();
+        [vec(lse), vec(x.grad(&grads).unwrap())]
+    }
+
+    #[test]
+    fn exp_sum_rows_matches_the_plain_expression_with_gradients() {
+        let (got, want) = (lse_run(true), lse_run(false));
+        assert_close(&got[0], &want[0], 1e-6, "lse");
+        assert_close(&got[1], &want[1], 1e-6, "dx");
     }
 }

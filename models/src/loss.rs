@@ -4,6 +4,7 @@
 use burn::tensor::{Int, Tensor};
 
 use crate::boundaries::{Boundaries, Local};
+use crate::fused::exp_sum_rows;
 use crate::precision::{like, to_f32};
 
 /// The vocabulary rows an LM head weight holds (`start..start + rows`; all of them on one
@@ -82,14 +83,15 @@ fn for_each_chunk(
 /// `logits[target] − logsumexp(logits)` per row of `logits [len, local vocab]` (f32) with
 /// `targets [len, 1]`: the max, Σ exp and picked logit are completed over the vocabulary
 /// shards; a target outside this shard picks 0 here. On one rank this is the plain
-/// expression, op for op (the mask selects nothing).
+/// expression (the mask selects nothing), with the exponential sum as one op.
 fn target_logprobs(logits: Tensor<2>, targets: Tensor<2, Int>, vocab: VocabShard) -> Tensor<1> {
     let [len, local] = logits.dims();
     let max = vocab
         .bd
         .vocab_max(logits.clone().detach().max_dim(1).reshape([len]));
-    let exp = (logits.clone() - max.clone().unsqueeze_dim::<2>(1)).exp();
-    let lse = vocab.bd.vocab_sum(exp.sum_dim(1).reshape([len])).log() + max;
+    // Σ exp(logits − max) in one op that does not keep the [len, vocab] exponentials.
+    let exp_sum = exp_sum_rows(logits.clone(), max.clone());
+    let lse = vocab.bd.vocab_sum(exp_sum).log() + max;
     let shifted = targets.sub_scalar(vocab.start as i64);
     let elsewhere = shifted
         .clone()
