@@ -10,9 +10,11 @@ use burn::backend::tensor::FloatTensor;
 #[cfg(feature = "cuda")]
 use burn::backend::Cube;
 use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
-use burn::tensor::{Bytes, DType, Tensor};
-use burn_flex::{FlexTensor, Layout};
+use burn::tensor::{DType, Tensor};
+use burn_flex::FlexTensor;
 use moeru_kernels::AdamWStep;
+
+use crate::flex_buffers::{dense, f32_tensor, slice};
 
 /// The step's scalars in f32: `[1 − lr·wd, 1 − β1, β2, 1 − β2, sqrt(1 − β2^t), eps,
 /// lr / (1 − β1^t)]` (moeru_kernels::AdamWStep's fields in order).
@@ -106,19 +108,8 @@ impl AdamWOps for Flex {
         let mut p_out = vec![0.0f32; shape.num_elements()];
         let (ms, vs) = (m.storage_mut::<f32>(), v.storage_mut::<f32>());
         moeru_kernels::adamw(&step(&s), slice(&p), slice(&g), ms, vs, &mut p_out);
-        let p_out = FlexTensor::new(
-            Bytes::from_elems(p_out),
-            Layout::contiguous(shape),
-            DType::F32,
-        );
+        let p_out = f32_tensor(p_out, shape);
         (p_out, m, v)
-    }
-}
-
-fn dense(t: FlexTensor) -> FlexTensor {
-    match t.is_contiguous() {
-        true => t,
-        false => t.to_contiguous(),
     }
 }
 
@@ -133,10 +124,6 @@ fn owned(t: FlexTensor) -> FlexTensor {
     }
 }
 
-fn slice(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>().expect("a contiguous tensor")
-}
-
 #[cfg(feature = "cuda")]
 impl AdamWOps for Cube {}
 
@@ -145,21 +132,12 @@ impl<B: Backend + AdamWOps, C: CheckpointStrategy> AdamWOps for Autodiff<B, C> {
 
 #[cfg(test)]
 mod tests {
-    use burn::tensor::{Device, Tensor, TensorData};
+    use burn::tensor::{Device, Tensor};
 
     use super::*;
 
     fn values(n: usize, seed: u64, scale: f32, device: &Device) -> Tensor<1> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                ((x >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
-            })
-            .collect();
-        Tensor::from_data(TensorData::new(v, [n]), device)
+        crate::test_values::values([n], seed, device) * scale
     }
 
     fn bits(t: Tensor<1>) -> Vec<u32> {

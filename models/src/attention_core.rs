@@ -16,8 +16,10 @@ use burn::backend::tensor::FloatTensor;
 #[cfg(feature = "cuda")]
 use burn::backend::Cube;
 use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex, TensorMetadata};
-use burn::tensor::{Bytes, DType, FloatDType, Shape, Slice, Tensor};
-use burn_flex::{FlexTensor, Layout};
+use burn::tensor::{DType, FloatDType, Shape, Slice, Tensor};
+use burn_flex::FlexTensor;
+
+use crate::flex_buffers::{dense, f32_tensor};
 
 /// f32 scores one block may hold, in bytes: a few such tensors live at once in backward.
 const BLOCK_BYTES: usize = 256 << 20;
@@ -104,7 +106,7 @@ impl CausalAttentionOps for Flex {
         if scores.dtype() != DType::F32 || mask.dtype() != DType::F32 {
             return attention_probs_expression::<Self>(scores, mask, scale);
         }
-        let scores = flex_dense(scores);
+        let scores = dense(scores);
         let shape = scores.layout().shape().clone();
         let [_, g, rep, c, t1] = shape.dims::<5>();
         let mask = match mask.layout().strides()[4] {
@@ -123,37 +125,22 @@ impl CausalAttentionOps for Flex {
         let mut probs = vec![0.0f32; shape.num_elements()];
         let x = scores.as_slice::<f32>().expect("contiguous");
         moeru_kernels::masked_softmax_rows(x, t1, scale as f32, rows, &mut probs);
-        flex_f32(probs, shape)
+        f32_tensor(probs, shape)
     }
 
     fn attention_probs_backward(probs: FlexTensor, d_probs: FlexTensor, scale: f64) -> FlexTensor {
         if d_probs.dtype() != DType::F32 || probs.dtype() != DType::F32 {
             return attention_probs_backward_expression::<Self>(probs, d_probs, scale);
         }
-        let (probs, d_probs) = (flex_dense(probs), flex_dense(d_probs));
+        let (probs, d_probs) = (dense(probs), dense(d_probs));
         let shape = probs.layout().shape().clone();
         let width = shape[shape.num_dims() - 1];
         let mut d_scores = vec![0.0f32; shape.num_elements()];
         let (p, dp) = (probs.as_slice::<f32>(), d_probs.as_slice::<f32>());
         let (p, dp) = (p.expect("contiguous"), dp.expect("contiguous"));
         moeru_kernels::softmax_backward_rows(p, dp, width, scale as f32, &mut d_scores);
-        flex_f32(d_scores, shape)
+        f32_tensor(d_scores, shape)
     }
-}
-
-fn flex_dense(t: FlexTensor) -> FlexTensor {
-    match t.is_contiguous() {
-        true => t,
-        false => t.to_contiguous(),
-    }
-}
-
-fn flex_f32(values: Vec<f32>, shape: Shape) -> FlexTensor {
-    FlexTensor::new(
-        Bytes::from_elems(values),
-        Layout::contiguous(shape),
-        DType::F32,
-    )
 }
 
 /// [`CausalAttentionOps::attention_probs`] in backend ops.
@@ -354,10 +341,11 @@ impl<B: Backend + CausalAttentionOps, C: CheckpointStrategy> CausalAttentionOps 
 
 #[cfg(test)]
 mod tests {
-    use burn::tensor::{activation::softmax, Device, FloatDType, Tensor, TensorData};
+    use burn::tensor::{activation::softmax, Device, FloatDType, Tensor};
 
     use super::{block_positions, causal_attention};
     use crate::precision::{cast_to, like, scale, to_f32};
+    use crate::test_values::values;
     use crate::Batch;
 
     const DIMS: [usize; 5] = [2, 2, 3, 7, 4];
@@ -369,20 +357,6 @@ mod tests {
         let scores = to_f32(scale(scores, s)).reshape([b, g, rep, n, n]) + bias;
         let probs = softmax(scores, 4).reshape([b, g, rep * n, n]);
         like(probs, &v).matmul(v).reshape([b, g, rep, n, hd])
-    }
-
-    fn values<const D: usize>(dims: [usize; D], seed: u64, device: &Device) -> Tensor<D> {
-        let n = dims.iter().product::<usize>();
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect();
-        Tensor::from_data(TensorData::new(v, dims), device)
     }
 
     /// The model's own mask (Batch::attention_block_mask) with two documents in the second

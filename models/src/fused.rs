@@ -15,9 +15,11 @@ use burn::backend::tensor::FloatTensor;
 #[cfg(feature = "cuda")]
 use burn::backend::Cube;
 use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex, TensorMetadata};
-use burn::tensor::{Bytes, DType, Shape, Tensor};
-use burn_flex::{FlexTensor, Layout};
+use burn::tensor::{DType, Shape, Tensor};
+use burn_flex::FlexTensor;
 use moeru_kernels::Rows;
+
+use crate::flex_buffers::{self, f32_tensor, slice};
 
 /// `rms_norm(x) ⊙ w` over the last dimension of `x [rows, d]` (f32), `w [d]` (f32).
 pub fn rms_norm_rows(x: Tensor<2>, w: Tensor<1>, eps: f64) -> Tensor<2> {
@@ -201,17 +203,10 @@ fn check_f32(t: &FlexTensor) {
     );
 }
 
-/// `t` contiguous (a copy only when it is not).
+/// `t` contiguous and f32.
 fn dense(t: FlexTensor) -> FlexTensor {
     check_f32(&t);
-    match t.is_contiguous() {
-        true => t,
-        false => t.to_contiguous(),
-    }
-}
-
-fn slice(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>().expect("a contiguous tensor")
+    flex_buffers::dense(t)
 }
 
 /// `t [rows, d]` as row views without a copy when its rows are unit-stride (e.g. a column
@@ -233,14 +228,6 @@ fn rows(t: &FlexTensor) -> Rows<'_> {
         width,
         rows,
     }
-}
-
-fn f32_tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
-    FlexTensor::new(
-        Bytes::from_elems(values),
-        Layout::contiguous(shape),
-        DType::F32,
-    )
 }
 
 #[derive(Debug)]
@@ -348,22 +335,13 @@ impl<B: Backend + FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
 
 #[cfg(test)]
 mod tests {
-    use burn::tensor::{Device, Tensor, TensorData};
+    use burn::tensor::{Device, Tensor};
 
     use crate::layers::{rms_norm, rms_norm_plain, swiglu, swiglu_plain};
 
+    /// Values uniform in [−2, 2).
     fn values<const D: usize>(dims: [usize; D], seed: u64, device: &Device) -> Tensor<D> {
-        let n = dims.iter().product::<usize>();
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 40) as f32 / (1u64 << 22) as f32 - 2.0
-            })
-            .collect();
-        Tensor::from_data(TensorData::new(v, dims), device)
+        crate::test_values::values(dims, seed, device) * 2.0
     }
 
     fn vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {

@@ -8,9 +8,11 @@
 //! Owns only the f32 loops over contiguous buffers; grouped_mm.rs owns the op's meaning
 //! (offsets, the small-product floor) and the other dtypes and backends.
 
-use burn::tensor::{Bytes, DType, Shape};
-use burn_flex::{FlexTensor, Layout};
+use burn::tensor::{DType, Shape};
+use burn_flex::FlexTensor;
 use rayon::prelude::*;
+
+use crate::flex_buffers::{dense, f32_tensor};
 
 /// A row-major operand: `data[r·row + c·col]`.
 #[derive(Clone, Copy)]
@@ -66,21 +68,6 @@ fn split(mut buf: &mut [f32], lens: impl Iterator<Item = usize>) -> Vec<&mut [f3
     parts
 }
 
-fn dense(t: &FlexTensor) -> FlexTensor {
-    match t.is_contiguous() {
-        true => t.clone(),
-        false => t.to_contiguous(),
-    }
-}
-
-fn f32_tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
-    FlexTensor::new(
-        Bytes::from_elems(values),
-        Layout::contiguous(shape),
-        DType::F32,
-    )
-}
-
 /// Whether this path takes the op: both operands f32.
 pub(crate) fn handles(x: &FlexTensor, w: &FlexTensor) -> bool {
     x.dtype() == DType::F32 && w.dtype() == DType::F32
@@ -115,7 +102,7 @@ pub(crate) fn forward(
 ) -> FlexTensor {
     let [_, out, inp] = w.layout().shape().dims::<3>();
     let rows = offsets[offsets.len() - 1];
-    let (x, w) = (dense(x), dense(w));
+    let (x, w) = (dense(x.clone()), dense(w.clone()));
     let xs = &x.storage::<f32>()[x.layout().start_offset()..];
     let ws = &w.storage::<f32>()[w.layout().start_offset()..];
     let mut y = vec![0.0f32; rows * out];
@@ -169,7 +156,7 @@ pub(crate) fn backward(
 ) -> (FlexTensor, FlexTensor) {
     let [experts, out, inp] = w.layout().shape().dims::<3>();
     let rows = offsets[experts];
-    let (x, w, grad) = (dense(x), dense(w), dense(grad));
+    let (x, w, grad) = (dense(x.clone()), dense(w.clone()), dense(grad.clone()));
     let xs = &x.storage::<f32>()[x.layout().start_offset()..];
     let ws = &w.storage::<f32>()[w.layout().start_offset()..];
     let gs = &grad.storage::<f32>()[grad.layout().start_offset()..];

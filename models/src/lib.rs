@@ -15,6 +15,7 @@ pub mod config;
 pub mod decoder;
 pub mod device;
 pub mod experts;
+mod flex_buffers;
 pub mod forward_ctx;
 #[cfg(test)]
 mod forward_tests;
@@ -41,6 +42,8 @@ pub mod routing;
 pub mod sampling;
 pub mod shard;
 pub mod stage;
+#[cfg(test)]
+mod test_values;
 
 pub use batch::Batch;
 pub use boundaries::{Boundaries, Local};
