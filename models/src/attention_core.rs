@@ -19,7 +19,8 @@ use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex, Tensor
 use burn::tensor::{DType, FloatDType, Shape, Slice, Tensor};
 use burn_flex::FlexTensor;
 
-use crate::flex_buffers::{dense, f32_tensor};
+use crate::backward::register_input_grads;
+use crate::flex_buffers::{dense, f32_tensor, slice};
 
 /// f32 scores one block may hold, in bytes: a few such tensors live at once in backward.
 const BLOCK_BYTES: usize = 256 << 20;
@@ -123,8 +124,7 @@ impl CausalAttentionOps for Flex {
             heads: g * rep,
         };
         let mut probs = vec![0.0f32; shape.num_elements()];
-        let x = scores.as_slice::<f32>().expect("contiguous");
-        moeru_kernels::masked_softmax_rows(x, t1, scale as f32, rows, &mut probs);
+        moeru_kernels::masked_softmax_rows(slice(&scores), t1, scale as f32, rows, &mut probs);
         f32_tensor(probs, shape)
     }
 
@@ -136,8 +136,7 @@ impl CausalAttentionOps for Flex {
         let shape = probs.layout().shape().clone();
         let width = shape[shape.num_dims() - 1];
         let mut d_scores = vec![0.0f32; shape.num_elements()];
-        let (p, dp) = (probs.as_slice::<f32>(), d_probs.as_slice::<f32>());
-        let (p, dp) = (p.expect("contiguous"), dp.expect("contiguous"));
+        let (p, dp) = (slice(&probs), slice(&d_probs));
         moeru_kernels::softmax_backward_rows(p, dp, width, scale as f32, &mut d_scores);
         f32_tensor(d_scores, shape)
     }
@@ -301,11 +300,8 @@ impl<B: CausalAttentionOps> Backward<B, 3> for CausalAttentionBackward {
         let (inputs, scale, block) = ops.state;
         let grad = grads.consume::<B>(&ops.node);
         let input_grads = causal_attention_backward::<B>(inputs, scale, block, grad);
-        for (parent, g) in ops.parents.into_iter().zip(input_grads) {
-            if let Some(node) = parent {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        let parents = ops.parents.map(|p| p.map(|node| node.id));
+        register_input_grads::<B, _>(parents, input_grads, grads);
     }
 }
 

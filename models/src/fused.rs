@@ -19,6 +19,7 @@ use burn::tensor::{DType, Shape, Tensor};
 use burn_flex::FlexTensor;
 use moeru_kernels::Rows;
 
+use crate::backward::register_input_grads;
 use crate::flex_buffers::{self, f32_tensor, slice};
 
 /// `rms_norm(x) ⊙ w` over the last dimension of `x [rows, d]` (f32), `w [d]` (f32).
@@ -256,11 +257,8 @@ impl<B: Backend + FusedOps> Backward<B, 2> for RmsNormBackward {
         let (x, w, eps) = ops.state;
         let dy = grads.consume::<B>(&ops.node);
         let (dx, dw) = B::fused_rms_norm_backward(x, w, dy, eps);
-        for (parent, g) in ops.parents.into_iter().zip([dx, dw]) {
-            if let Some(node) = parent {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        let parents = ops.parents.map(|p| p.map(|node| node.id));
+        register_input_grads::<B, _>(parents, [dx, dw], grads);
     }
 }
 
@@ -274,11 +272,8 @@ impl<B: Backend + FusedOps> Backward<B, 2> for SwigluBackward {
         let (gate, up) = ops.state;
         let dy = grads.consume::<B>(&ops.node);
         let (dg, du) = B::fused_swiglu_backward(gate, up, dy);
-        for (parent, g) in ops.parents.into_iter().zip([dg, du]) {
-            if let Some(node) = parent {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        let parents = ops.parents.map(|p| p.map(|node| node.id));
+        register_input_grads::<B, _>(parents, [dg, du], grads);
     }
 }
 

@@ -20,6 +20,7 @@ use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex, Tensor
 use burn::tensor::{FloatDType, Shape, Slice, Tensor};
 use burn_flex::FlexTensor;
 
+use crate::backward::register_input_grads;
 use crate::grouped_mm_cpu as cpu;
 
 /// `x [rows, in]` (rows sorted by expert: expert e owns rows `offsets[e]..offsets[e + 1]`)
@@ -87,7 +88,6 @@ fn grouped_mm_products<B: Backend>(
         })
         .collect();
     if parts.is_empty() {
-        let dtype = FloatDType::from(x.dtype());
         return B::float_zeros(Shape::new([0, out_dim]), &x.device(), dtype);
     }
     B::float_cat(parts, 0)
@@ -194,11 +194,8 @@ impl<B: Backend + GroupedMmOps> Backward<B, 2> for GroupedMmBackward {
         let ([x, w], offsets) = ops.state;
         let grad = grads.consume::<B>(&ops.node);
         let (dx, dw) = B::grouped_mm_backward(x, w, offsets, grad);
-        for (parent, g) in ops.parents.into_iter().zip([dx, dw]) {
-            if let Some(node) = parent {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        let parents = ops.parents.map(|p| p.map(|node| node.id));
+        register_input_grads::<B, _>(parents, [dx, dw], grads);
     }
 }
 

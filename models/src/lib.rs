@@ -9,6 +9,7 @@
 pub mod adamw_op;
 pub mod attention;
 pub mod attention_core;
+mod backward;
 pub mod batch;
 pub mod boundaries;
 pub mod config;
