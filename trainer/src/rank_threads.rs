@@ -2,10 +2,24 @@
 //! harness for many-rank tests.
 
 use std::sync::mpsc;
+use std::time::Duration;
+
+use moeru_parallel::CommError;
 
 use crate::error::TrainError;
 use crate::recipe::schema::Recipe;
 use crate::run::{comm_timeout, mesh_for, run_rank, RunOptions, RunSummary};
+
+/// How long an error caused by another rank's failure waits for that rank's own error.
+const CAUSE_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether `e` only reports that another rank failed (an abort, a peer gone).
+fn is_collateral(e: &TrainError) -> bool {
+    matches!(
+        e,
+        TrainError::Comm(CommError::Aborted { .. } | CommError::PeerGone { .. })
+    )
+}
 
 /// `ranks` ranks as threads of this process; returns rank 0's summary, or the first error.
 pub fn run_threads(
@@ -48,9 +62,26 @@ pub fn run_threads_summaries(
     }
     drop(tx);
     let mut summaries: Vec<Option<RunSummary>> = vec![None; ranks];
-    // The first error ends the job; a rank that hangs is not waited for (the process exits).
-    for (rank, result) in rx {
-        summaries[rank] = Some(result?);
+    // The first error ends the job. An error that only says another rank failed (the abort
+    // reached this rank before the failing rank reported) waits a little for that rank's own
+    // error, which names the cause; a rank that hangs is not waited for (the process exits).
+    let mut collateral = None;
+    loop {
+        let next = match collateral {
+            None => rx.recv().ok(),
+            Some(_) => rx.recv_timeout(CAUSE_WAIT).ok(),
+        };
+        let Some((rank, result)) = next else { break };
+        match result {
+            Ok(summary) => summaries[rank] = Some(summary),
+            Err(e) if is_collateral(&e) => {
+                collateral.get_or_insert(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some(e) = collateral {
+        return Err(e);
     }
     summaries
         .into_iter()
