@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds what scripts/gpu-runs.sh needs on a GPU machine (which has no Rust): the cuda release
-# binary and the `numerics` test binary (parity and bf16 tests), stripped and xz-compressed into gpu-bin/
+# binary, the `numerics` test binary (parity and bf16 tests) and moeru-parallel's unit tests
+# (NCCL, and its collectives on GPU tensors), stripped and xz-compressed into gpu-bin/
 # (ignored by git). Checks that they fit the device tool's carry with the working tree, that
 # they need no shared library the GPU image may lack, and no newer glibc than it has.
 #   bash scripts/gpu-prepare.sh            # ~30 min from clean on 2 cores, then incremental
@@ -17,14 +18,20 @@ if ! ls "${XDG_DATA_HOME:-$HOME/.local/share}"/tracel/tracel-llvm-*/bin/llvm-con
   sh ../shared/tools/cuda-offline-llvm.sh >/dev/null
 fi
 cargo build --release --locked -p moeru --features cuda
-tests=$(cargo test --release --locked -p moeru-tests --features cuda --test numerics \
-  --no-run --message-format json | python3 -c '
+# Test executables by target name: numerics, and moeru_parallel (packed as `parallel`).
+executables() {
+  python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "numerics":
-        print(m["target"]["name"], m["executable"])
-')
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("numerics", "moeru_parallel"):
+        print(m["target"]["name"].replace("moeru_", ""), m["executable"])
+'
+}
+tests=$( (cargo test --release --locked -p moeru-tests --features cuda --test numerics \
+  --no-run --message-format json
+  cargo test --release --locked -p moeru-parallel --features cuda --lib \
+  --no-run --message-format json) | executables)
 
 rm -rf gpu-bin gpu-bin-tests
 mkdir -p gpu-bin

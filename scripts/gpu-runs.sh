@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue #7's GPU checks, on a machine with one NVIDIA GPU (no Rust needed there), most
 # important first, inside one deadline so that a lease of 15 device minutes holds them:
-#   1. the parity tests on the GPU in f32 (TF32 tolerances) and the bf16 autocast tests;
+#   1. the parity tests on the GPU in f32 (TF32 tolerances) and the bf16 autocast tests, then
+#      NCCL's tests, with the collectives on GPU tensors (no host copies, issue #15);
 #   2. moeru bench against transformers eager, bf16, seq 4096: a dense and a MoE shape;
 #   3. a kernel-by-kernel profile of one moeru step of each (cubecl's profiling log);
 #   4. moeru alone on MOERU_ONLY shapes (default qwen3-moe-16l: transformers eager does not fit
@@ -71,6 +72,12 @@ if have numerics "parity and bf16 tests"; then
   MOERU_TEST_DEVICE=$DEVICE step numerics 150 "$BIN/numerics" --test-threads 1 --nocapture
   grep -h "test result\|logits vs autocast\|FAILED\|panicked" "$W/numerics.log" |
     sed 's/^/  numerics: /' | tee -a "$summary"
+  pack
+fi
+if have parallel "NCCL and collectives on GPU tensors"; then
+  # The device path (issue #15): flat collectives on CUDA tensors without host copies.
+  step parallel 60 "$BIN/parallel" nccl:: --test-threads 1 --nocapture
+  grep -h "^test \|test result\|panicked" "$W/parallel.log" | sed 's/^/  parallel: /' | tee -a "$summary"
   pack
 fi
 have moeru "bench and profile" || { note "done in $SECONDS s"; pack; exit 0; }

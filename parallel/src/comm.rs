@@ -3,6 +3,7 @@
 //! the collectives live here too, so every backend rejects the same calls alike.
 
 use crate::error::{CommError, Result};
+use crate::flat::Collective;
 
 /// Element types the collectives reduce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,11 +12,15 @@ pub enum DType {
     F64,
     I64,
     U8,
+    /// bfloat16, the activations' wire dtype under `precision: bf16`. Reductions add in f32
+    /// and round once (NCCL adds bf16 natively, rounding each step of its ring).
+    BF16,
 }
 
 impl DType {
     pub fn size(self) -> usize {
         match self {
+            DType::BF16 => 2,
             DType::F32 => 4,
             DType::F64 | DType::I64 => 8,
             DType::U8 => 1,
@@ -195,9 +200,71 @@ pub trait Communicator: Send + Sync {
     /// Tells the other ranks this one failed, so they stop waiting for it instead of timing
     /// out. Best effort; backends that cannot do this return without effect.
     fn abort(&self, reason: &str);
+
+    /// The collectives on device memory, where this backend has them (NCCL).
+    fn device(&self) -> Option<&dyn DeviceCollectives> {
+        None
+    }
 }
 
-/// Elementwise reduction of little-endian `dtype` values of `src` into `acc`.
+/// Collectives on the memory of the communicator's own GPU, by address: no host copy. The
+/// same calls as the host ops, in the same order on every rank.
+pub trait DeviceCollectives {
+    /// The CUDA ordinal of the GPU the communicator runs on.
+    fn device_ordinal(&self) -> usize;
+
+    /// `op` from `send` (`send_elems` elements of `dtype`) into `recv`
+    /// (`op.output_len(send_elems, size)` elements), returning once it completed.
+    ///
+    /// # Safety
+    /// Both addresses are this GPU's and hold that many elements, and nothing reads or writes
+    /// them until the call returns.
+    unsafe fn run_on_device(
+        &self,
+        op: &Collective,
+        dtype: DType,
+        buffers: (u64, u64),
+        send_elems: usize,
+    ) -> Result<()>;
+}
+
+/// `out` = the reduction of every rank's `parts` in rank order, `Mean` divided by their
+/// count: the CPU backends' all-reduce and reduce-scatter. bf16 is widened, reduced in f32
+/// and rounded once, so a bf16 wire gives what an f32 wire of the same values gives.
+pub(crate) fn reduce_parts(out: &mut [u8], parts: &[Vec<u8>], dtype: DType, op: ReduceOp) {
+    if dtype == DType::BF16 {
+        let wide: Vec<Vec<u8>> = parts.iter().map(|p| widen_bf16(p)).collect();
+        let mut acc = vec![0u8; 2 * out.len()];
+        reduce_parts(&mut acc, &wide, DType::F32, op);
+        narrow_to_bf16(&acc, out);
+        return;
+    }
+    out.copy_from_slice(&parts[0]);
+    for p in &parts[1..] {
+        reduce_into(out, p, dtype, op);
+    }
+    finish_mean(out, dtype, op, parts.len());
+}
+
+/// Little-endian bf16 values as little-endian f32 (exact).
+pub(crate) fn widen_bf16(bf16: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 * bf16.len());
+    for b in bf16.chunks_exact(2) {
+        out.extend_from_slice(&[0, 0, b[0], b[1]]);
+    }
+    out
+}
+
+/// Little-endian f32 values rounded to nearest-even bf16 into `out`.
+pub(crate) fn narrow_to_bf16(f32s: &[u8], out: &mut [u8]) {
+    for (o, f) in out.chunks_exact_mut(2).zip(f32s.chunks_exact(4)) {
+        let x = f32::from_le_bytes(f.try_into().unwrap());
+        o.copy_from_slice(&half::bf16::from_f32(x).to_le_bytes());
+    }
+}
+
+/// Elementwise reduction of little-endian `dtype` values of `src` into `acc` (bf16: each
+/// step rounded, as NCCL's ring does; `reduce_parts` rounds once instead).
 pub(crate) fn reduce_into(acc: &mut [u8], src: &[u8], dtype: DType, op: ReduceOp) {
     macro_rules! fold {
         ($t:ty, $n:expr) => {
@@ -223,6 +290,11 @@ pub(crate) fn reduce_into(acc: &mut [u8], src: &[u8], dtype: DType, op: ReduceOp
         DType::F64 => fold!(f64, 8),
         DType::I64 => fold!(i64, 8),
         DType::U8 => fold!(u8, 1),
+        DType::BF16 => {
+            let mut wide = widen_bf16(acc);
+            reduce_into(&mut wide, &widen_bf16(src), DType::F32, op);
+            narrow_to_bf16(&wide, acc);
+        }
     }
 }
 
@@ -245,6 +317,11 @@ pub(crate) fn finish_mean(buf: &mut [u8], dtype: DType, op: ReduceOp, n: usize) 
         DType::F64 => div!(f64, 8, n as f64),
         DType::I64 => div!(i64, 8, n as i64),
         DType::U8 => div!(u8, 1, n as u8),
+        DType::BF16 => {
+            let mut wide = widen_bf16(buf);
+            finish_mean(&mut wide, DType::F32, op, n);
+            narrow_to_bf16(&wide, buf);
+        }
     }
 }
 

@@ -5,8 +5,9 @@ use std::sync::Mutex;
 
 use bytemuck::Pod;
 
-use crate::comm::{Communicator, DType, GroupInfo, ReduceOp};
+use crate::comm::{Communicator, DType, DeviceCollectives, GroupInfo, ReduceOp};
 use crate::error::{CommError, Result};
+use crate::flat::Collective;
 
 /// Element types with a wire dtype.
 pub trait Elem: Pod + Send + Sync {
@@ -24,6 +25,9 @@ impl Elem for i64 {
 impl Elem for u8 {
     const DTYPE: DType = DType::U8;
 }
+impl Elem for half::bf16 {
+    const DTYPE: DType = DType::BF16;
+}
 
 /// Traffic of one op kind on one group.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -39,6 +43,8 @@ pub struct OpTraffic {
     pub wire_bytes: u64,
     /// Nanoseconds this rank spent inside the op's exchange (waiting for peers included).
     pub busy_ns: u64,
+    /// Calls that ran on device memory (NCCL on a GPU tensor), without host copies.
+    pub device_calls: u64,
 }
 
 /// Counters by op name, kept for the life of the group.
@@ -90,12 +96,18 @@ impl ProcessGroup {
             .clone()
     }
 
-    fn count(&self, op: &'static str, payload: usize, wire: usize) {
+    /// `f` on the counters of `op`.
+    fn traffic_of(&self, op: &'static str, f: impl FnOnce(&mut OpTraffic)) {
         let mut t = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
-        let e = t.entry(op).or_default();
-        e.calls += 1;
-        e.payload_bytes += payload as u64;
-        e.wire_bytes += wire as u64;
+        f(t.entry(op).or_default())
+    }
+
+    fn count(&self, op: &'static str, payload: usize, wire: usize) {
+        self.traffic_of(op, |e| {
+            e.calls += 1;
+            e.payload_bytes += payload as u64;
+            e.wire_bytes += wire as u64;
+        })
     }
 
     /// Runs one exchange of `op`, adding its wall time to the op's counters.
@@ -103,8 +115,7 @@ impl ProcessGroup {
         let started = std::time::Instant::now();
         let out = exchange();
         let ns = started.elapsed().as_nanos() as u64;
-        let mut t = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
-        t.entry(op).or_default().busy_ns += ns;
+        self.traffic_of(op, |e| e.busy_ns += ns);
         out
     }
 
@@ -115,6 +126,48 @@ impl ProcessGroup {
         self.count(op, payload, 0);
     }
 
+    /// Counts one `op` of `in_bytes` input in `elem`-byte elements: (payload, wire bytes) as
+    /// `OpTraffic` defines them.
+    fn count_collective(&self, op: &Collective, in_bytes: usize, elem: usize) {
+        let (p, me) = (self.size(), self.rank());
+        let (payload, wire) = match op {
+            Collective::AllReduce(_) => (in_bytes, 2 * self.ring(in_bytes)),
+            Collective::AllGather => (in_bytes * p, self.ring(in_bytes * p)),
+            Collective::ReduceScatter => (in_bytes, self.ring(in_bytes)),
+            Collective::AllToAll { send, .. } => {
+                let others = send.iter().enumerate().filter(|(j, _)| *j != me);
+                (in_bytes, others.map(|(_, n)| n * elem).sum())
+            }
+        };
+        self.count(op.name(), payload, wire);
+    }
+
+    /// The collectives on device memory, where the backend has them (NCCL).
+    pub fn device(&self) -> Option<&dyn DeviceCollectives> {
+        self.comm.device()
+    }
+
+    /// `op` on device memory (see `DeviceCollectives::run_on_device`), counted and timed as
+    /// the host ops are.
+    ///
+    /// # Safety
+    /// As `DeviceCollectives::run_on_device`.
+    pub unsafe fn run_on_device(
+        &self,
+        device: &dyn DeviceCollectives,
+        op: &Collective,
+        dtype: DType,
+        buffers: (u64, u64),
+        send_elems: usize,
+    ) -> Result<()> {
+        self.count_collective(op, send_elems * dtype.size(), dtype.size());
+        self.traffic_of(op.name(), |e| e.device_calls += 1);
+        // SAFETY: the caller's guarantee.
+        self.timed(op.name(), || unsafe {
+            device.run_on_device(op, dtype, buffers, send_elems)
+        })
+    }
+
     /// (p−1)/p × `bytes`, the ring share.
     fn ring(&self, bytes: usize) -> usize {
         let p = self.size();
@@ -122,8 +175,8 @@ impl ProcessGroup {
     }
 
     pub fn all_reduce<T: Elem>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
-        let n = std::mem::size_of_val(buf);
-        self.count("all_reduce", n, 2 * self.ring(n));
+        let op_ = Collective::AllReduce(op);
+        self.count_collective(&op_, std::mem::size_of_val(buf), T::DTYPE.size());
         if self.size() == 1 {
             return Ok(());
         }
@@ -134,8 +187,8 @@ impl ProcessGroup {
 
     pub fn all_gather<T: Elem>(&self, send: &[T]) -> Result<Vec<T>> {
         let mut out = vec![T::zeroed(); send.len() * self.size()];
-        let n = std::mem::size_of_val(out.as_slice());
-        self.count("all_gather", n, self.ring(n));
+        let n = std::mem::size_of_val(send);
+        self.count_collective(&Collective::AllGather, n, T::DTYPE.size());
         if self.size() == 1 {
             out.copy_from_slice(send);
             return Ok(out);
@@ -154,7 +207,7 @@ impl ProcessGroup {
             return Err(self.info().bad("reduce_scatter", detail));
         }
         let n = std::mem::size_of_val(send);
-        self.count("reduce_scatter", n, self.ring(n));
+        self.count_collective(&Collective::ReduceScatter, n, T::DTYPE.size());
         let mut out = vec![T::zeroed(); send.len() / p];
         if p == 1 {
             out.copy_from_slice(send);
@@ -177,14 +230,11 @@ impl ProcessGroup {
         let size = std::mem::size_of::<T>();
         let sb: Vec<usize> = send_counts.iter().map(|c| c * size).collect();
         let rb: Vec<usize> = recv_counts.iter().map(|c| c * size).collect();
-        let me = self.rank();
-        let to_others: usize = sb
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != me)
-            .map(|(_, b)| b)
-            .sum();
-        self.count("all_to_all", std::mem::size_of_val(send), to_others);
+        let op = Collective::AllToAll {
+            send: send_counts.to_vec(),
+            recv: recv_counts.to_vec(),
+        };
+        self.count_collective(&op, std::mem::size_of_val(send), size);
         let raw = if self.size() == 1 {
             bytes(send).to_vec()
         } else {

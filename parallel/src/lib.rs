@@ -8,6 +8,7 @@ pub mod bind;
 pub mod boundaries;
 pub mod comm;
 pub mod error;
+pub mod flat;
 pub mod group;
 #[cfg(feature = "mpi")]
 pub mod mpi;
@@ -22,6 +23,7 @@ pub mod transport;
 pub use crate::mpi::mpi_world;
 pub use comm::{Communicator, DType, GroupInfo, ReduceOp};
 pub use error::{CommError, Result};
+pub use flat::{all_gather_flat, all_reduce_flat, reduce_scatter_flat, Collective};
 pub use group::{Elem, OpTraffic, ProcessGroup, Traffic};
 #[cfg(feature = "cuda")]
 pub use nccl::nccl_world;

@@ -1,7 +1,8 @@
 //! NCCL backend (feature `cuda`): one process per GPU, the NCCL unique id passed through the
-//! rendezvous store. The `Communicator` trait hands over host bytes, so every op stages them
-//! through device buffers (copy in, NCCL op, copy out); device-resident tensors will skip the
-//! staging later, through an entry point that takes device pointers.
+//! rendezvous store. The `Communicator` trait hands over host bytes, which its ops stage
+//! through device buffers (copy in, NCCL op, copy out); tensors on the GPU skip the staging:
+//! `DeviceCollectives` (ops.rs) runs NCCL on their own memory, which `device.rs` takes from
+//! burn's CUDA tensors.
 //!
 //! Loading (and why NCCL is not opened through cudarc): see `api.rs`.
 //!
@@ -10,6 +11,7 @@
 //! deadline, then aborts the communicator (`ncclCommAbort`), which is unusable afterwards.
 
 mod api;
+pub(crate) mod device;
 mod ops;
 #[cfg(test)]
 mod tests;
@@ -221,7 +223,6 @@ impl NcclComm {
     ) -> Result<()> {
         let deadline = Instant::now() + self.timeout;
         let mut st = self.begin(op)?;
-        let comm = st.comm;
         let stream = &self.stream;
         let in_place = input.is_none();
         let input: &[u8] = match input {
@@ -242,19 +243,12 @@ impl NcclComm {
                 .memcpy_htod(input, &mut dst.slice_mut(..input.len()))
                 .map_err(self.cuda(op))?;
         }
-        let rc = {
+        let (send, recv) = {
             let (r, _r) = recv.device_ptr_mut(stream);
             let (s, _s) = send.device_ptr(stream);
-            let s = if in_place { r } else { s };
-            enqueue(comm, s as Src, r as Dst, stream.cu_stream() as Stream)
+            (if in_place { r } else { s }, r)
         };
-        if rc != SUCCESS && rc != IN_PROGRESS {
-            let detail = format!("{}: {}", self.here(op), describe(self.api, rc, comm));
-            self.kill(&mut st, detail.clone());
-            return Err(backend(detail));
-        }
-        self.wait(&mut st, op, deadline, || Ok(true))?;
-        self.drain(&mut st, op, deadline)?;
+        self.launch(&mut st, op, deadline, (send, recv), enqueue)?;
         if !out.is_empty() {
             let recv = st.recv.as_ref().expect("allocated above");
             stream
@@ -263,6 +257,32 @@ impl NcclComm {
             self.drain(&mut st, op, deadline)?;
         }
         Ok(())
+    }
+
+    /// Enqueues `enqueue(comm, send, recv, stream)` on device addresses and waits until it
+    /// completed (the communicator aborted on an error).
+    fn launch(
+        &self,
+        st: &mut State,
+        op: &'static str,
+        deadline: Instant,
+        (send, recv): (u64, u64),
+        enqueue: impl FnOnce(Comm, Src, Dst, Stream) -> c_int,
+    ) -> Result<()> {
+        let comm = st.comm;
+        let rc = enqueue(
+            comm,
+            send as Src,
+            recv as Dst,
+            self.stream.cu_stream() as Stream,
+        );
+        if rc != SUCCESS && rc != IN_PROGRESS {
+            let detail = format!("{}: {}", self.here(op), describe(self.api, rc, comm));
+            self.kill(st, detail.clone());
+            return Err(backend(detail));
+        }
+        self.wait(st, op, deadline, || Ok(true))?;
+        self.drain(st, op, deadline)
     }
 
     /// All-reduce of whole `dtype` elements (checked by the caller).

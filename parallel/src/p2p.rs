@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::comm::{finish_mean, reduce_into, Communicator, DType, GroupInfo, ReduceOp};
+use crate::comm::{reduce_parts, Communicator, DType, GroupInfo, ReduceOp};
 use crate::error::{CommError, Result};
 use crate::transport::{Channel, Message, OpCode, RecvError, Transport, COLLECTIVE};
 
@@ -167,11 +167,7 @@ impl Communicator for P2pComm {
         self.info.check_all_reduce(buf.len(), dtype)?;
         let parts = self.exchange(code, buf.to_vec(), |_| buf.to_vec())?;
         self.check_len(code, &parts, buf.len())?;
-        buf.copy_from_slice(&parts[0]);
-        for p in &parts[1..] {
-            reduce_into(buf, p, dtype, op);
-        }
-        finish_mean(buf, dtype, op, self.info.size());
+        reduce_parts(buf, &parts, dtype, op);
         Ok(())
     }
 
@@ -194,16 +190,12 @@ impl Communicator for P2pComm {
         op: ReduceOp,
     ) -> Result<()> {
         let code = OpCode::ReduceScatter;
-        let (n, len) = (self.info.size(), recv.len());
+        let len = recv.len();
         self.info.check_reduce_scatter(send.len(), len, dtype)?;
         let chunk = |j: usize| send[j * len..(j + 1) * len].to_vec();
         let parts = self.exchange(code, chunk(self.info.rank), chunk)?;
         self.check_len(code, &parts, len)?;
-        recv.copy_from_slice(&parts[0]);
-        for p in &parts[1..] {
-            reduce_into(recv, p, dtype, op);
-        }
-        finish_mean(recv, dtype, op, n);
+        reduce_parts(recv, &parts, dtype, op);
         Ok(())
     }
 

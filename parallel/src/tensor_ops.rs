@@ -13,10 +13,9 @@
 //! backward would issue a collective its peers never match. Ranks must call the ops in the same
 //! order, and a tracked tensor must never be shared between rank threads (design note §1.2).
 //!
-//! Data goes through the host as f32 whatever the dtype (bf16 is widened and the result
-//! rounded back to the input's dtype), so traffic counts 4 bytes an element; a bf16 wire dtype
-//! and a device-pointer path for GPUs are future work. Size-1 groups return the input as it is
-//! and are still counted as the op.
+//! Every op's data moves through `flat::run`: on the GPU's own memory under NCCL, through the
+//! host otherwise; bf16 activations move as bf16 (traffic counts 2 bytes an element), every
+//! other dtype as f32. Size-1 groups return the input as it is and are still counted as the op.
 
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,13 +27,13 @@ use burn::backend::tensor::FloatTensor;
 #[cfg(feature = "cuda")]
 use burn::backend::Cube;
 use burn::backend::{
-    backend_extension, try_read_sync, Autodiff, AutodiffBackend, Backend, Dispatch, Flex,
-    TensorMetadata,
+    backend_extension, Autodiff, AutodiffBackend, Backend, Dispatch, Flex, TensorMetadata,
 };
-use burn::tensor::{DType, FloatDType, Shape, Tensor, TensorData};
+use burn::tensor::{FloatDType, Shape, Tensor};
 
 use crate::comm::ReduceOp;
 use crate::error::{CommError, Result};
+use crate::flat::{self, Collective};
 use crate::group::ProcessGroup;
 
 /// A process group as the tensor ops see it: the group, plus the first error any op on it hit
@@ -247,62 +246,22 @@ fn zeros<B: Backend>(like: &FloatTensor<B>, shape: Shape) -> FloatTensor<B> {
     B::float_zeros(shape, &like.device(), FloatDType::from(like.dtype()))
 }
 
-/// `x`'s values as f32 on the host (blocking until the backend has computed them).
-fn read_f32<B: Backend>(x: FloatTensor<B>, h: &CommHandle, site: &str) -> Result<Vec<f32>> {
-    let failed = |detail: String| CommError::Backend {
-        backend: "burn",
-        detail: format!("{site} on group `{}`: {detail}", h.group.name()),
-    };
-    let data = try_read_sync(B::float_into_data(x))
-        .ok_or_else(|| failed("this platform cannot read a tensor synchronously".into()))?
-        .map_err(|e| failed(format!("reading the tensor: {e}")))?;
-    data.try_into_vec_as::<f32>()
-        .map_err(|e| failed(format!("the tensor as f32: {e}")))
-}
-
-/// `values` as a tensor of `shape` in `dtype` on `device`.
-fn write_f32<B: Backend>(
-    values: Vec<f32>,
-    shape: Shape,
-    dtype: DType,
-    device: &B::Device,
-    site: &str,
-) -> Result<FloatTensor<B>> {
-    let failed = |detail: String| CommError::Backend {
-        backend: "burn",
-        detail: format!("{site}: {detail}"),
-    };
-    if values.len() != shape.num_elements() {
-        let n = values.len();
-        return Err(failed(format!(
-            "{n} values for a result of shape {shape:?}"
-        )));
-    }
-    let data = TensorData::new(values, shape)
-        .try_cast(dtype)
-        .map_err(|e| failed(format!("the result as {dtype:?}: {e}")))?;
-    Ok(B::float_from_data(data, device))
-}
-
-/// One collective through the host: `x` as f32, `f` on the group, the result as a tensor of
-/// `out` in x's dtype on x's device. Zeros of `out`, without communicating, when the handle
-/// already holds an error; zeros and a stored error when this one fails.
-fn via_host<B: Backend>(
+/// One collective (`flat::run`: on the device where the communicator reaches it, else through
+/// the host), the result of shape `out` in x's dtype on x's device. Zeros of `out`, without
+/// communicating, when the handle already holds an error; zeros and a stored error when this
+/// one fails.
+fn collective<B: Backend>(
     x: FloatTensor<B>,
     h: &CommHandle,
     site: &'static str,
     out: Shape,
-    f: impl FnOnce(&ProcessGroup, Vec<f32>) -> Result<Vec<f32>>,
+    op: Collective,
 ) -> FloatTensor<B> {
     let zeros = zeros::<B>(&x, out.clone());
     if h.failed() {
         return zeros;
     }
-    let (dtype, device) = (x.dtype(), x.device());
-    let result = read_f32::<B>(x, h, site)
-        .and_then(|v| f(&h.group, v))
-        .and_then(|v| write_f32::<B>(v, out, dtype, &device, site));
-    match result {
+    match flat::run::<B>(x, &h.group, &op, out) {
         Ok(t) => t,
         Err(e) => {
             h.fail(relabel(e, site));
@@ -311,12 +270,13 @@ fn via_host<B: Backend>(
     }
 }
 
-/// A size-1 group's op: `x` itself, counted as the group counts `op` (f32 on the wire).
+/// A size-1 group's op: `x` itself, counted as the group counts `op` (in the wire dtype).
 fn local<B: Backend>(x: FloatTensor<B>, h: &CommHandle, op: &'static str) -> FloatTensor<B> {
     if h.failed() {
         return zeros::<B>(&x, x.shape());
     }
-    h.group.count_local(op, x.shape().num_elements() * 4);
+    let elem = flat::wire_dtype(x.dtype()).size();
+    h.group.count_local(op, x.shape().num_elements() * elem);
     x
 }
 
@@ -343,10 +303,7 @@ fn all_reduce<B: Backend>(
         return local::<B>(x, h, "all_reduce");
     }
     let out = x.shape();
-    via_host::<B>(x, h, site, out, |g, mut v| {
-        g.all_reduce(&mut v, op)?;
-        Ok(v)
-    })
+    collective::<B>(x, h, site, out, Collective::AllReduce(op))
 }
 
 fn gather_rows<B: Backend>(
@@ -359,7 +316,7 @@ fn gather_rows<B: Backend>(
     }
     let [rows, cols] = x.shape().dims::<2>();
     let out = Shape::new([h.size() * rows, cols]);
-    via_host::<B>(x, h, site, out, |g, v| g.all_gather(&v))
+    collective::<B>(x, h, site, out, Collective::AllGather)
 }
 
 fn scatter_rows<B: Backend>(
@@ -377,7 +334,7 @@ fn scatter_rows<B: Backend>(
     if p == 1 {
         return local::<B>(x, h, "reduce_scatter");
     }
-    via_host::<B>(x, h, site, out, |g, v| g.reduce_scatter(&v, ReduceOp::Sum))
+    collective::<B>(x, h, site, out, Collective::ReduceScatter)
 }
 
 fn exchange_rows<B: Backend>(
@@ -401,7 +358,7 @@ fn exchange_rows<B: Backend>(
     }
     let elems = |r: &[usize]| r.iter().map(|r| r * cols).collect::<Vec<_>>();
     let (send, recv) = (elems(send), elems(recv));
-    via_host::<B>(x, h, site, out, |g, v| g.all_to_all(&v, &send, &recv))
+    collective::<B>(x, h, site, out, Collective::AllToAll { send, recv })
 }
 
 /// Which op's backward runs: each calls the op's adjoint on the inner backend (tp_copy and

@@ -6,8 +6,11 @@
 
 use std::ops::Range;
 
+use burn::tensor::{Device, Tensor};
+
 use crate::comm::ReduceOp;
 use crate::error::Result;
+use crate::flat::{all_gather_flat, all_reduce_flat, reduce_scatter_flat};
 use crate::group::ProcessGroup;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,7 +129,8 @@ impl FlatLayout {
     }
 }
 
-/// Gradient and parameter traffic of data parallelism on the DP group.
+/// Gradient and parameter traffic of data parallelism on the DP group, on flat tensors that
+/// stay where they are (a GPU's memory under NCCL: `flat.rs`).
 pub struct GradSync<'a> {
     pub group: &'a ProcessGroup,
     pub layout: &'a FlatLayout,
@@ -134,44 +138,64 @@ pub struct GradSync<'a> {
 
 impl GradSync<'_> {
     /// Sums `flat` gradients over the DP group, bucket by bucket (plain DP).
-    pub fn all_reduce(&self, flat: &mut [f32]) -> Result<()> {
-        for b in &self.layout.buckets {
-            self.group
-                .all_reduce(&mut flat[b.start..b.start + b.len], ReduceOp::Sum)?;
+    pub fn all_reduce(&self, flat: Tensor<1>) -> Result<Tensor<1>> {
+        let buckets = &self.layout.buckets;
+        if let [b] = buckets.as_slice() {
+            debug_assert_eq!(b.len, self.layout.total);
+            return all_reduce_flat(flat, self.group, ReduceOp::Sum);
         }
-        Ok(())
+        let mut out = Vec::with_capacity(buckets.len());
+        for b in buckets {
+            let part = flat.clone().slice(b.start..b.start + b.len);
+            out.push(all_reduce_flat(part, self.group, ReduceOp::Sum)?);
+        }
+        Ok(cat(out, &flat.device()))
     }
 
     /// ZeRO-1: the summed gradients of this rank's shard, concatenated in shard order.
-    pub fn reduce_scatter(&self, flat: &[f32]) -> Result<Vec<f32>> {
-        let me = self.group.rank();
-        let mut out = Vec::new();
-        let mut padded = Vec::new();
+    pub fn reduce_scatter(&self, flat: Tensor<1>) -> Result<Tensor<1>> {
+        let (me, dp, device) = (self.group.rank(), self.layout.dp, flat.device());
+        let mut out = Vec::with_capacity(self.layout.buckets.len());
         for (b, range) in self.layout.buckets.iter().zip(self.layout.shard(me)) {
-            padded.clear();
-            padded.extend_from_slice(&flat[b.start..b.start + b.len]);
-            padded.resize(b.chunk * self.layout.dp, 0.0);
-            let mine = self.group.reduce_scatter(&padded, ReduceOp::Sum)?;
-            out.extend_from_slice(&mine[..range.len()]);
+            let part = flat.clone().slice(b.start..b.start + b.len);
+            let padded = pad(part, b.chunk * dp, &device);
+            let mine = reduce_scatter_flat(padded, self.group)?;
+            out.push(mine.slice(0..range.len()));
         }
-        Ok(out)
+        Ok(cat(out, &device))
     }
 
-    /// ZeRO-1: every rank's updated shard into `flat` (each rank passes its own, as returned
-    /// in `reduce_scatter`'s layout).
-    pub fn all_gather(&self, shard: &[f32], flat: &mut [f32]) -> Result<()> {
-        let me = self.group.rank();
+    /// ZeRO-1: every rank's updated shard (each passes its own, in `reduce_scatter`'s
+    /// layout), gathered into the whole flat buffer.
+    pub fn all_gather(&self, shard: Tensor<1>) -> Result<Tensor<1>> {
+        let (me, device) = (self.group.rank(), shard.device());
         let mut at = 0;
-        let mut piece = Vec::new();
+        let mut out = Vec::with_capacity(self.layout.buckets.len());
         for (b, range) in self.layout.buckets.iter().zip(self.layout.shard(me)) {
-            piece.clear();
-            piece.extend_from_slice(&shard[at..at + range.len()]);
+            let piece = shard.clone().slice(at..at + range.len());
             at += range.len();
-            piece.resize(b.chunk, 0.0);
-            let full = self.group.all_gather(&piece)?;
-            flat[b.start..b.start + b.len].copy_from_slice(&full[..b.len]);
+            let full = all_gather_flat(pad(piece, b.chunk, &device), self.group)?;
+            out.push(full.slice(0..b.len));
         }
-        Ok(())
+        Ok(cat(out, &device))
+    }
+}
+
+/// `x` with zeros appended up to `len` elements.
+fn pad(x: Tensor<1>, len: usize, device: &Device) -> Tensor<1> {
+    let n = x.shape().num_elements();
+    match len > n {
+        true => Tensor::cat(vec![x, Tensor::zeros([len - n], device)], 0),
+        false => x,
+    }
+}
+
+/// The parts end to end (none: an empty tensor).
+pub fn cat(mut parts: Vec<Tensor<1>>, device: &Device) -> Tensor<1> {
+    match parts.len() {
+        0 => Tensor::zeros([0], device),
+        1 => parts.remove(0),
+        _ => Tensor::cat(parts, 0),
     }
 }
 

@@ -241,7 +241,7 @@ fn all_reduce_max_is_the_elementwise_max_and_detached() {
 }
 
 #[test]
-fn bf16_is_summed_in_f32_and_returned_as_bf16() {
+fn bf16_moves_as_bf16_is_summed_in_f32_and_returned_as_bf16() {
     let outs = on_ranks(2, Duration::from_secs(20), |r, h| {
         let device = Device::flex().autodiff();
         let x = tensor(values(6, 3 + r as u64), 2, &device).cast(FloatDType::BF16);
@@ -251,6 +251,9 @@ fn bf16_is_summed_in_f32_and_returned_as_bf16() {
         let grads = y.clone().sum().backward();
         let grad = x.grad(&grads).unwrap();
         assert_eq!(grad.dtype(), DType::BF16);
+        // Forward and backward each all-reduce 6 bf16 values: 12 bytes, not f32's 24.
+        let t = h.group().traffic()["all_reduce"];
+        assert_eq!((t.calls, t.payload_bytes, t.wire_bytes), (2, 24, 24));
         (host(x), host(y), host(grad))
     });
     for (_, y, grad) in &outs {

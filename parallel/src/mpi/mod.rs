@@ -127,6 +127,8 @@ fn datatype(dtype: DType) -> MPI_Datatype {
             DType::F64 => ffi::RSMPI_DOUBLE,
             DType::I64 => ffi::RSMPI_INT64_T,
             DType::U8 => ffi::RSMPI_UINT8_T,
+            // Only moved, never reduced (ops.rs widens bf16 reductions to f32).
+            DType::BF16 => ffi::RSMPI_UINT16_T,
         }
     }
 }

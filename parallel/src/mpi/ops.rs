@@ -7,7 +7,9 @@ use std::time::Instant;
 use ::mpi::ffi::{self, MPI_Request};
 
 use super::{cp, datatype, mp, reduce_op, MpiComm, Pending};
-use crate::comm::{finish_mean, Communicator, DType, GroupInfo, ReduceOp};
+use crate::comm::{
+    finish_mean, narrow_to_bf16, widen_bf16, Communicator, DType, GroupInfo, ReduceOp,
+};
 use crate::error::Result;
 use crate::transport::OpCode;
 
@@ -19,6 +21,13 @@ impl Communicator for MpiComm {
     fn all_reduce(&self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
         let code = OpCode::AllReduce;
         self.info.check_all_reduce(buf.len(), dtype)?;
+        if dtype == DType::BF16 {
+            // MPI has no bf16: reduced as f32 (bf16 halves the wire on the other backends).
+            let mut wide = widen_bf16(buf);
+            self.all_reduce(&mut wide, DType::F32, op)?;
+            narrow_to_bf16(&wide, buf);
+            return Ok(());
+        }
         let n = self.count(code, buf.len() / dtype.size())?;
         let (comm, ty, mop) = (self.comm, datatype(dtype), reduce_op(op));
         let keep = (buf.to_vec(), vec![0u8; buf.len()]);
@@ -46,6 +55,12 @@ impl Communicator for MpiComm {
         let code = OpCode::ReduceScatter;
         let (n, len) = (self.info.size(), recv.len());
         self.info.check_reduce_scatter(send.len(), len, dtype)?;
+        if dtype == DType::BF16 {
+            let mut wide = vec![0u8; 2 * len];
+            self.reduce_scatter(&widen_bf16(send), &mut wide, DType::F32, op)?;
+            narrow_to_bf16(&wide, recv);
+            return Ok(());
+        }
         let count = self.count(code, len / dtype.size())?;
         let (comm, ty, mop) = (self.comm, datatype(dtype), reduce_op(op));
         let keep = (send.to_vec(), vec![0u8; len]);

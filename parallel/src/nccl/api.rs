@@ -228,6 +228,8 @@ pub(super) fn nccl_dtype(d: DType) -> c_int {
         DType::I64 => 4,
         DType::F32 => 7,
         DType::F64 => 8,
+        // ncclBfloat16 (NCCL 2.10 and later).
+        DType::BF16 => 9,
     }
 }
 

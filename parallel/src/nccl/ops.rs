@@ -1,13 +1,18 @@
-//! The collectives of `NcclComm`, each staged through `NcclComm::run`.
+//! The collectives of `NcclComm`: on host bytes, each staged through `NcclComm::run`; on
+//! device memory (`DeviceCollectives`), launched on it directly.
 
 use std::ffi::c_int;
 use std::sync::TryLockError;
 use std::time::Instant;
 
-use super::api::{backend, describe, nccl_dtype, nccl_op, Config, IN_PROGRESS, SUCCESS, UINT8};
+use super::api::{
+    backend, describe, nccl_dtype, nccl_op, Comm, Config, Dst, Src, Stream, IN_PROGRESS, SUCCESS,
+    UINT8,
+};
 use super::NcclComm;
-use crate::comm::{Communicator, DType, GroupInfo, ReduceOp};
+use crate::comm::{Communicator, DType, DeviceCollectives, GroupInfo, ReduceOp};
 use crate::error::Result;
+use crate::flat::Collective;
 
 impl Communicator for NcclComm {
     fn info(&self) -> &GroupInfo {
@@ -54,32 +59,9 @@ impl Communicator for NcclComm {
     ) -> Result<Vec<u8>> {
         self.info
             .check_all_to_all(send.len(), send_sizes, recv_sizes)?;
-        let n = self.info.size();
         let mut out = vec![0u8; recv_sizes.iter().sum()];
-        let api = self.api;
-        self.run("all_to_all", Some(send), &mut out, |c, s, r, st| {
-            let (mut so, mut ro) = (0, 0);
-            // SAFETY: offsets stay within the `send` and `out` sized buffers; a group brackets
-            // the point-to-point calls so they progress together.
-            unsafe {
-                let mut rc = (api.group_start)();
-                for j in 0..n {
-                    if rc == SUCCESS && send_sizes[j] > 0 {
-                        rc = (api.send)(s.byte_add(so), send_sizes[j], UINT8, j as c_int, c, st);
-                    }
-                    if rc == SUCCESS && recv_sizes[j] > 0 {
-                        rc = (api.recv)(r.byte_add(ro), recv_sizes[j], UINT8, j as c_int, c, st);
-                    }
-                    (so, ro) = (so + send_sizes[j], ro + recv_sizes[j]);
-                }
-                let end = (api.group_end)();
-                if rc == SUCCESS {
-                    end
-                } else {
-                    rc
-                }
-            }
-        })?;
+        let enqueue = all_to_all(self.api, send_sizes, recv_sizes);
+        self.run("all_to_all", Some(send), &mut out, enqueue)?;
         Ok(out)
     }
 
@@ -182,6 +164,10 @@ impl Communicator for NcclComm {
         Ok(Box::new(self.split_nccl(color, name)?))
     }
 
+    fn device(&self) -> Option<&dyn DeviceCollectives> {
+        Some(self)
+    }
+
     /// Aborts the NCCL communicator at once, or at the next poll of an op in flight. NCCL does
     /// not tell the peers: their pending ops fail with a remote error or time out.
     fn abort(&self, reason: &str) {
@@ -192,6 +178,97 @@ impl Communicator for NcclComm {
             Err(TryLockError::WouldBlock) => return,
         };
         self.kill(&mut st, format!("aborted on this rank: {reason}"));
+    }
+}
+
+/// One NCCL group of a send and a receive per peer with bytes to move (byte offsets into the
+/// packed send and receive buffers), so they progress together.
+fn all_to_all<'a>(
+    api: &'static super::api::Api,
+    send_sizes: &'a [usize],
+    recv_sizes: &'a [usize],
+) -> impl FnOnce(Comm, Src, Dst, Stream) -> c_int + 'a {
+    move |c, s, r, st| {
+        let (mut so, mut ro) = (0, 0);
+        // SAFETY: offsets stay within the send and receive buffers, sized as the sizes' sums.
+        unsafe {
+            let mut rc = (api.group_start)();
+            for j in 0..send_sizes.len() {
+                if rc == SUCCESS && send_sizes[j] > 0 {
+                    rc = (api.send)(s.byte_add(so), send_sizes[j], UINT8, j as c_int, c, st);
+                }
+                if rc == SUCCESS && recv_sizes[j] > 0 {
+                    rc = (api.recv)(r.byte_add(ro), recv_sizes[j], UINT8, j as c_int, c, st);
+                }
+                (so, ro) = (so + send_sizes[j], ro + recv_sizes[j]);
+            }
+            let end = (api.group_end)();
+            if rc == SUCCESS {
+                end
+            } else {
+                rc
+            }
+        }
+    }
+}
+
+impl DeviceCollectives for NcclComm {
+    fn device_ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
+
+    unsafe fn run_on_device(
+        &self,
+        op: &Collective,
+        dtype: DType,
+        (send, recv): (u64, u64),
+        send_elems: usize,
+    ) -> Result<()> {
+        let (name, api, p) = (op.name(), self.api, self.info.size());
+        let (ty, elem) = (nccl_dtype(dtype), dtype.size());
+        let bytes = |v: &[usize]| v.iter().map(|n| n * elem).collect::<Vec<_>>();
+        let sizes = match op {
+            Collective::AllToAll { send, recv } => (bytes(send), bytes(recv)),
+            _ => (Vec::new(), Vec::new()),
+        };
+        match op {
+            Collective::AllToAll { .. } => {
+                let total = sizes.0.iter().sum();
+                self.info.check_all_to_all(total, &sizes.0, &sizes.1)?
+            }
+            Collective::ReduceScatter => {
+                let out = send_elems / p * elem;
+                self.info
+                    .check_reduce_scatter(send_elems * elem, out, dtype)?
+            }
+            _ => {}
+        }
+        let deadline = Instant::now() + self.timeout;
+        let mut st = self.begin(name)?;
+        let ptrs = (send, recv);
+        // SAFETY (closures): the caller guarantees both buffers hold the op's input and output.
+        match op {
+            Collective::AllReduce(red) => {
+                self.launch(&mut st, name, deadline, ptrs, |c, s, r, q| unsafe {
+                    (api.all_reduce)(s, r, send_elems, ty, nccl_op(*red), c, q)
+                })
+            }
+            Collective::AllGather => {
+                self.launch(&mut st, name, deadline, ptrs, |c, s, r, q| unsafe {
+                    (api.all_gather)(s, r, send_elems, ty, c, q)
+                })
+            }
+            Collective::ReduceScatter => {
+                let (count, sum) = (send_elems / p, nccl_op(ReduceOp::Sum));
+                self.launch(&mut st, name, deadline, ptrs, |c, s, r, q| unsafe {
+                    (api.reduce_scatter)(s, r, count, ty, sum, c, q)
+                })
+            }
+            Collective::AllToAll { .. } => {
+                let enqueue = all_to_all(api, &sizes.0, &sizes.1);
+                self.launch(&mut st, name, deadline, ptrs, enqueue)
+            }
+        }
     }
 }
 

@@ -76,3 +76,41 @@ fn world_of_one_or_a_backend_error() {
     assert!(matches!(sub.barrier(), Err(CommError::Aborted { .. })));
     comm.barrier().unwrap();
 }
+
+/// On a GPU: the flat collectives on a CUDA tensor run on its own memory (counted as device
+/// calls), give the values the host path gives (a one-rank world: the input), and leave the
+/// result on the GPU, in f32 and in bf16.
+#[test]
+fn gpu_tensors_skip_the_host() {
+    use crate::flat::{all_gather_flat, all_reduce_flat, flat, reduce_scatter_flat, Collective};
+    use burn::tensor::{Device, FloatDType, Tensor};
+    let (_server, client) = store();
+    let comm = match nccl_comm(&client, "d", 0, 1, 0, Duration::from_secs(60)) {
+        Err(e) if probe().is_err() => return assert!(matches!(e, CommError::Backend { .. })),
+        other => other.unwrap(),
+    };
+    let group = ProcessGroup::new(Box::new(comm));
+    let device = Device::cuda(0);
+    let host = |t: Tensor<1>| -> Vec<f32> { t.into_data().convert::<f32>().try_to_vec().unwrap() };
+    for dtype in [FloatDType::F32, FloatDType::BF16] {
+        let x = Tensor::<1>::from_floats([1.0, -2.0, 3.5, 4.0], &device).cast(dtype);
+        let swap = Collective::AllToAll {
+            send: vec![4],
+            recv: vec![4],
+        };
+        let outs = [
+            all_reduce_flat(x.clone(), &group, ReduceOp::Sum).unwrap(),
+            reduce_scatter_flat(x.clone(), &group).unwrap(),
+            all_gather_flat(x.clone(), &group).unwrap(),
+            flat(x.clone(), &group, &swap).unwrap(),
+        ];
+        for out in outs {
+            assert_eq!((out.device(), out.dtype()), (device.clone(), x.dtype()));
+            assert_eq!(host(out), host(x.clone()));
+        }
+    }
+    let traffic = group.traffic();
+    for op in ["all_reduce", "reduce_scatter", "all_gather", "all_to_all"] {
+        assert_eq!(traffic[op].device_calls, 2, "{op}: {:?}", traffic[op]);
+    }
+}

@@ -157,9 +157,16 @@ fn ordered_norm(
     order: &NormOrder,
     device: &Device,
 ) -> Result<f64, CommError> {
+    // One read of every piece's norm (a GPU syncs once, not once a piece).
+    let norms: Vec<Tensor<1>> = (grads.iter())
+        .map(|g| deterministic_sum(g.clone().square()).sqrt())
+        .collect();
     let mut all = vec![0f32; order.total];
-    for (g, &at) in grads.iter().zip(&order.positions) {
-        all[at] = to_f32_vec(deterministic_sum(g.clone().square()).sqrt())[0];
+    if !norms.is_empty() {
+        let mine = to_f32_vec(Tensor::cat(norms, 0));
+        for (norm, &at) in mine.into_iter().zip(&order.positions) {
+            all[at] = norm;
+        }
     }
     world.all_reduce(&mut all, ReduceOp::Sum)?;
     let n = all.len();

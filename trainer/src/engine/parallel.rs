@@ -9,10 +9,11 @@ use burn::tensor::{Device, Tensor};
 use moeru_models::params::{to_f32_vec, ParamVisitor, Params};
 use moeru_models::{ModelShard, Placement};
 use moeru_parallel::boundaries::ShardBoundaries;
-use moeru_parallel::{CommError, ProcessGroup, ReduceOp};
+use moeru_parallel::zero::cat;
+use moeru_parallel::{all_reduce_flat, CommError, ProcessGroup, ReduceOp};
 
 use super::grads::GradBuffer;
-use super::optim::{flat_tensor, Piece};
+use super::optim::Piece;
 use super::sync::{GradSync, SyncKind};
 use crate::pipeline::executor::TIED;
 
@@ -58,16 +59,12 @@ impl ModelParallel<'_> {
         if names.is_empty() {
             return Ok(());
         }
-        let mut flat = Vec::new();
-        for n in &names {
-            flat.extend(to_f32_vec(grads.grads[n].clone()));
-        }
-        self.tp.all_reduce(&mut flat, ReduceOp::Sum)?;
+        let parts = names.iter().map(|n| grads.grads[n].clone()).collect();
+        let flat = all_reduce_flat(cat(parts, device), self.tp, ReduceOp::Sum)?;
         let mut at = 0;
         for n in names {
             let len = grads.grads[&n].dims()[0];
-            let summed = flat_tensor(flat[at..at + len].to_vec(), device);
-            grads.grads.insert(n, summed);
+            grads.grads.insert(n, flat.clone().slice(at..at + len));
             at += len;
         }
         Ok(())

@@ -6,13 +6,14 @@
 //! Owns: the flat layout and which pieces this rank updates. Must not: do optimizer math
 //! (`optim.rs`) or clipping (`grads.rs`); reduce anything but gradients and parameters.
 
-use burn::tensor::{Device, Tensor, TensorData};
-use moeru_models::params::{param_shapes, to_f32_vec, ParamVisitor, Params};
+use burn::tensor::{Device, Tensor};
+use moeru_models::params::{param_shapes, ParamVisitor, Params};
 use moeru_models::shard::is_expert_param;
+use moeru_parallel::zero::cat;
 use moeru_parallel::{CommError, FlatLayout, GradSync as BucketedSync, ProcessGroup, Segment};
 
 use super::grads::GradBuffer;
-use super::optim::{flat_tensor, Piece, ShardPlacement};
+use super::optim::{Piece, ShardPlacement};
 
 /// Which strategy a run uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,8 +54,8 @@ pub struct GradSync<'g> {
     segments: Vec<Segment>,
 }
 
-/// Under ZeRO-1, every parameter flat on the host: what the all-gather fills.
-pub struct FlatParams(Option<Vec<f32>>);
+/// Under ZeRO-1, every parameter in one flat tensor: the values the step starts from.
+pub struct FlatParams(Option<Tensor<1>>);
 
 impl<'g> GradSync<'g> {
     /// The strategy `kind` over `group` for the parameters of `model` (its trainable view)
@@ -140,27 +141,27 @@ impl<'g> GradSync<'g> {
             }
             return Ok(out);
         }
-        let mut flat = Vec::with_capacity(self.layout.total);
-        for slot in slots {
-            match grads.grads.remove(&slot.name) {
-                Some(g) => flat.extend(to_f32_vec(g)),
-                None => flat.resize(flat.len() + slot.len, 0.0),
-            }
-        }
+        // One flat tensor on the gradients' device: under NCCL the buckets never leave it.
+        let parts = slots
+            .iter()
+            .map(|slot| match grads.grads.remove(&slot.name) {
+                Some(g) => g,
+                None => Tensor::zeros([slot.len], device),
+            });
+        let flat = cat(parts.collect(), device);
         let sync = self.bucketed();
         if self.kind == SyncKind::AllReduce {
-            sync.all_reduce(&mut flat)?;
-            let part = |offset: usize, len: usize| {
-                flat_tensor(flat[offset..offset + len].to_vec(), device)
+            let summed = sync.all_reduce(flat)?;
+            let part = |s: &moeru_parallel::zero::ParamSlot| {
+                summed.clone().slice(s.offset..s.offset + s.len)
             };
-            return Ok(slots.iter().map(|s| part(s.offset, s.len)).collect());
+            return Ok(slots.iter().map(part).collect());
         }
-        let shard = sync.reduce_scatter(&flat)?;
-        drop(flat);
+        let shard = sync.reduce_scatter(flat)?;
         let mut at = 0;
         let mut out = Vec::with_capacity(self.segments.len());
         for s in &self.segments {
-            out.push(flat_tensor(shard[at..at + s.len].to_vec(), device));
+            out.push(shard.clone().slice(at..at + s.len));
             at += s.len;
         }
         Ok(out)
@@ -186,11 +187,11 @@ impl<'g> GradSync<'g> {
             model.visit_params(&mut c);
             return (c.1, FlatParams(None));
         }
-        let flat = flat_params(model, self.subset, self.layout.total);
+        let flat = flat_params(model, self.subset, device);
         let pieces = self
             .segments
             .iter()
-            .map(|s| flat_tensor(flat[s.flat_start..s.flat_start + s.len].to_vec(), device))
+            .map(|s| flat.clone().slice(s.flat_start..s.flat_start + s.len))
             .collect();
         (pieces, FlatParams(Some(flat)))
     }
@@ -202,13 +203,13 @@ impl<'g> GradSync<'g> {
         flat: FlatParams,
         updated: Vec<Tensor<1>>,
     ) -> Result<(), CommError> {
-        let Some(mut flat) = flat.0 else {
+        let Some(flat) = flat.0 else {
             let mut set = SetWhole(self.subset, updated.into_iter());
             model.visit_params(&mut set);
             return Ok(());
         };
-        let shard: Vec<f32> = updated.into_iter().flat_map(to_f32_vec).collect();
-        self.bucketed().all_gather(&shard, &mut flat)?;
+        let shard = cat(updated, &flat.device());
+        let flat = self.bucketed().all_gather(shard)?;
         model.visit_params(&mut SetFlat {
             subset: self.subset,
             flat: &flat,
@@ -225,19 +226,20 @@ impl<'g> GradSync<'g> {
     }
 }
 
-/// Every parameter `subset` holds in visiting order, flat on the host.
-fn flat_params<M: Params>(model: &mut M, subset: Subset, total: usize) -> Vec<f32> {
-    struct Collect(Subset, Vec<f32>);
+/// Every parameter `subset` holds in visiting order, as one flat tensor on `device`.
+fn flat_params<M: Params>(model: &mut M, subset: Subset, device: &Device) -> Tensor<1> {
+    struct Collect(Subset, Vec<Tensor<1>>);
     impl ParamVisitor for Collect {
         fn visit<const D: usize>(&mut self, name: &str, param: &mut Tensor<D>) {
             if self.0.holds(name) {
-                self.1.extend(to_f32_vec(param.clone().inner()));
+                let n = param.shape().num_elements();
+                self.1.push(param.clone().inner().reshape([n]));
             }
         }
     }
-    let mut c = Collect(subset, Vec::with_capacity(total));
+    let mut c = Collect(subset, Vec::new());
     model.visit_params(&mut c);
-    c.1
+    cat(c.1, device)
 }
 
 /// Replaces each parameter `.0` holds, in visiting order, by the next whole flat value.
@@ -256,7 +258,7 @@ impl<I: Iterator<Item = Tensor<1>>> ParamVisitor for SetWhole<I> {
 /// Replaces each parameter `subset` holds, in visiting order, by its run of `flat`.
 struct SetFlat<'a> {
     subset: Subset,
-    flat: &'a [f32],
+    flat: &'a Tensor<1>,
     at: usize,
 }
 
@@ -265,12 +267,9 @@ impl ParamVisitor for SetFlat<'_> {
         if !self.subset.holds(name) {
             return;
         }
-        let dims = param.dims();
         let n = param.shape().num_elements();
-        let device = param.clone().inner().device();
-        let values = self.flat[self.at..self.at + n].to_vec();
+        let values = self.flat.clone().slice(self.at..self.at + n);
         self.at += n;
-        *param = Tensor::from_inner(Tensor::from_data(TensorData::new(values, dims), &device))
-            .require_grad();
+        *param = Tensor::from_inner(values.reshape(param.dims())).require_grad();
     }
 }
