@@ -85,9 +85,10 @@ impl Attention {
         let [b, s, _] = attn.cos.dims();
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let p = ctx.precision;
-        let x = bd.column_in(x);
+        // Cast before the boundary: under sequence parallelism the gather moves bf16.
+        let x = bd.column_in(p.mm(x));
         let hidden = x.dims()[1];
-        let x = p.mm(x).reshape([b, s, hidden]);
+        let x = x.reshape([b, s, hidden]);
         let heads = |proj: &Linear, n: usize| proj.forward(x.clone(), ctx).reshape([b, s, n, hd]);
         // QK-norm normalises each head over head_dim before the rotation; normed while each
         // head's values are still contiguous rows, then moved to `[b, heads, s, hd]`.

@@ -44,7 +44,8 @@ impl DenseMlp {
     /// dtype. Under tensor parallelism gate/up hold this rank's intermediate columns and
     /// down_proj its rows: `bd.column_in` gives them every row, `bd.row_out` sums the partials.
     pub fn forward(&self, x: Tensor<2>, ctx: &ForwardCtx, bd: &dyn Boundaries) -> Tensor<2> {
-        let x = ctx.precision.mm(bd.column_in(x));
+        // Cast before the boundary: under sequence parallelism the gather moves bf16.
+        let x = bd.column_in(ctx.precision.mm(x));
         let gate = self.gate_proj.forward(x.clone(), ctx);
         let up = self.up_proj.forward(x, ctx);
         let partial = self.down_proj.project(swiglu(gate, up), ctx);

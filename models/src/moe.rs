@@ -12,6 +12,7 @@ use crate::layers::logsumexp_rows;
 use crate::linear::Linear;
 use crate::lora::{LoraAdapter, LoraSlot};
 use crate::params::{to_f32_vec, ParamSource, ParamVisitor, Params};
+use crate::precision::to_f32;
 use crate::route_replay::{replayed_ids, ReplayStats};
 use crate::routing::RoutingPlan;
 
@@ -247,8 +248,10 @@ impl MoeBlock {
                 .collect::<Vec<_>>(),
             &device,
         );
+        // The experts' input in their matmul dtype, so the exchange moves bf16 under bf16
+        // (the experts cast their rows anyway; a cast is exact in both directions here).
         let rows = bd.exchange_rows(
-            x.clone().select(0, token_of.clone()),
+            ctx.precision.mm(x.clone().select(0, token_of.clone())),
             &send_rows,
             &recv_rows,
         );
@@ -264,7 +267,8 @@ impl MoeBlock {
         if local_expert.is_empty() {
             // No rows for this rank's experts: keep the (empty) output on the graph, or
             // autodiff would skip both exchanges' backward, which the peers still run.
-            out = rows.mul_scalar(0.0);
+            // In the experts' output dtype (f32), which the peers' rows coming back have too.
+            out = to_f32(rows).mul_scalar(0.0);
         }
         let back = bd.exchange_rows(out, &recv_rows, &send_rows);
         let order = index(

@@ -48,6 +48,7 @@ fn check_all_ops(groups: Vec<ProcessGroup>) {
     let n = groups.len();
     let results = on_ranks(groups, |r, g| {
         common::check_all_ops(&g);
+        common::check_bf16(&g);
         r
     });
     assert_eq!(results, (0..n).collect::<Vec<_>>());

@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::check_all_ops;
+use common::{check_all_ops, check_bf16};
 use moeru_parallel::{mpi_world, CommError, ProcessGroup, ReduceOp};
 
 fn main() {
@@ -19,6 +19,7 @@ fn main() {
         "" | "ops" => {
             let g = mpi_world(Duration::from_secs(30)).expect("MPI starts");
             check_all_ops(&g);
+            check_bf16(&g);
             check_large_messages(&g);
             g.barrier().unwrap();
             if g.rank() == 0 {

@@ -223,3 +223,47 @@ fn dp2_tp2_ep4_traffic_equals_the_analytic_volume() {
         );
     }
 }
+
+/// Under `precision: bf16` the activations that enter a matmul cross ranks in bf16: the
+/// inputs of q/k/v and gate/up (the SP gathers and their adjoint reduce-scatters) and the
+/// row-parallel outputs, 2 bytes an element; the embedding's output, the LM head's input and
+/// their adjoints stay f32, as the residual stream is. The expert dispatch sends the routed
+/// rows in bf16 (and their gradients come back in bf16); the experts' outputs go back in f32.
+/// Each run's losses stay within bf16's reach of the one-rank bf16 run.
+#[test]
+fn bf16_activations_cross_ranks_as_bf16() {
+    let (r, h, k, l, experts, moe) = (2 * 64u64, 64u64, 2u64, 4u64, 4u64, 3u64);
+    let bf16: Set = ("precision", &"bf16");
+    let one = tempfile::tempdir().unwrap();
+    run_two_steps(one.path(), layout(1, 1, 1, false, false), &[bf16]);
+    let reference = common::losses(one.path());
+    let dense = tempfile::tempdir().unwrap();
+    run_two_steps(
+        dense.path(),
+        layout(1, 2, 1, true, false),
+        &[bf16, DENSE[0]],
+    );
+    let ep = tempfile::tempdir().unwrap();
+    run_two_steps(ep.path(), layout(2, 1, 2, false, false), &[bf16]);
+    for m in metrics(dense.path()).iter().filter(|m| m["loss"].is_f64()) {
+        let activations = (4 * l * 2 + 2 * 4) * r * h;
+        assert_sp_crossings(m, activations, &format!("dense tp2 step {}", m["step"]));
+    }
+    // Each dp rank routes its own micro-batch of R tokens (no tensor parallelism).
+    let routed = r * k;
+    for m in metrics(ep.path()).iter().filter(|m| m["loss"].is_f64()) {
+        let received = m["ep_load"][0].as_u64().unwrap();
+        let want = moe * (8 * experts + routed * h * (2 + 4)) + received * h * (4 + 2);
+        let what = format!("dp2·ep2 step {}", m["step"]);
+        assert_eq!(comm(m, "ep", "all_to_all", "payload"), want, "{what}");
+    }
+    // The dense run is another model (every layer dense): only the ep run shares the
+    // reference's; both must train alike.
+    let ep_losses = common::losses(ep.path());
+    for (a, b) in reference.iter().zip(&ep_losses) {
+        assert!(
+            (a - b).abs() < 2e-2 * a.abs(),
+            "bf16 dp2·ep2 {b} vs one rank {a}"
+        );
+    }
+}

@@ -80,3 +80,32 @@ pub fn check_all_ops(g: &ProcessGroup) {
     assert_eq!(t["reduce_scatter"].payload_bytes as usize, 2 * n * 4);
     assert_eq!(t["all_gather"].wire_bytes as usize, (n - 1) * 16);
 }
+
+/// bf16 on the wire: gathers exact; sums and means added in f32 in rank order and rounded
+/// once (MPI reduces it as f32), so they equal the f32 wire's results rounded.
+pub fn check_bf16(g: &ProcessGroup) {
+    use half::bf16;
+    let (r, n) = (g.rank(), g.size());
+    let value =
+        |q: usize, i: usize| bf16::from_f32((q as f32 + 1.0) * (0.1 * i as f32 + 1.0 / 3.0));
+    let sum = |i: usize| (0..n).map(|q| value(q, i).to_f32()).sum::<f32>();
+    let len = 2 * n;
+    let mine: Vec<bf16> = (0..len).map(|i| value(r, i)).collect();
+    let mut x = mine.clone();
+    g.all_reduce(&mut x, ReduceOp::Sum).unwrap();
+    assert_eq!(
+        x,
+        (0..len).map(|i| bf16::from_f32(sum(i))).collect::<Vec<_>>()
+    );
+    let mut x = mine.clone();
+    g.all_reduce(&mut x, ReduceOp::Mean).unwrap();
+    let mean: Vec<bf16> = (0..len)
+        .map(|i| bf16::from_f32(sum(i) / n as f32))
+        .collect();
+    assert_eq!(x, mean);
+    let chunk = g.reduce_scatter(&mine, ReduceOp::Sum).unwrap();
+    let want: Vec<bf16> = (2 * r..2 * r + 2).map(|i| bf16::from_f32(sum(i))).collect();
+    assert_eq!(chunk, want);
+    let all = g.all_gather(&mine[..1]).unwrap();
+    assert_eq!(all, (0..n).map(|q| value(q, 0)).collect::<Vec<_>>());
+}
