@@ -249,7 +249,7 @@ impl MoeBlock {
             &device,
         );
         // The experts' input in their matmul dtype, so the exchange moves bf16 under bf16
-        // (the experts cast their rows anyway; a cast is exact in both directions here).
+        // (the experts would make the same cast after it, so their values do not change).
         let rows = bd.exchange_rows(
             ctx.precision.mm(x.clone().select(0, token_of.clone())),
             &send_rows,

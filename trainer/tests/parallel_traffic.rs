@@ -229,14 +229,19 @@ fn dp2_tp2_ep4_traffic_equals_the_analytic_volume() {
 /// row-parallel outputs, 2 bytes an element; the embedding's output, the LM head's input and
 /// their adjoints stay f32, as the residual stream is. The expert dispatch sends the routed
 /// rows in bf16 (and their gradients come back in bf16); the experts' outputs go back in f32.
-/// Each run's losses stay within bf16's reach of the one-rank bf16 run.
+/// Each run's losses stay within bf16's reach of the one-rank bf16 run of its model.
 #[test]
 fn bf16_activations_cross_ranks_as_bf16() {
     let (r, h, k, l, experts, moe) = (2 * 64u64, 64u64, 2u64, 4u64, 4u64, 3u64);
     let bf16: Set = ("precision", &"bf16");
     let one = tempfile::tempdir().unwrap();
     run_two_steps(one.path(), layout(1, 1, 1, false, false), &[bf16]);
-    let reference = common::losses(one.path());
+    let one_dense = tempfile::tempdir().unwrap();
+    run_two_steps(
+        one_dense.path(),
+        layout(1, 1, 1, false, false),
+        &[bf16, DENSE[0]],
+    );
     let dense = tempfile::tempdir().unwrap();
     run_two_steps(
         dense.path(),
@@ -257,13 +262,18 @@ fn bf16_activations_cross_ranks_as_bf16() {
         let what = format!("dp2·ep2 step {}", m["step"]);
         assert_eq!(comm(m, "ep", "all_to_all", "payload"), want, "{what}");
     }
-    // The dense run is another model (every layer dense): only the ep run shares the
-    // reference's; both must train alike.
-    let ep_losses = common::losses(ep.path());
-    for (a, b) in reference.iter().zip(&ep_losses) {
-        assert!(
-            (a - b).abs() < 2e-2 * a.abs(),
-            "bf16 dp2·ep2 {b} vs one rank {a}"
+    for (what, run, one) in [("dense tp2", &dense, &one_dense), ("dp2·ep2", &ep, &one)] {
+        let (losses, reference) = (common::losses(run.path()), common::losses(one.path()));
+        assert_eq!(
+            (losses.len(), reference.len()),
+            (2, 2),
+            "{what}: two steps each"
         );
+        for (a, b) in reference.iter().zip(&losses) {
+            assert!(
+                (a - b).abs() < 2e-2 * a.abs(),
+                "bf16 {what} {b} vs one rank {a}"
+            );
+        }
     }
 }
